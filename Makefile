@@ -1,0 +1,30 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+# Both build the virtual environment first, from nothing, with no hand-installed package needed.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+RUNS ?= runs
+DEMO_PROMPT ?= The capital of France is
+
+.PHONY: venv demo test lint clean
+
+$(BIN)/a2ats: pyproject.toml scripts/setup_env.sh
+	bash scripts/setup_env.sh $(VENV) $(PY)
+	touch $(BIN)/a2ats
+
+venv: $(BIN)/a2ats
+
+demo: venv
+	$(BIN)/a2ats calibrate --out $(RUNS)/calib --overwrite
+	$(BIN)/a2ats convert $(RUNS)/calib --out $(RUNS)/smollm2-a2ats --overwrite
+	$(BIN)/a2ats generate $(RUNS)/smollm2-a2ats --prompt "$(DEMO_PROMPT)" --max-new-tokens 24 --compare-dense
+
+test: venv
+	$(BIN)/ruff check a2ats_tools tests benchmarks
+	$(BIN)/python -m pytest -q -ra
+
+lint: venv
+	$(BIN)/ruff check a2ats_tools tests benchmarks
+
+clean:
+	rm -rf $(VENV) $(RUNS)

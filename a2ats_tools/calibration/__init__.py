@@ -1,0 +1,1 @@
+"""Stage 1: run the model over calibration text and record pre-RoPE keys and WRoPE query statistics."""

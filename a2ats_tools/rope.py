@@ -1,0 +1,114 @@
+"""Rotary position embeddings as the model itself computes them, and WRoPE distance buckets.
+
+All rotations go through the model's own rotary-embedding module (``rotary(x, position_ids) -> cos, sin``),
+so every RoPE variant transformers implements (default, linear, llama3, yarn, ...) is served by one path.
+The rotation convention is transformers' ``rotate_half`` one, used by every RoPE decoder it ships.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of the last dimension: ``(x1, x2) -> (-x2, x1)``."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` by the angles encoded in ``cos``/``sin`` (broadcast against ``x``)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def undo_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Invert :func:`apply_rope` exactly, including any attention scaling folded into ``cos``/``sin``."""
+    scale2 = (cos * cos + sin * sin).clamp_min(1e-12)
+    return (x * cos - rotate_half(x) * sin) / scale2
+
+
+class Rotary:
+    """The model's rotary embedding evaluated at arbitrary (relative) positions, in float32."""
+
+    def __init__(self, module: nn.Module, head_dim: int):
+        self.module = module
+        self.head_dim = head_dim
+
+    @torch.no_grad()
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``positions`` of any shape -> ``cos, sin`` of shape ``[*positions.shape, head_dim]`` (float32)."""
+        flat = positions.reshape(1, -1).to(torch.long)
+        device = next(iter(self.module.buffers()), torch.empty(0)).device
+        probe = torch.zeros(1, device=device, dtype=torch.float32)
+        cos, sin = self.module(probe, flat.to(device))
+        shape = (*positions.shape, cos.shape[-1])
+        return cos.float().reshape(shape).to(positions.device), sin.float().reshape(shape).to(positions.device)
+
+    def matrix(self, distance: int | float) -> torch.Tensor:
+        """The ``[head_dim, head_dim]`` matrix ``M`` with ``apply_rope(x) == x @ M`` at ``distance`` (float64)."""
+        cos, sin = self.cos_sin(torch.tensor([int(round(distance))]))
+        eye = torch.eye(self.head_dim, dtype=torch.float32)
+        return apply_rope(eye, cos[0], sin[0]).double()
+
+    def rotate_to(self, x: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
+        """Rotate vectors ``x [..., d]`` to each of ``distances [P]`` -> ``[..., P, d]`` (float32)."""
+        cos, sin = self.cos_sin(distances)
+        return apply_rope(x.float().unsqueeze(-2), cos, sin)
+
+
+BucketMode = Literal["single", "log"]
+
+
+@dataclass(frozen=True)
+class DistanceBuckets:
+    """How a query is rotated for approximate scoring (WRoPE).
+
+    ``single``: the paper's WRoPE, every past token scored with the query rotated to one distance.
+    ``log``: log-spaced buckets of relative distance starting at the local window; token ``j`` seen from step
+    ``t`` is scored with the query rotated to the centre of the bucket that holds ``t - j``.
+    """
+
+    mode: BucketMode
+    centres: tuple[int, ...]
+    edges: tuple[float, ...]  # lower edge of each bucket (log mode); empty for single
+
+    @classmethod
+    def single(cls, distance: int = 2048) -> DistanceBuckets:
+        return cls("single", (int(distance),), ())
+
+    @classmethod
+    def log_spaced(cls, max_distance: int, start: int = 64, ratio: float = math.sqrt(2.0)) -> DistanceBuckets:
+        """Buckets ``[start*ratio^b, start*ratio^(b+1))`` up to ``max_distance``, centred geometrically."""
+        if ratio <= 1.0 or start < 1:
+            raise ValueError("bucket ratio must be > 1 and start >= 1")
+        n = max(1, math.ceil(math.log(max(max_distance, start + 1) / start) / math.log(ratio)))
+        edges = tuple(start * ratio**b for b in range(n))
+        centres = tuple(int(round(start * ratio ** (b + 0.5))) for b in range(n))
+        return cls("log", centres, edges)
+
+    @classmethod
+    def from_config(cls, spec: dict) -> DistanceBuckets:
+        if spec["mode"] == "single":
+            return cls.single(spec["centres"][0])
+        return cls("log", tuple(int(c) for c in spec["centres"]), tuple(float(e) for e in spec["edges"]))
+
+    def to_config(self) -> dict:
+        return {"mode": self.mode, "centres": list(self.centres), "edges": list(self.edges)}
+
+    @property
+    def count(self) -> int:
+        return len(self.centres)
+
+    def bucket_of(self, distance: torch.Tensor) -> torch.Tensor:
+        """Bucket index (long) of each relative distance ``t - j``."""
+        if self.mode == "single":
+            return torch.zeros_like(distance, dtype=torch.long)
+        start, ratio = self.edges[0], (self.edges[1] / self.edges[0]) if self.count > 1 else 2.0
+        d = distance.float().clamp_min(start)
+        b = torch.floor(torch.log(d / start) / math.log(ratio) + 1e-6).long()
+        return b.clamp_(0, self.count - 1)
