@@ -1,0 +1,1 @@
+"""One module per CLI subcommand; each exposes a Typer-decorated function that ``cli.py`` registers."""
