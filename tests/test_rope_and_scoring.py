@@ -1,0 +1,106 @@
+"""The shared math: RoPE undo/rotation through the model's own module, distance buckets, selection."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from a2ats_tools.models import rotary
+from a2ats_tools.rope import DistanceBuckets, apply_rope, undo_rope
+from a2ats_tools.scoring import (
+    SelectionPolicy,
+    exact_logits,
+    forced_mask,
+    group_aggregate,
+    mass_recall,
+    select,
+)
+
+from .conftest import build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def rot():
+    return rotary(build_tiny_model("llama"))
+
+
+def test_undo_rope_inverts_apply(rot):
+    x = torch.randn(3, 10, 16)
+    cos, sin = rot.cos_sin(torch.arange(10))
+    assert torch.allclose(undo_rope(apply_rope(x, cos, sin), cos, sin), x, atol=1e-5)
+
+
+def test_rotation_matrix_matches_apply(rot):
+    x = torch.randn(5, 16)
+    cos, sin = rot.cos_sin(torch.tensor([777]))
+    assert torch.allclose(x.double() @ rot.matrix(777), apply_rope(x, cos, sin).double(), atol=1e-5)
+
+
+def test_relative_rotation_property(rot):
+    """(R(t) q) . (R(j) k) == (R(t - j) q) . k: the identity WRoPE scoring relies on."""
+    q, k = torch.randn(16), torch.randn(16)
+    ct, st = rot.cos_sin(torch.tensor([900]))
+    cj, sj = rot.cos_sin(torch.tensor([100]))
+    true = (apply_rope(q, ct[0], st[0]) * apply_rope(k, cj[0], sj[0])).sum()
+    rel = (rot.rotate_to(q, torch.tensor([800]))[0] * k).sum()
+    assert torch.allclose(true, rel, atol=1e-4)
+
+
+def test_log_buckets_cover_distances():
+    b = DistanceBuckets.log_spaced(8192, start=64, ratio=math.sqrt(2))
+    assert b.count == 14
+    d = torch.tensor([0, 63, 64, 90, 91, 128, 4000, 8191, 100000])
+    idx = b.bucket_of(d)
+    assert idx.tolist()[:3] == [0, 0, 0]
+    assert idx[3] == 0 and idx[4] == 1 and idx[5] == 2
+    assert idx[-1] == b.count - 1
+    for i, centre in enumerate(b.centres):  # every centre falls in its own bucket
+        assert b.bucket_of(torch.tensor([centre])).item() == i
+    assert DistanceBuckets.from_config(b.to_config()) == b
+    assert DistanceBuckets.single(2048).bucket_of(d).eq(0).all()
+
+
+def test_forced_mask_with_left_padding():
+    valid = torch.tensor([[False, False, True, True, True, True, True, True]])
+    forced = forced_mask(valid, n_sink=2, window=3)
+    assert forced.tolist() == [[False, False, True, True, False, True, True, True]]
+
+
+def test_select_keeps_forced_and_budget():
+    scores = torch.tensor([[0.0, 5.0, 1.0, 9.0, 2.0, 3.0, 0.5, 0.1, 0.2, 0.3]])
+    valid = torch.ones(1, 10, dtype=torch.bool)
+    policy = SelectionPolicy(n_sink=1, window=2, budget=2)
+    idx, keep = select(scores, valid, policy)
+    chosen = set(idx[keep].tolist())
+    assert chosen == {0, 8, 9, 3, 1}
+
+
+def test_select_never_picks_invalid():
+    scores = torch.randn(2, 20)
+    valid = torch.zeros(2, 20, dtype=torch.bool)
+    valid[:, 15:] = True
+    idx, keep = select(scores, valid, SelectionPolicy(n_sink=2, window=2, budget=10))
+    assert valid.gather(1, idx)[keep].all()
+    assert keep.sum(-1).tolist() == [5, 5]
+
+
+def test_group_aggregation_shapes_and_sum():
+    s = torch.randn(2, 6, 7)
+    assert torch.allclose(group_aggregate(s, 2, "sum"), s.reshape(2, 2, 3, 7).sum(2))
+    assert torch.allclose(group_aggregate(s, 2, "max"), s.reshape(2, 2, 3, 7).amax(2))
+    soft = group_aggregate(s, 2, "softmax")
+    assert torch.allclose(soft.sum(-1), torch.full((2, 2), 3.0))
+
+
+def test_mass_recall_full_budget_is_one(rot):
+    torch.manual_seed(0)
+    q, k = torch.randn(4, 6, 16), torch.randn(2, 50, 16)
+    pos = torch.tensor([10, 20, 30, 40, 45, 49])
+    logits = exact_logits(q, pos, k, rot)
+    full = mass_recall(logits, None, pos, SelectionPolicy(budget=1000), 0.25, 2)
+    assert torch.allclose(full, torch.ones_like(full), atol=1e-5)
+    small = mass_recall(logits, torch.randn_like(logits), pos, SelectionPolicy(n_sink=1, window=1, budget=2), 0.25, 2)
+    oracle = mass_recall(logits, None, pos, SelectionPolicy(n_sink=1, window=1, budget=2), 0.25, 2)
+    assert (small <= 1 + 1e-6).all() and oracle.mean() >= small.mean() - 0.05
