@@ -82,7 +82,7 @@ class DistanceBuckets:
         return cls("single", (int(distance),), ())
 
     @classmethod
-    def log_spaced(cls, max_distance: int, start: int = 64, ratio: float = math.sqrt(2.0)) -> DistanceBuckets:
+    def log_spaced(cls, max_distance: int, start: int = 64, ratio: float = 2.0) -> DistanceBuckets:
         """Buckets ``[start*ratio^b, start*ratio^(b+1))`` up to ``max_distance``, centred geometrically."""
         if ratio <= 1.0 or start < 1:
             raise ValueError("bucket ratio must be > 1 and start >= 1")

@@ -49,6 +49,7 @@ def test_relative_rotation_property(rot):
 
 
 def test_log_buckets_cover_distances():
+    assert DistanceBuckets.log_spaced(8192).count == 7  # default ratio 2
     b = DistanceBuckets.log_spaced(8192, start=64, ratio=math.sqrt(2))
     assert b.count == 14
     d = torch.tensor([0, 63, 64, 90, 91, 128, 4000, 8191, 100000])
