@@ -1,0 +1,88 @@
+"""The ``a2ats`` attention function and mask function, registered with transformers' interfaces.
+
+Prefill (more than one query) is dense and exact: SDPA with the explicit mask (never ``is_causal``), over the
+cache. A decode step (one query) asks the layer's selector for rows and attends exactly to those rows only,
+with the true RoPE query and post-RoPE keys.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ..rope import undo_rope
+from .cache import A2atsCache
+from .selectors import gather_rows
+
+NAME = "a2ats"
+
+
+def a2ats_mask(*args, **kwargs):
+    """``sdpa_mask`` that always materialises the mask, so padding and chunk offsets are always honoured."""
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+def sparse_decode(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, keep: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Exact attention of ``q [B, Hq, d]`` over the selected rows ``indices/keep [B, Hkv, K]`` -> ``[B, Hq, d]``."""
+    b, hq, d = q.shape
+    hkv = indices.shape[1]
+    k = gather_rows(keys, indices, q.device)  # [B, Hkv, K, d]
+    v = gather_rows(values, indices, q.device)
+    qg = q.reshape(b, hkv, hq // hkv, d)
+    logits = (qg @ k.transpose(-1, -2)).float() * scale  # [B, Hkv, G, K]
+    logits = logits.masked_fill(~keep[:, :, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).to(v.dtype)
+    return (probs @ v).reshape(b, hq, v.shape[-1])
+
+
+def _valid_rows(cache: A2atsCache, attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
+    """``[B, length]`` real (non-padding) tokens, from the decode step's mask (computed once per step)."""
+    memo = cache.valid_memo
+    key = (id(attention_mask), length)
+    if memo is not None and memo[0] == key:
+        return memo[1]
+    if attention_mask is None:
+        valid = torch.ones(batch, length, dtype=torch.bool, device=device)
+    else:
+        row = attention_mask[:, 0, -1, :length]
+        valid = row if row.dtype == torch.bool else row == 0
+        valid = valid.expand(batch, length)
+    cache.valid_memo = (key, valid)
+    return valid
+
+
+def a2ats_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: dense SDPA for prefill, retrieval attention for decode steps."""
+    cache = getattr(module, "_a2ats_cache", None)
+    if cache is None or query.shape[2] != 1:
+        key, value = key.to(query.device), value.to(query.device)
+        kwargs.pop("is_causal", None)
+        aligned = attention_mask is None and query.shape[2] == key.shape[2]  # only then may SDPA use is_causal
+        if attention_mask is None and not aligned and query.shape[2] > 1:
+            raise RuntimeError("a2ats prefill got no mask for a chunk that does not start at 0")
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=aligned, **kwargs
+        )
+    layer = cache.layers[module.layer_idx]
+    st = layer.state
+    b, hq, _, d = query.shape
+    scale = scaling if scaling is not None else d**-0.5
+    cos, sin = layer.rope
+    q_post = query[:, :, 0]  # [B, Hq, d]
+    q_pre = undo_rope(q_post.float(), cos[:, -1:].float(), sin[:, -1:].float())
+    valid = _valid_rows(cache, attention_mask, b, st.length, query.device)
+    indices, keep = layer.selector.select(st, q_pre, q_post, st.length, valid)
+    layer.last_selection = (indices, keep)
+    out = sparse_decode(q_post, st.keys, st.values, indices, keep, scale).to(query.dtype)
+    return out.unsqueeze(1), None  # [B, 1, Hq, d]
+
+
+def register() -> None:
+    """Register the attention and mask functions under ``"a2ats"`` (idempotent)."""
+    AttentionInterface.register(NAME, a2ats_attention_forward)
+    AttentionMaskInterface.register(NAME, a2ats_mask)

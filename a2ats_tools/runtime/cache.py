@@ -1,0 +1,135 @@
+"""A preallocated KV cache whose layers feed a token selector as keys arrive.
+
+Capacity grows by doubling (no concatenation per step). Keys are stored post-RoPE (what exact attention
+needs); the selector sees each new key once in pre-RoPE form (RoPE undone with the step's cos/sin, stashed by
+the attention pre-hook) to encode it. With ``offload="cpu"`` the full K/V live in host memory (pinned when CUDA
+is present); the selector's metadata (codes) stays on the compute device and decode moves only selected rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Cache
+from transformers.cache_utils import CacheLayerMixin
+
+from ..rope import undo_rope
+from .selectors import TokenSelector
+
+MIN_CAPACITY = 256
+
+
+class LayerState:
+    """What a selector may read: buffers, length, capacity, compute device and its own ``meta`` dict."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.length = 0
+        self.capacity = 0
+        self.device = torch.device("cpu")
+        self.meta: dict[str, Any] = {}
+
+
+class A2atsLayer(CacheLayerMixin):
+    """One decoder layer's cache: preallocated post-RoPE K/V plus the selector's metadata."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, selector: TokenSelector, offload: str | None = None):
+        super().__init__()
+        self.selector = selector
+        self.offload_to = offload
+        self.state = LayerState()
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's (cos, sin), set by the pre-hook
+        self.last_selection: tuple[torch.Tensor, torch.Tensor] | None = None  # (indices, keep), for inspection
+
+    # --- storage ---------------------------------------------------------------------------------------------
+    def _storage_device(self, device: torch.device) -> torch.device:
+        return torch.device("cpu") if self.offload_to == "cpu" else device
+
+    def _allocate(self, like: torch.Tensor, capacity: int) -> torch.Tensor:
+        b, h, _, d = like.shape
+        device = self._storage_device(like.device)
+        pin = device.type == "cpu" and torch.cuda.is_available() and like.device.type == "cuda"
+        return torch.empty(b, h, capacity, d, dtype=like.dtype, device=device, pin_memory=pin)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.state.device = key_states.device
+        self.is_initialized = True
+
+    def _ensure_capacity(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
+        st = self.state
+        if needed <= st.capacity:
+            return
+        capacity = max(MIN_CAPACITY, st.capacity)
+        while capacity < needed:
+            capacity *= 2
+        keys, values = self._allocate(key_states, capacity), self._allocate(value_states, capacity)
+        if st.length:
+            keys[:, :, : st.length] = st.keys[:, :, : st.length]
+            values[:, :, : st.length] = st.values[:, :, : st.length]
+        st.keys, st.values, st.capacity = keys, values, capacity
+        self.keys, self.values = keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append ``[B, Hkv, n, d]`` post-RoPE keys/values; return views of the whole cache (host views if offloaded)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        st = self.state
+        start, n = st.length, key_states.shape[-2]
+        self._ensure_capacity(key_states, value_states, start + n)
+        st.keys[:, :, start : start + n] = key_states.to(st.keys.device, non_blocking=True)
+        st.values[:, :, start : start + n] = value_states.to(st.values.device, non_blocking=True)
+        st.length = start + n
+        if self.rope is None:
+            raise RuntimeError("A²ATS cache updated without the attention pre-hook (call runtime.attach first)")
+        cos, sin = self.rope
+        keys_pre = undo_rope(key_states.float(), cos[:, None, -n:].float(), sin[:, None, -n:].float())
+        if n > 1:
+            self.selector.on_prefill(st, keys_pre, key_states, start)
+        else:
+            self.selector.on_append(st, keys_pre, key_states, start)
+        return st.keys[:, :, : st.length], st.values[:, :, : st.length]
+
+    # --- sizes ---------------------------------------------------------------------------------------------
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.state.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.state.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.state = LayerState()
+        self.keys = self.values = None
+        self.is_initialized = False
+
+    def device_bytes(self) -> int:
+        """Bytes this layer holds on the compute device (K/V buffers unless offloaded, plus selector metadata)."""
+        total = sum(t.numel() * t.element_size() for t in self.state.meta.values() if isinstance(t, torch.Tensor))
+        if self.offload_to is None:  # offloaded K/V are the host store, even when host and device coincide
+            for t in (self.state.keys, self.state.values):
+                if t is not None:
+                    total += t.numel() * t.element_size()
+        return total
+
+
+class A2atsCache(Cache):
+    """A transformers ``Cache`` of :class:`A2atsLayer` s; pass it as ``past_key_values=`` (``generate`` does)."""
+
+    def __init__(self, selectors: list[TokenSelector], offload: str | None = None):
+        super().__init__(layers=[A2atsLayer(sel, offload) for sel in selectors])
+        self.valid_memo: tuple[Any, torch.Tensor] | None = None
+
+    def set_rope(self, layer_idx: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        self.layers[layer_idx].rope = (cos, sin)
+
+    def device_bytes(self) -> int:
+        return sum(layer.device_bytes() for layer in self.layers)

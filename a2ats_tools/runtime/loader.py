@@ -1,0 +1,158 @@
+"""Attach retrieval attention to a loaded model, and ``load_converted`` a checkpoint directory."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..artifacts.checkpoint import A2atsConfig, read_codebooks, read_config
+from ..errors import A2atsError, ArtifactError
+from ..models import ModelSource, check_supported, geometry, load_model, load_tokenizer, rotary
+from . import attention, hooks
+from .cache import A2atsCache
+from .selectors import SELECTOR_CLASSES, A2atsSelector, TokenSelector
+from .settings import RuntimeSettings
+
+
+class A2atsRuntime:
+    """Per-model runtime state: settings, artifacts and the selector factory. Lives at ``model.a2ats``."""
+
+    def __init__(self, model: nn.Module, config: A2atsConfig, codebooks, whitening, settings: RuntimeSettings):
+        self.model = model
+        self.config = config
+        self.codebooks, self.whitening = codebooks, whitening
+        self.settings = settings
+        self.rotary = rotary(model)
+        self._selector_memo: tuple[RuntimeSettings, torch.device, list[TokenSelector]] | None = None
+
+    def configure(self, **overrides: Any) -> RuntimeSettings:
+        """Change the settings for later calls (budget, n_sink, window, buckets, aggregation, selector, ...)."""
+        self.settings = self.settings.with_overrides(**overrides)
+        return self.settings
+
+    def selectors(self, settings: RuntimeSettings | None = None) -> list[TokenSelector]:
+        settings = settings or self.settings
+        device = next(self.model.parameters()).device
+        memo = self._selector_memo
+        if memo is not None and memo[0] == settings and memo[1] == device:
+            return memo[2]
+        if settings.selector not in SELECTOR_CLASSES:
+            raise A2atsError(f"unknown selector {settings.selector!r}; choose from {', '.join(SELECTOR_CLASSES)}")
+        geo = self.config.geometry
+        cls = SELECTOR_CLASSES[settings.selector]
+        out: list[TokenSelector] = []
+        for i in range(geo.num_layers):
+            args = (settings, i, geo.num_heads, geo.num_kv_heads, geo.head_dim)
+            if issubclass(cls, A2atsSelector):
+                sel = cls(*args, codebook=self.codebooks[i], whitening=self.whitening[i], rotary=self.rotary).to(device)
+            else:
+                sel = cls(*args)
+            out.append(sel)
+        self._selector_memo = (settings, device, out)
+        return out
+
+    def new_cache(self, **overrides: Any) -> A2atsCache:
+        """A fresh :class:`A2atsCache` with the current settings (plus ``overrides`` for this cache only)."""
+        settings = self.settings.with_overrides(**overrides) if overrides else self.settings
+        return A2atsCache(self.selectors(settings), offload=settings.offload)
+
+
+def _generate(model: nn.Module, original, *args, a2ats: dict[str, Any] | None = None, **kwargs):
+    """``generate`` that brings its own :class:`A2atsCache` unless the caller passes ``past_key_values``."""
+    runtime: A2atsRuntime = model.a2ats
+    overrides = dict(a2ats or {})
+    if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
+        kwargs["past_key_values"] = runtime.new_cache(**overrides)
+    chunk = overrides.get("prefill_chunk", runtime.settings.prefill_chunk)
+    if chunk and "prefill_chunk_size" not in kwargs:
+        kwargs["prefill_chunk_size"] = int(chunk)
+    return original(*args, **kwargs)
+
+
+def attach(model: nn.Module, config: A2atsConfig, codebooks, whitening, settings: RuntimeSettings | None = None) -> nn.Module:
+    """Turn retrieval attention on for ``model`` (in place): checks geometry, registers the attention/mask
+    functions, installs the hooks and wraps ``generate``. ``model.a2ats`` is the :class:`A2atsRuntime`."""
+    check_supported(model)
+    problem = config.geometry.mismatch(geometry(model))
+    if problem:
+        raise ArtifactError(f"the checkpoint's codebooks do not fit this model: {problem}")
+    attention.register()
+    model.set_attn_implementation(attention.NAME)
+    hooks.install(model)
+    model.a2ats = A2atsRuntime(model, config, codebooks, whitening, settings or RuntimeSettings.from_config(config))
+    original = type(model).generate.__get__(model)
+    model.generate = functools.partial(_generate, model, original)
+    return model
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Back to plain SDPA attention (the artifacts stay loaded at ``model.a2ats``)."""
+    hooks.remove(model)
+    model.set_attn_implementation("sdpa")
+    model.__dict__.pop("generate", None)
+    return model
+
+
+def checkpoint_dir(path_or_id: str | Path) -> Path:
+    """A local checkpoint directory for ``path_or_id`` (a Hub id is downloaded through the HF cache)."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    if str(path_or_id).startswith((".", "/", "~")) or path.exists():
+        raise ArtifactError(f"checkpoint {path_or_id} is not a directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(path_or_id)))
+    except Exception as exc:  # noqa: BLE001 - any hub failure is a user-facing "cannot find it"
+        raise ArtifactError(f"checkpoint {path_or_id} is neither a local directory nor downloadable: {exc}") from None
+
+
+def _model_source(directory: Path, config: A2atsConfig) -> ModelSource:
+    """Where the model weights are: the checkpoint itself, or the source the conversion referenced."""
+    if (directory / "config.json").is_file():
+        return ModelSource(str(directory), None, str(directory))
+    src = (config.model or {}).get("source")
+    if not src:
+        raise ArtifactError(f"{directory} has neither model files (config.json) nor a recorded model source")
+    return ModelSource(src["path_or_id"], src.get("gguf_file"), src.get("display_name") or src["path_or_id"])
+
+
+def load_converted(
+    path_or_id: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    budget: float | int | str | None = None,
+    offload: str | None = None,
+    **overrides: Any,
+):
+    """Load a converted checkpoint with retrieval attention on: ``model, tokenizer``.
+
+    ``budget`` (fraction of the context or tokens), ``offload`` ("cpu" or None) and ``overrides`` (n_sink,
+    window, buckets, aggregation, selector, rerank, prefill_chunk) replace the settings of
+    ``a2ats_config.json``. Then ``model.generate(...)`` decodes with A²ATS.
+    """
+    directory = checkpoint_dir(path_or_id)
+    config = read_config(directory)
+    settings = RuntimeSettings.from_config(config, budget=budget, offload=offload, **overrides)
+    codebooks, whitening = read_codebooks(directory, config)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    source = _model_source(directory, config)
+    model = load_model(source, dtype=dtype, device=device)  # with the quantizer registered this attaches already
+    attach(model, config, codebooks, whitening, settings)
+    tok_source = source if not (directory / "tokenizer_config.json").is_file() else ModelSource(str(directory))
+    tokenizer = load_tokenizer(tok_source)
+    return model, tokenizer
+
+
+def attach_from_dir(model: nn.Module, directory: str | Path, **overrides: Any) -> nn.Module:
+    """Attach using the artifacts in ``directory`` (used by the transformers quantizer hook)."""
+    config = read_config(directory)
+    codebooks, whitening = read_codebooks(directory, config)
+    return attach(model, config, codebooks, whitening, RuntimeSettings.from_config(config, **overrides))

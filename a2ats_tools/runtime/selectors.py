@@ -1,0 +1,243 @@
+"""Token-selection strategies for decode steps (kvpress style): one object per layer, chosen by name.
+
+A selector keeps whatever per-token metadata it needs as keys enter the cache (``on_append``) and, at each
+decode step, returns the rows each KV head attends to (``select``). The base class handles what all share:
+sinks and the local window are always kept, padding is never kept, each sample gets its own budget, and the
+optional exact re-ranking of an over-fetched candidate set. A subclass usually implements only ``scores``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from ..rope import DistanceBuckets, Rotary, apply_rope
+from ..scoring import group_aggregate
+from .settings import RuntimeSettings
+
+NEG_INF = float("-inf")
+POS_INF = float("inf")
+
+
+class TokenSelector:
+    """Base class: subclasses override :meth:`scores` (and :meth:`on_append` to maintain metadata).
+
+    ``state`` is the layer's :class:`~a2ats_tools.runtime.cache.LayerState`: ``keys``/``values``
+    ``[B, Hkv, capacity, d]`` (post-RoPE, possibly on the host when offloaded), ``length``, ``capacity``,
+    ``device`` (compute device) and ``meta`` (a dict the selector owns).
+    """
+
+    name: ClassVar[str] = "base"
+
+    def __init__(self, settings: RuntimeSettings, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int):
+        self.settings = settings
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.group = num_heads // num_kv_heads
+        self.scale = head_dim**-0.5
+
+    # --- metadata hooks -------------------------------------------------------------------------------------
+    def on_prefill(self, state: Any, keys_pre: torch.Tensor, keys_post: torch.Tensor, start: int) -> None:
+        """Keys ``[B, Hkv, n, d]`` written at rows ``start..start+n`` by a prefill chunk (default: on_append)."""
+        self.on_append(state, keys_pre, keys_post, start)
+
+    def on_append(self, state: Any, keys_pre: torch.Tensor, keys_post: torch.Tensor, start: int) -> None:
+        """Keys ``[B, Hkv, n, d]`` written at rows ``start..start+n`` (pre-RoPE and post-RoPE forms)."""
+
+    # --- selection ------------------------------------------------------------------------------------------
+    def scores(self, state: Any, q_pre: torch.Tensor, q_post: torch.Tensor, length: int) -> torch.Tensor:
+        """Approximate importance ``[B, Hkv, length]`` of every cached row (higher is better)."""
+        raise NotImplementedError
+
+    def budgets(self, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample ``(rows kept, top-K part)`` from the number of valid tokens ``[B]``."""
+        context = valid.sum(-1)
+        b = self.settings.budget
+        if isinstance(b, float) and b <= 1.0:
+            top = (context.double() * b).round().long().clamp_min(1)
+        else:
+            top = torch.full_like(context, int(b))
+        rows = torch.minimum(context, top + self.settings.n_sink + self.settings.window)
+        return rows, top
+
+    def forced(self, valid: torch.Tensor, length: int) -> torch.Tensor:
+        """``[B, N]``: the first ``n_sink`` valid rows and the last ``window`` rows (within ``valid``)."""
+        rank = valid.cumsum(-1) - 1
+        idx = torch.arange(length, device=valid.device)
+        return valid & ((rank < self.settings.n_sink) | (idx > length - 1 - self.settings.window))
+
+    def select(
+        self, state: Any, q_pre: torch.Tensor, q_post: torch.Tensor, length: int, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows to attend: ``indices [B, Hkv, K]`` (long) and ``keep [B, Hkv, K]`` (bool).
+
+        ``q_pre``/``q_post`` ``[B, Hq, d]``; ``valid [B, length]`` marks real tokens. Row ``K`` is the largest
+        per-sample budget; ``keep`` is False past a sample's own budget. Never more than
+        ``n_sink + window + top-K`` kept rows per KV head.
+        """
+        rows, top = self.budgets(valid)
+        k = int(rows.max())
+        forced = self.forced(valid, length)[:, None, :]
+        s = self.scores(state, q_pre, q_post, length).float()
+        s = s.masked_fill(~valid[:, None, :], NEG_INF).masked_fill(forced, POS_INF)
+        if self.settings.rerank and k < length:
+            return self._rerank(state, s, q_post, rows, top, length)
+        vals, indices = torch.topk(s, k, dim=-1, sorted=True)
+        keep = (torch.arange(k, device=s.device) < rows[:, None, None]) & (vals > NEG_INF)
+        return indices, keep
+
+    def _rerank(self, state, s, q_post, rows, top, length):
+        """Over-fetch ``rerank``·top-K candidates by approximate score, keep the best by exact score."""
+        extra = (top.double() * self.settings.rerank).ceil().long()
+        fetch = torch.minimum(rows - top + extra, (s > NEG_INF).sum(-1).amax(-1))
+        k2 = max(int(fetch.max()), int(rows.max()))
+        vals, cand = torch.topk(s, k2, dim=-1, sorted=True)
+        live = (torch.arange(k2, device=s.device) < fetch[:, None, None]) & (vals > NEG_INF)
+        exact = exact_group_scores(state, q_post, cand, self.num_kv_heads, self.settings.aggregation, self.scale)
+        exact = exact.masked_fill(vals == POS_INF, POS_INF).masked_fill(~live, NEG_INF)
+        k = int(rows.max())
+        v2, pick = torch.topk(exact, k, dim=-1, sorted=True)
+        keep = (torch.arange(k, device=s.device) < rows[:, None, None]) & (v2 > NEG_INF)
+        return cand.gather(-1, pick), keep
+
+
+def gather_rows(buffer: torch.Tensor, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``buffer [B, Hkv, cap, d]`` rows at ``indices [B, Hkv, K]`` -> ``[B, Hkv, K, d]`` on ``device``.
+
+    When the buffer lives on the host (offload), the gather runs there and only the selected rows move.
+    """
+    idx = indices.to(buffer.device)
+    rows = buffer.gather(2, idx.unsqueeze(-1).expand(*idx.shape, buffer.shape[-1]))
+    return rows.to(device, non_blocking=True)
+
+
+def exact_group_scores(state, q_post, indices, num_kv_heads, aggregation, scale) -> torch.Tensor:
+    """Exact logits of ``q_post [B, Hq, d]`` on the rows ``indices [B, Hkv, K]``, aggregated per KV head."""
+    b, hq, d = q_post.shape
+    keys = gather_rows(state.keys, indices, q_post.device).float()  # [B, Hkv, K, d]
+    q = q_post.float().reshape(b, num_kv_heads, hq // num_kv_heads, d)
+    logits = q @ keys.transpose(-1, -2)  # [B, Hkv, G, K]
+    return group_aggregate(logits.reshape(b, hq, -1), num_kv_heads, aggregation, scale)
+
+
+class StreamingSelector(TokenSelector):
+    """StreamingLLM: sinks plus a window enlarged to spend the same per-KV-head budget on the most recent rows."""
+
+    name = "streaming"
+
+    def scores(self, state, q_pre, q_post, length):
+        b = q_post.shape[0]
+        recency = torch.arange(length, device=q_post.device, dtype=torch.float32)
+        return recency.expand(b, self.num_kv_heads, length)
+
+
+class ExactTopKSelector(TokenSelector):
+    """Oracle: exact logits against the true keys (reads every key; for tests and evaluation)."""
+
+    name = "exact"
+
+    def scores(self, state, q_pre, q_post, length):
+        b, hq, d = q_post.shape
+        keys = state.keys[:, :, :length].to(q_post.device).float()
+        q = q_post.float().reshape(b, self.num_kv_heads, self.group, d)
+        logits = (q @ keys.transpose(-1, -2)).reshape(b, hq, length)
+        return group_aggregate(logits, self.num_kv_heads, self.settings.aggregation, self.scale)
+
+
+class A2atsSelector(TokenSelector):
+    """A²ATS: keys encoded once to VQ codes (nearest centroid in the whitened space, pre-RoPE); each step builds
+    a per-query table ``table[bucket, code] = (R(centre_bucket) q) . codebook[code]`` and gathers it."""
+
+    name = "a2ats"
+    ENCODE_ROWS = 4096  # rows per encode matmul (bounds the [rows, C] temporary)
+
+    def __init__(self, settings, layer_idx, num_heads, num_kv_heads, head_dim, *, codebook, whitening, rotary: Rotary):
+        super().__init__(settings, layer_idx, num_heads, num_kv_heads, head_dim)
+        cb, wf = codebook.float(), whitening.float()
+        self.codebook_t = cb.transpose(1, 2).contiguous()  # [Hkv, d, C]
+        whitened = cb @ wf  # [Hkv, C, d]: centroids in the whitened space (rows times L)
+        self.encode_weight = (wf @ whitened.transpose(1, 2)).contiguous()  # [Hkv, d, C]
+        self.encode_bias = (-0.5 * whitened.pow(2).sum(-1)).unsqueeze(1).contiguous()  # [Hkv, 1, C]
+        self.codes_size = cb.shape[1]
+        buckets: DistanceBuckets = settings.buckets
+        self.buckets = buckets
+        cos, sin = rotary.cos_sin(torch.tensor(buckets.centres))
+        self.cos, self.sin = cos, sin  # [P, d]
+        self._bucket_memo: tuple[int, torch.Tensor, int] | None = None
+
+    def to(self, device: torch.device) -> A2atsSelector:
+        for name in ("codebook_t", "encode_weight", "encode_bias", "cos", "sin"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def encode(self, keys_pre: torch.Tensor) -> torch.Tensor:
+        """Nearest centroid (whitened metric) of ``keys_pre [B, Hkv, n, d]`` -> codes ``[B, Hkv, n]`` int16."""
+        b, h, n, d = keys_pre.shape
+        flat = keys_pre.float().transpose(0, 1).reshape(h, b * n, d)
+        out = torch.empty(h, b * n, dtype=torch.int16, device=keys_pre.device)
+        for i in range(0, b * n, self.ENCODE_ROWS):
+            part = torch.baddbmm(self.encode_bias, flat[:, i : i + self.ENCODE_ROWS], self.encode_weight)
+            out[:, i : i + self.ENCODE_ROWS] = part.argmax(-1).to(torch.int16)
+        return out.reshape(h, b, n).transpose(0, 1)
+
+    def on_append(self, state, keys_pre, keys_post, start):
+        codes = state.meta.get("codes")
+        b, h, n, _ = keys_pre.shape
+        if codes is None or codes.shape[-1] < state.capacity:
+            grown = torch.zeros(b, h, state.capacity, dtype=torch.int16, device=state.device)
+            if codes is not None:
+                grown[:, :, : codes.shape[-1]] = codes
+            state.meta["codes"] = codes = grown
+        codes[:, :, start : start + n] = self.encode(keys_pre.to(state.device))
+
+    def bucket_index(self, length: int, device: torch.device) -> tuple[torch.Tensor, int]:
+        """Flat table offset ``bucket(t - j) * C`` for ``j < length`` (t = length - 1) and the buckets in use."""
+        memo = self._bucket_memo
+        if memo is not None and memo[0] == length and memo[1].device == device:
+            return memo[1], memo[2]
+        dist = (length - 1) - torch.arange(length, device=device)
+        bucket = self.buckets.bucket_of(dist)
+        used = int(bucket.max()) + 1 if length else 1
+        offset = bucket * self.codes_size
+        self._bucket_memo = (length, offset, used)
+        return offset, used
+
+    def tables(self, q_pre: torch.Tensor, used: int) -> torch.Tensor:
+        """``[B, Hkv, G', used * C]`` score tables (``G' = 1`` for ``sum``: the group's queries are folded)."""
+        b, hq, d = q_pre.shape
+        q = q_pre.float().reshape(b, self.num_kv_heads, self.group, d)
+        if self.settings.aggregation == "sum":
+            q = q.sum(2, keepdim=True)
+        g = q.shape[2]
+        qw = apply_rope(q.unsqueeze(3), self.cos[:used], self.sin[:used])  # [B, Hkv, G', P, d]
+        qw = qw.permute(1, 0, 2, 3, 4).reshape(self.num_kv_heads, b * g * used, d)
+        table = torch.bmm(qw, self.codebook_t)  # [Hkv, B*G'*P, C]
+        return table.reshape(self.num_kv_heads, b, g, used * self.codes_size).transpose(0, 1)
+
+    def scores(self, state, q_pre, q_post, length):
+        offset, used = self.bucket_index(length, q_pre.device)
+        table = self.tables(q_pre, used)
+        index = state.meta["codes"][:, :, :length].long()
+        if used > 1:
+            index = index + offset
+        g = table.shape[2]
+        s = table.gather(-1, index.unsqueeze(2).expand(-1, -1, g, -1))  # [B, Hkv, G', N]
+        if g == 1:
+            return s.squeeze(2)
+        b = s.shape[0]
+        return group_aggregate(s.reshape(b, self.num_heads, length), self.num_kv_heads, self.settings.aggregation, self.scale)
+
+
+SELECTOR_CLASSES: dict[str, type[TokenSelector]] = {
+    cls.name: cls for cls in (A2atsSelector, StreamingSelector, ExactTopKSelector)
+}
+
+
+def register_selector(cls: type[TokenSelector]) -> type[TokenSelector]:
+    """Make a selector available by its ``name`` (e.g. a Quest-style page selector from the eval package)."""
+    SELECTOR_CLASSES[cls.name] = cls
+    return cls
+
+
+__all__ = ["TokenSelector", "A2atsSelector", "StreamingSelector", "ExactTopKSelector", "register_selector"]

@@ -1,0 +1,113 @@
+"""Runtime settings: read from ``a2ats_config.json`` and overridable per call."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from ..artifacts.checkpoint import A2atsConfig
+from ..errors import A2atsError
+from ..rope import DistanceBuckets
+from ..scoring import AGGREGATIONS, SelectionPolicy
+
+OFFLOADS = (None, "cpu")
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How decode steps pick the tokens they attend to.
+
+    ``budget``: top-K size per KV head, a fraction of the context (float <= 1) or a token count (int); sinks and
+    window come on top. ``rerank``: over-fetch factor for exact re-ranking (0 = off, e.g. 2.0 fetches 2K
+    candidates by approximate score and keeps the K best by exact score). ``prefill_chunk``: prefill in chunks of
+    this many tokens (None = one pass).
+    """
+
+    budget: float | int = 0.03
+    n_sink: int = 8
+    window: int = 64
+    buckets: DistanceBuckets = DistanceBuckets.single(2048)
+    aggregation: str = "sum"
+    selector: str = "a2ats"
+    offload: str | None = None
+    rerank: float = 0.0
+    prefill_chunk: int | None = None
+    max_distance: int = 8192  # the longest distance log buckets must cover (the model's context)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or self.budget < 0:
+            raise A2atsError(f"budget must be a fraction in (0, 1] or a token count, got {self.budget!r}")
+        if self.n_sink < 0 or self.window < 1:
+            raise A2atsError("n_sink must be >= 0 and window >= 1")
+        if self.aggregation not in AGGREGATIONS:
+            raise A2atsError(f"unknown aggregation {self.aggregation!r}; choose from {', '.join(AGGREGATIONS)}")
+        if self.offload not in OFFLOADS:
+            raise A2atsError(f"unknown offload {self.offload!r}; use 'cpu' or none")
+        if self.rerank and self.rerank < 1.0:
+            raise A2atsError(f"rerank is an over-fetch factor >= 1 (or 0 for off), got {self.rerank}")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise A2atsError("prefill_chunk must be a positive number of tokens")
+
+    def policy(self) -> SelectionPolicy:
+        return SelectionPolicy(self.n_sink, self.window, self.budget, self.aggregation)  # type: ignore[arg-type]
+
+    def with_overrides(self, **overrides: Any) -> RuntimeSettings:
+        """A copy with ``overrides`` applied (``None`` values are ignored; ``buckets`` accepts a spec string)."""
+        names = {f.name for f in fields(self)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise A2atsError(f"unknown runtime setting(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
+        values = {k: v for k, v in overrides.items() if v is not None or k == "offload"}
+        if "offload" in values and values["offload"] in ("none", "", False):
+            values["offload"] = None
+        if "budget" in values:
+            values["budget"] = parse_budget(values["budget"])
+        if "buckets" in values:
+            values["buckets"] = parse_buckets(values["buckets"], self.buckets, values.get("max_distance", self.max_distance))
+        return replace(self, **values)
+
+    @classmethod
+    def from_config(cls, config: A2atsConfig, **overrides: Any) -> RuntimeSettings:
+        base = cls(
+            budget=config.budget,
+            n_sink=config.n_sink,
+            window=config.window,
+            buckets=config.distance_buckets(),
+            aggregation=config.aggregation,
+            max_distance=config.geometry.max_position_embeddings,
+        )
+        return base.with_overrides(**overrides)
+
+
+def parse_budget(value: Any) -> float | int:
+    """``0.05`` or ``"5%"`` -> fraction; ``512`` or ``"512"`` -> tokens."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value) if isinstance(value, float) and value <= 1.0 else int(value)
+    text = str(value).strip()
+    try:
+        if text.endswith("%"):
+            return float(text[:-1]) / 100.0
+        number = float(text)
+    except ValueError:
+        raise A2atsError(f"budget must be a fraction (0.03), a percentage (3%) or a token count (256), got {value!r}") from None
+    if number <= 1.0 and ("." in text or number < 1.0):
+        return number
+    return int(number)
+
+
+def parse_buckets(spec: Any, current: DistanceBuckets, max_distance: int = 1 << 17) -> DistanceBuckets:
+    """``"single"``, ``"single:2048"``, ``"log"`` or ``"log:2"`` (ratio), a config dict, or a DistanceBuckets."""
+    if isinstance(spec, DistanceBuckets):
+        return spec
+    if isinstance(spec, dict):
+        return DistanceBuckets.from_config(spec)
+    mode, _, arg = str(spec).partition(":")
+    try:
+        if mode == "single":
+            return DistanceBuckets.single(int(arg) if arg else (current.centres[0] if current.mode == "single" else 2048))
+        if mode == "log":
+            return DistanceBuckets.log_spaced(max_distance, ratio=float(arg) if arg else math.sqrt(2.0))
+    except ValueError:
+        pass
+    raise A2atsError(f"buckets must be 'single', 'single:DISTANCE', 'log' or 'log:RATIO', got {spec!r}")
