@@ -87,9 +87,11 @@ def _read_parquet(path: Path, key: str) -> Iterator[str]:
     except ImportError:
         raise DataError("reading .parquet needs pyarrow: pip install pyarrow") from None
     try:
+        if key not in pq.read_schema(path).names:
+            raise DataError(f"{path} has no column {key!r} (set the source's 'field')")
         table = pq.read_table(path, columns=[key])
-    except KeyError:
-        raise DataError(f"{path} has no column {key!r} (set the source's 'field')") from None
+    except DataError:
+        raise
     except Exception as exc:  # pyarrow raises many types for corrupt files
         raise DataError(f"cannot read {path} as parquet: {str(exc).splitlines()[0]}") from None
     for value in table.column(key).to_pylist():
