@@ -1,0 +1,46 @@
+"""``a2ats generate`` end to end on a tiny converted checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from a2ats_tools.cli import app
+
+from .conftest import build_tiny_model
+from .test_runtime import make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer):
+    return make_checkpoint(build_tiny_model("llama"), tmp_path_factory.mktemp("gen-ckpt"), tokenizer)
+
+
+def test_generate_cli_streams_and_compares(checkpoint):
+    result = CliRunner().invoke(
+        app,
+        ["generate", str(checkpoint), "--prompt", "The capital of France is", "-n", "6", "--budget", "100%", "--compare-dense"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "identical to dense" in result.output
+
+
+def test_generate_cli_quiet_prints_text_only(checkpoint, tmp_path):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("Once upon a time " * 20)
+    args = ["generate", str(checkpoint), "-f", str(prompt), "-n", "5", "-q", "--budget", "8", "--buckets", "log"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "tokens in" not in result.output and result.output.endswith("\n")
+
+
+def test_generate_cli_user_errors(checkpoint, tmp_path):
+    from a2ats_tools.errors import A2atsError
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["generate", str(checkpoint)])
+    assert isinstance(result.exception, A2atsError) and "--prompt" in str(result.exception)
+    result = runner.invoke(app, ["generate", str(tmp_path), "-p", "hi"])
+    assert isinstance(result.exception, A2atsError) and "a2ats_config.json" in str(result.exception)
+    result = runner.invoke(app, ["generate", str(checkpoint), "-p", "hi", "--budget", "lots"])
+    assert isinstance(result.exception, A2atsError) and "budget" in str(result.exception)
