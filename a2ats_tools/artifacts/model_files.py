@@ -1,0 +1,67 @@
+"""The model's own files inside a converted checkpoint, and the geometry check the runtime calls at load.
+
+A full checkpoint holds the weights (safetensors), ``config.json`` with an ``a2ats`` ``quantization_config``
+entry, and the tokenizer, so ``AutoModelForCausalLM.from_pretrained(dir)`` finds everything in one place.
+A light checkpoint (``--light``) holds only the tokenizer; the weights stay where ``a2ats_config.json``'s
+``model.source`` points (``config.json`` is left out on purpose: its presence means "weights are here").
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..errors import ArtifactError
+from ..io import atomic_path
+from ..models import geometry
+from .checkpoint import CONFIG_FILE, A2atsConfig
+
+QUANT_METHOD = "a2ats"
+
+
+def quantization_entry() -> dict[str, Any]:
+    """The ``quantization_config`` written into the checkpoint's config.json."""
+    return {"quant_method": QUANT_METHOD, "config_file": CONFIG_FILE}
+
+
+def write_model_files(model: nn.Module, tokenizer: Any, directory: str | Path, *, light: bool = False) -> str:
+    """Save the tokenizer and, unless ``light``, the weights and config.json; returns "copied" or "referenced".
+
+    A GGUF-loaded model is saved dequantized: its gguf ``quantization_config`` is dropped first.
+    """
+    directory = Path(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    if light:
+        return "referenced"
+    config = model.config
+    saved_quant = getattr(config, "quantization_config", None)
+    had_quant = hasattr(config, "quantization_config")
+    if had_quant:
+        delattr(config, "quantization_config")
+    try:
+        model.save_pretrained(directory, safe_serialization=True)
+    finally:
+        if had_quant:
+            config.quantization_config = saved_quant
+    set_quantization_entry(directory / "config.json")
+    return "copied"
+
+
+def set_quantization_entry(config_json: str | Path) -> None:
+    """Atomically write the ``a2ats`` ``quantization_config`` entry into a saved config.json."""
+    config_json = Path(config_json)
+    data = json.loads(config_json.read_text())
+    data["quantization_config"] = quantization_entry()
+    with atomic_path(config_json) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def check_geometry(config: A2atsConfig, model: nn.Module) -> None:
+    """Raise :class:`ArtifactError` when ``model``'s attention shape differs from the checkpoint's."""
+    problem = config.geometry.mismatch(geometry(model))
+    if problem:
+        raise ArtifactError(f"the checkpoint does not fit this model: {problem}")

@@ -1,0 +1,68 @@
+"""``a2ats convert``: a thin CLI wrapper around :func:`a2ats_tools.quantization.convert`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def convert(
+    calibration: Path = typer.Argument(..., help="Calibration directory written by a2ats calibrate."),
+    out: Path = typer.Option(Path("runs/converted"), "--out", "-o", help="Checkpoint directory to write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    model: str = typer.Option(None, "--model", "-m", help="Model to convert (default: the calibration's model)."),
+    codes: int = typer.Option(4096, "--codes", help="Codes per (layer, KV head)."),
+    plain: bool = typer.Option(False, "--plain", help="Plain VQ: Euclidean k-means, no query-aware whitening."),
+    positions: str = typer.Option(
+        "all", "--positions", help="Query moment to whiten with: 'all' stored relative positions averaged, or one (2048)."
+    ),
+    buckets: str = typer.Option("log", "--buckets", help="Scoring distances: 'log' buckets, or 'single' (WRoPE 2048)."),
+    iters: int = typer.Option(20, "--iters", help="Most Lloyd iterations per head."),
+    tol: float = typer.Option(1e-4, "--tol", help="Stop a head once its inertia changes by at most this (relative)."),
+    seed: int = typer.Option(0, "--seed", help="Seed: same seed and device give bit-identical codebooks."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+    light: bool = typer.Option(False, "--light", help="Reference the model's weights instead of copying them."),
+    allow_shrink: bool = typer.Option(False, "--allow-shrink", help="Shrink --codes (with a warning) if keys are few."),
+    compare_plain: bool = typer.Option(
+        True, "--compare-plain/--no-compare-plain", help="Also train plain VQ codebooks for the report."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or report table."),
+) -> None:
+    """Train query-aware VQ codebooks on a calibration and write a converted checkpoint.
+
+    The checkpoint holds the model (weights, config.json with an a2ats quantization_config, tokenizer),
+    a2ats_codebooks.safetensors, report.json and a2ats_config.json (written last). A recall table compares
+    query-aware VQ, plain VQ, exact keys and the exact-attention oracle on the held-out sample.
+    Under [bold]accelerate launch[/] the heads are split across processes. See docs/convert.md.
+
+    Examples:
+
+      a2ats convert runs/calib --out runs/smollm2-a2ats
+
+      a2ats convert runs/calib-small --out runs/small --codes 1024 --iters 10 --overwrite
+
+      a2ats convert runs/calib --out runs/plain --plain --buckets single --no-compare-plain
+
+      accelerate launch --num_processes 2 --cpu -m a2ats_tools.cli convert runs/calib --out runs/conv
+    """
+    from ..quantization import convert as run_convert
+
+    run_convert(
+        calibration,
+        out,
+        model=model,
+        codes=codes,
+        plain=plain,
+        positions=positions,
+        buckets=buckets,
+        iters=iters,
+        tol=tol,
+        seed=seed,
+        device=device,
+        light=light,
+        quiet=quiet,
+        allow_shrink=allow_shrink,
+        overwrite=overwrite,
+        compare_plain=compare_plain,
+    )
