@@ -49,6 +49,9 @@ def _register() -> None:
     from .commands import calibrate
 
     app.command(name="calibrate", no_args_is_help=False)(calibrate.calibrate)
+    from .commands import convert
+
+    app.command(name="convert")(convert.convert)
     from .commands import generate
 
     app.command(name="generate")(generate.generate)
