@@ -154,3 +154,25 @@ def test_sparse_decode_with_nothing_kept_outputs_zeros():
         q, cache, cache, torch.zeros(1, 1, 3, dtype=torch.long), torch.zeros(1, 1, 3, dtype=torch.bool), 1.0
     )
     assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("layout", ["slice", "heads_last", "expanded"])
+def test_sparse_decode_on_strided_caches(layout):
+    """Preallocated caches are sliced views; others keep tokens outermost; GQA repeats may be expanded."""
+    gen = torch.Generator().manual_seed(6)
+    b, hkv, g, n, d, k = 2, 2, 2, 30, 8, 11
+    q = torch.randn(b, hkv * g, d, generator=gen)
+    if layout == "slice":
+        k_cache = torch.randn(b, hkv, n + 17, d, generator=gen)[:, :, :n]
+    elif layout == "heads_last":
+        k_cache = torch.randn(b, n, hkv, d, generator=gen).transpose(1, 2)
+    else:
+        k_cache = torch.randn(1, hkv, n, d, generator=gen).expand(b, hkv, n, d)
+    v_cache = torch.randn(b, hkv, n + 5, d, generator=gen)[:, :, 5:]
+    indices = torch.randint(0, n, (b, hkv, k), generator=gen)
+    keep = torch.ones(b, hkv, k, dtype=torch.bool)
+    got = sparse_decode_torch(q, k_cache, v_cache, indices, keep, 0.3)
+    k_sel = k_cache.contiguous().gather(2, indices.unsqueeze(-1).expand(-1, -1, -1, d))
+    v_sel = v_cache.contiguous().gather(2, indices.unsqueeze(-1).expand(-1, -1, -1, d))
+    probs = ((q.reshape(b, hkv, g, d) @ k_sel.transpose(-1, -2)) * 0.3).softmax(-1)
+    torch.testing.assert_close(got, (probs @ v_sel).reshape(b, hkv * g, d), rtol=1e-5, atol=1e-5)

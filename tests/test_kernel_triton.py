@@ -141,3 +141,16 @@ def test_dispatch_picks_torch_on_cpu_and_forces_triton_on_request():
     cache = torch.randn(1, 2, 30, 16, generator=gen)
     got = sparse_decode(q, cache, cache, idx, keep, 0.25, backend="triton")
     torch.testing.assert_close(got, sparse_decode(q, cache, cache, idx, keep, 0.25), rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_decode_triton_on_strided_caches():
+    gen = torch.Generator().manual_seed(16)
+    b, hkv, g, n, d, k = 2, 2, 2, 30, 16, 11
+    q = torch.randn(b, hkv * g, d, generator=gen)
+    k_cache = torch.randn(b, n, hkv, d, generator=gen).transpose(1, 2)  # tokens outermost
+    v_cache = torch.randn(b, hkv, n + 5, d, generator=gen)[:, :, 5:]  # a slice of a preallocated cache
+    indices = torch.randint(0, n, (b, hkv, k), generator=gen)
+    keep = torch.rand(b, hkv, k, generator=gen) > 0.2
+    got = sparse_decode_triton(q, k_cache, v_cache, indices, keep, 0.3, block_k=16)
+    want = sparse_decode_torch(q, k_cache, v_cache, indices, keep, 0.3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

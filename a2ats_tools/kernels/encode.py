@@ -83,7 +83,7 @@ if triton is not None:
     ):
         pid_n = tl.program_id(0)
         bh = tl.program_id(1)
-        b = bh // n_kv_heads
+        b = (bh // n_kv_heads).to(tl.int64)  # 64-bit offsets into large caches
         h = bh % n_kv_heads
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         dims = tl.arange(0, D)

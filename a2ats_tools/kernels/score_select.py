@@ -9,6 +9,7 @@ window get ``+inf`` (always selected), left padding ``−inf`` (never kept) — 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -45,29 +46,51 @@ def build_tables_torch(
     return tables.reshape(hkv, b, gp, p, c).transpose(0, 1).contiguous()
 
 
+@functools.lru_cache(maxsize=64)
+def _buckets_by_reversed_distance(
+    limit: int, buckets: int, bucket_start: float, bucket_ratio: float, device: str
+) -> torch.Tensor:
+    """Bucket (long ``[limit]``) of distance ``limit − 1 − i`` at ``i``, so ``[limit − L:]`` serves length ``L``."""
+    dist = torch.arange(limit - 1, -1, -1, device=device).float().clamp_min(bucket_start)
+    b = torch.floor(torch.log(dist / bucket_start) / math.log(bucket_ratio) + 1e-6).long()
+    return b.clamp_(0, buckets - 1)
+
+
 def bucket_indices(
     length: int, buckets: int, bucket_start: float, bucket_ratio: float, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """Bucket (long ``[length]``) of each token ``j`` seen from ``t = length − 1``: the bucket of ``t − j``.
 
-    The same float32 arithmetic as :meth:`a2ats_tools.rope.DistanceBuckets.bucket_of`.
+    The same float32 arithmetic as :meth:`a2ats_tools.rope.DistanceBuckets.bucket_of`; computed once per
+    power-of-two size and cached (the result is a read-only view: do not modify it in place).
     """
     if buckets <= 1:
         return torch.zeros(length, dtype=torch.long, device=device)
-    dist = torch.arange(length - 1, -1, -1, device=device).float().clamp_min(bucket_start)
-    b = torch.floor(torch.log(dist / bucket_start) / math.log(bucket_ratio) + 1e-6).long()
-    return b.clamp_(0, buckets - 1)
+    limit = max(1024, 1 << max(length - 1, 0).bit_length())
+    table = _buckets_by_reversed_distance(
+        limit, buckets, float(bucket_start), float(bucket_ratio), str(device)
+    )
+    return table[limit - length :]
 
 
-def _forced_and_padding(
-    length: int, first_valid: torch.Tensor, n_sink: int, window: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``forced [B,L]`` (sinks and window) and ``padding [B,L]`` masks."""
-    j = torch.arange(length, device=first_valid.device).unsqueeze(0)
-    fv = first_valid.long().unsqueeze(1)
-    padding = j < fv
-    forced = (j < fv + n_sink) | (j >= length - window)
-    return forced, padding
+def _mask_forced_and_padding(
+    scores: torch.Tensor, first_valid: torch.Tensor, n_sink: int, window: int
+) -> torch.Tensor:
+    """In place on ``scores [B,Hkv,L]``: ``+inf`` on sinks and window, then ``−inf`` on left padding.
+
+    Only the window slice and the prefix up to the last sink are touched (no full ``[B,L]`` masks).
+    """
+    length = scores.shape[-1]
+    if window > 0:
+        scores[..., max(0, length - window) :] = float("inf")
+    prefix = min(length, int(first_valid.max()) + n_sink) if first_valid.numel() else 0
+    if prefix > 0:
+        j = torch.arange(prefix, device=scores.device).unsqueeze(0)
+        fv = first_valid.to(scores.device).long().unsqueeze(1)
+        head = scores[..., :prefix]
+        head.masked_fill_(((j >= fv) & (j < fv + n_sink)).unsqueeze(1), float("inf"))
+        head.masked_fill_((j < fv).unsqueeze(1), float("-inf"))
+    return scores
 
 
 def score_torch(
@@ -84,21 +107,20 @@ def score_torch(
     """Scores ``[B,Hkv,length]`` (float32) of the first ``length`` cached tokens (codes ``[B,Hkv,Nmax]``).
 
     ``+inf`` on sinks (``first_valid ≤ j < first_valid + n_sink``) and the window (``j ≥ length − window``),
-    ``−inf`` on left padding (``j < first_valid``).
+    ``−inf`` on left padding (``j < first_valid``). One gather from the flattened ``[P·C]`` table per head
+    at ``bucket·C + code`` (index math in int32).
     """
     _check_aggregation(aggregation)
     b, hkv, gp, p, c = tables.shape
-    flat = tables.reshape(b, hkv, gp, p * c)
-    offset = bucket_indices(length, p, bucket_start, bucket_ratio, tables.device) * c  # [L]
-    index = codes[..., :length].long() + offset  # [B,Hkv,L]
+    flat = tables.float().reshape(b, hkv, gp, p * c)
+    offset = bucket_indices(length, p, bucket_start, bucket_ratio, tables.device).to(torch.int32) * c
+    index = (codes[..., :length].to(torch.int32) + offset).long()  # [B,Hkv,L]
     if gp == 1:
         scores = flat[:, :, 0].gather(-1, index)
     else:
         per_head = flat.gather(-1, index.unsqueeze(2).expand(b, hkv, gp, length))
         scores = per_head.sum(2) if aggregation == "sum" else per_head.amax(2)
-    forced, padding = _forced_and_padding(length, first_valid, n_sink, window)
-    scores.masked_fill_(forced.unsqueeze(1), float("inf"))
-    return scores.masked_fill_(padding.unsqueeze(1), float("-inf"))
+    return _mask_forced_and_padding(scores, first_valid, n_sink, window)
 
 
 if triton is not None:
@@ -124,7 +146,7 @@ if triton is not None:
     ):
         pid = tl.program_id(0)
         bh = tl.program_id(1)
-        b = bh // n_kv_heads
+        b = (bh // n_kv_heads).to(tl.int64)  # 64-bit offsets into large caches
         h = bh % n_kv_heads
         j = pid * BLOCK + tl.arange(0, BLOCK)
         ok = j < length

@@ -11,6 +11,24 @@ import torch
 from ._dispatch import resolve_backend, tl, triton
 
 
+def _rows(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """View ``cache [B,Hkv,N,d]`` as rows ``[R,d]`` of its storage, and the first row ``[B,Hkv,1]`` of each head.
+
+    Zero-copy when rows are contiguous (a slice of a larger preallocated cache is fine); copies otherwise.
+    Gathering with ``index_select`` on this view is many times faster than ``gather`` with an expanded index.
+    """
+    b, h, n, d = cache.shape
+    s0, s1, s2, s3 = cache.stride()
+    if not (s3 == 1 and s2 == d and s1 % d == 0 and s0 % d == 0):
+        cache = cache.contiguous()
+        s0, s1, s2 = cache.stride()[:3]
+    count = ((b - 1) * s0 + (h - 1) * s1) // d + n
+    rows = cache.as_strided((count, d), (d, 1))
+    first = torch.arange(b, device=cache.device).reshape(b, 1, 1) * (s0 // d)
+    first = first + torch.arange(h, device=cache.device).reshape(1, h, 1) * (s1 // d)
+    return rows, first
+
+
 def sparse_decode_torch(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -21,20 +39,20 @@ def sparse_decode_torch(
 ) -> torch.Tensor:
     """``out [B,Hq,d]`` (``q``'s dtype) of RoPE'd ``q [B,Hq,d]`` over ``k_cache/v_cache [B,Hkv,Nmax,d]``.
 
-    ``indices [B,Hkv,K]`` (int64) select rows; entries with ``keep = False`` are ignored (their index may be
-    anything in ``[0, Nmax)``). A head with nothing kept outputs zeros.
+    ``indices [B,Hkv,K]`` (int64) select rows; entries with ``keep = False`` are ignored (their index must
+    still lie in ``[0, Nmax)``). A head with nothing kept outputs zeros.
     """
     b, hq, d = q.shape
-    hkv = k_cache.shape[1]
-    dv = v_cache.shape[-1]
-    rows = indices.unsqueeze(-1)
-    k = k_cache.gather(2, rows.expand(-1, -1, -1, d)).float()  # [B,Hkv,K,d]
-    v = v_cache.gather(2, rows.expand(-1, -1, -1, dv)).float()
+    hkv, n_sel = k_cache.shape[1], indices.shape[-1]
+    k_rows, k_first = _rows(k_cache)
+    v_rows, v_first = _rows(v_cache)
+    k = k_rows.index_select(0, (indices + k_first).reshape(-1)).float().reshape(b, hkv, n_sel, d)
+    v = v_rows.index_select(0, (indices + v_first).reshape(-1)).float().reshape(b, hkv, n_sel, -1)
     qg = q.float().reshape(b, hkv, hq // hkv, d)
-    logits = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B,Hkv,G,K]
+    logits = torch.matmul(qg, k.transpose(-1, -2)).mul_(scale)  # [B,Hkv,G,K]
     logits.masked_fill_(~keep.unsqueeze(2), float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
-    return torch.matmul(probs, v).reshape(b, hq, dv).to(q.dtype)
+    return torch.matmul(probs, v).reshape(b, hq, -1).to(q.dtype)
 
 
 if triton is not None:
@@ -70,7 +88,7 @@ if triton is not None:
     ):
         bh = tl.program_id(0)
         split = tl.program_id(1)
-        b = bh // n_kv_heads
+        b = (bh // n_kv_heads).to(tl.int64)  # 64-bit offsets into large caches
         h = bh % n_kv_heads
         heads = tl.arange(0, GP)
         dims = tl.arange(0, D)
