@@ -1,0 +1,136 @@
+"""``a2ats bench``: decode speed and memory of a converted checkpoint against dense attention."""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+def bench(
+    checkpoint: str = typer.Argument(..., help="Converted checkpoint directory (from a2ats convert)."),
+    out: Path = typer.Option(Path("runs/bench"), "--out", "-o", help="Directory for bench.json and throughput.png."),
+    contexts: str = typer.Option("1024,2048,4096,8192", "--contexts", help="Context lengths (tokens; GPU: up to 128k)."),
+    batches: str = typer.Option("1,4,8", "--batches", help="Batch sizes."),
+    budget: str = typer.Option(None, "--budget", help="Top-K budget (default: the checkpoint's)."),
+    steps: int = typer.Option(16, "--steps", help="Timed decode steps per block."),
+    repeats: int = typer.Option(3, "--repeats", help="Alternating blocks per contender (min/median/max over them)."),
+    offload: bool = typer.Option(False, "--offload", help="Also run A²ATS with the KV cache offloaded to CPU."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random prompt tokens."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out directory."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no table."),
+) -> None:
+    """Decode throughput (tokens/s), per-step latency and memory of retrieval attention vs dense attention.
+
+    The dense baseline is the same model with plain SDPA and a DynamicCache. Each grid point prefills once per
+    contender (prefill time reported separately), then alternates blocks of timed decode steps between them in
+    this process; ratios are per block pair, reported as min/median/max. Writes bench.json and
+    throughput.png to --out. Kernel micro-benchmarks run on GPU only.
+
+    Examples:
+
+      a2ats bench runs/ckpt --out runs/bench                               # CPU grid: 1k..8k x batch 1,4,8
+
+      a2ats bench runs/ckpt --contexts 8k --batches 4 --steps 8 --repeats 3 -o runs/bench-8k
+
+      a2ats bench runs/ckpt --device cuda --contexts 8k,32k,128k --batches 1,8 --offload -o runs/bench-gpu
+    """
+    import torch
+
+    from ..bench.decode import Contender, bench_point
+    from ..bench.plots import plot_throughput
+    from ..errors import A2atsError
+    from ..evaluation.harness import ModelUnderTest, Variant
+    from ..evaluation.options import parse_int_list
+    from ..io import prepare_output_dir, write_json
+    from ..runtime.settings import parse_budget
+
+    ctx_list = parse_int_list(contexts, "--contexts")
+    batch_list = parse_int_list(batches, "--batches")
+    if steps < 1 or repeats < 1:
+        raise A2atsError("--steps and --repeats must be positive")
+    out = prepare_output_dir(out, overwrite, "bench output directory")
+    console = Console(stderr=True, quiet=quiet)
+    mut = ModelUnderTest(checkpoint, device=device, dtype=dtype)
+    max_len = mut.runtime.config.geometry.max_position_embeddings
+    overrides = {"budget": parse_budget(budget)} if budget is not None else {}
+    notes = []
+    too_long = [c for c in ctx_list if c + (repeats + 1) * steps + 4 > max_len]
+    if too_long:
+        notes.append(f"contexts {too_long} are beyond the model's {max_len} positions minus decode steps; trimmed")
+    grid_ctx = sorted({min(c, max_len - (repeats + 1) * steps - 4) for c in ctx_list})
+
+    def variant(name: str, extra: dict) -> Contender:
+        holder: dict = {}
+
+        def prepare() -> None:
+            holder["make"] = mut.use(Variant(name, extra) if extra is not None else Variant("dense"))
+
+        return Contender(name, prepare, lambda: holder["make"]())
+
+    contenders = [variant("dense", None), variant("a2ats", {**overrides, "selector": "a2ats"})]
+    if offload:
+        contenders.append(variant("a2ats+offload", {**overrides, "selector": "a2ats", "offload": "cpu"}))
+    gen = torch.Generator().manual_seed(seed)
+    vocab = mut.model.config.get_text_config().vocab_size
+    points = []
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, disable=quiet,
+    ) as progress:
+        bar = progress.add_task("bench", total=len(grid_ctx) * len(batch_list) * len(contenders) * (repeats + 1))
+        for ctx in grid_ctx:
+            for batch in batch_list:
+                progress.update(bar, description=f"context {ctx}, batch {batch}")
+                ids = torch.randint(100, vocab, (batch, ctx), generator=gen).to(mut.device)
+                points.append(bench_point(mut.model, contenders, ids, steps=steps, repeats=repeats,
+                                          tick=lambda: progress.advance(bar)))
+    if mut.device.type != "cuda":
+        notes.append("kernel micro-benchmarks skipped: they run on GPU only")
+    else:
+        notes.append("kernel micro-benchmarks: run benchmarks/kernels.py (not called from here yet)")
+    result = {
+        "schema": "a2ats.bench", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": platform.node(), "checkpoint": str(checkpoint), "device": str(mut.device), "dtype": dtype,
+        "torch_threads": torch.get_num_threads(), "runtime": {"budget": mut.base_settings.with_overrides(**overrides).budget},
+        "points": points, "notes": notes,
+    }
+    write_json(out / "bench.json", result)
+    plot_throughput(points, out / "throughput.png", title=f"decode throughput ({mut.device.type})")
+    if not quiet:
+        Console().print(bench_table(points))
+        for n in notes:
+            console.print(f"[yellow]note:[/] {n}")
+        console.print(f"wrote {out / 'bench.json'}", highlight=False)
+
+
+def bench_table(points: list[dict]) -> Table:
+    table = Table(title="Decode: tokens/s (median) and speed-up vs dense (min / median / max)")
+    names = list(points[0]["contenders"]) if points else []
+    for col in ("context", "batch"):
+        table.add_column(col, justify="right")
+    for n in names:
+        table.add_column(f"{n} tok/s", justify="right")
+        table.add_column(f"{n} prefill s", justify="right")
+    for n in names[1:]:
+        table.add_column(f"{n} speed-up", justify="right")
+        table.add_column(f"{n} KV MiB", justify="right")
+    table.add_column("dense KV MiB", justify="right")
+    for p in points:
+        c = p["contenders"]
+        row = [str(p["context"]), str(p["batch"])]
+        for n in names:
+            row += [f"{c[n]['tokens_per_s']['median']:.1f}", f"{c[n]['prefill_s']:.2f}"]
+        for n in names[1:]:
+            s = c[n]["speedup_vs_dense"]
+            row += [f"{s['min']:.2f} / {s['median']:.2f} / {s['max']:.2f}", f"{c[n]['kv_device_bytes'] / 2**20:.1f}"]
+        row.append(f"{c['dense']['kv_device_bytes'] / 2**20:.1f}")
+        table.add_row(*row)
+    return table

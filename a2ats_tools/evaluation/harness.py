@@ -1,0 +1,117 @@
+"""One loaded model, switched between dense attention and retrieval configurations, so every configuration
+runs on the same prompts in the same process.
+
+A *variant* is dense (plain SDPA with a DynamicCache) or a set of runtime overrides (budget, selector,
+buckets, ...) applied to the checkpoint's settings. Baselines run through the same runtime at the same
+per-KV-head budget: ``streaming`` (sinks + enlarged window), ``quest`` (page selection), ``wrope`` (the paper's
+single distance 2048) and ``exact`` (oracle top-K).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import A2atsError
+from .baselines import make_quest_selector
+
+BASELINES: tuple[str, ...] = ("streaming", "quest", "wrope", "exact")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """``overrides`` None means dense; otherwise runtime settings on top of the checkpoint's."""
+
+    name: str
+    overrides: dict[str, Any] | None = field(default=None, hash=False, compare=False)
+
+    @property
+    def dense(self) -> bool:
+        return self.overrides is None
+
+
+def budget_label(budget: float | int) -> str:
+    return f"{100 * budget:g}%" if isinstance(budget, float) and budget <= 1.0 else f"{budget}tok"
+
+
+def build_variants(budgets: Sequence[float | int], baselines: Sequence[str], baseline_budget: float | int) -> list[Variant]:
+    """Dense, A²ATS at every budget, then each baseline at ``baseline_budget``."""
+    out = [Variant("dense")]
+    out += [Variant(f"a2ats@{budget_label(b)}", {"budget": b, "selector": "a2ats"}) for b in budgets]
+    label = budget_label(baseline_budget)
+    for name in baselines:
+        if name == "streaming":
+            out.append(Variant(f"streaming@{label}", {"budget": baseline_budget, "selector": "streaming"}))
+        elif name == "quest":
+            out.append(Variant(f"quest@{label}", {"budget": baseline_budget, "selector": "quest"}))
+        elif name == "wrope":
+            out.append(Variant(f"wrope2048@{label}", {"budget": baseline_budget, "selector": "a2ats", "buckets": "single:2048"}))
+        elif name == "exact":
+            out.append(Variant(f"exact@{label}", {"budget": baseline_budget, "selector": "exact"}))
+        else:
+            raise A2atsError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
+    return out
+
+
+def parse_baselines(spec: str) -> list[str]:
+    if spec.strip() in ("", "none"):
+        return []
+    if spec.strip() == "all":
+        return list(BASELINES)
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    for n in names:
+        if n not in BASELINES:
+            raise A2atsError(f"unknown baseline {n!r}; choose from {', '.join(BASELINES)} (or all, none)")
+    return names
+
+
+class ModelUnderTest:
+    """A converted checkpoint loaded once; :meth:`use` switches it to a variant and returns its cache factory."""
+
+    def __init__(self, checkpoint: str, device: str = "cpu", dtype: str = "float32"):
+        from ..runtime.loader import load_converted
+
+        self.model, self.tokenizer = load_converted(checkpoint, device=device, dtype=dtype)
+        self.runtime = self.model.a2ats
+        self.base_settings = self.runtime.settings
+        self._quest_ready = False
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def use(self, variant: Variant) -> Callable[[], Any]:
+        """Switch attention for ``variant``; returns a factory of fresh KV caches for it."""
+        from transformers import DynamicCache
+
+        from ..runtime.loader import attach, detach
+
+        if variant.dense:
+            detach(self.model)
+            return lambda: DynamicCache(config=self.model.config)
+        if variant.overrides.get("selector") == "quest" and not self._quest_ready:
+            make_quest_selector()
+            self._quest_ready = True
+        settings = self.base_settings.with_overrides(**variant.overrides)
+        rt = self.runtime
+        attach(self.model, rt.config, rt.codebooks, rt.whitening, settings)
+        self.runtime = self.model.a2ats
+        return self.runtime.new_cache
+
+    @torch.no_grad()
+    def generate(self, prompt: str, max_new_tokens: int, make_cache: Callable[[], Any]) -> str:
+        """Greedy continuation of ``prompt`` (the prompt already holds any special tokens)."""
+        enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        ids = enc["input_ids"].to(self.device)
+        out = self.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            past_key_values=make_cache(),
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

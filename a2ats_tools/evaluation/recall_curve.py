@@ -1,0 +1,184 @@
+"""Retrieval quality on held-out text: attention-mass recall and top-K recall against exact attention, per
+layer and overall, for each method and budget.
+
+Queries and keys are captured pre-RoPE with the calibration capture (:mod:`a2ats_tools.calibration.capture`),
+keys are encoded with the checkpoint's codebooks (nearest whitened centroid, :func:`kernels.encode`), and
+every method is scored with the reference semantics of :mod:`a2ats_tools.scoring`:
+
+* ``a2ats``: the checkpoint's distance buckets over the VQ keys (our default);
+* ``wrope``: the paper's single-distance WRoPE (2048) over the same VQ keys;
+* ``quest``: page min/max bounds of the exact post-RoPE keys (pages of 16);
+* ``streaming``: sinks plus the most recent tokens (the window enlarged to the same budget);
+* ``oracle``: exact logits (the upper bound for the budget).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import DataError
+from ..kernels.encode import encode, prepare_codebook
+from ..rope import DistanceBuckets, Rotary, apply_rope
+from ..scoring import SelectionPolicy, bucketed_scores, exact_logits, group_aggregate, mass_recall, select
+from .baselines import quest_token_scores
+
+RECALL_METHODS: tuple[str, ...] = ("a2ats", "wrope", "quest", "streaming", "oracle")
+
+
+@dataclass
+class Captured:
+    """Pre-RoPE queries ``[Hq, T, d]`` and keys ``[Hkv, T, d]`` of one sequence, per layer."""
+
+    queries: list[torch.Tensor]
+    keys: list[torch.Tensor]
+
+
+@torch.no_grad()
+def capture_sequence(model: Any, ids: list[int]) -> Captured:
+    """Run ``ids`` through ``model`` once, recording every layer's pre-RoPE queries and keys."""
+    from ..calibration.capture import capturing
+
+    n_layers = model.config.get_text_config().num_hidden_layers
+    qs: list[torch.Tensor | None] = [None] * n_layers
+    ks: list[torch.Tensor | None] = [None] * n_layers
+
+    def sink(layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        qs[layer], ks[layer] = q[0].cpu(), k[0].cpu()
+
+    device = next(model.parameters()).device
+    with capturing(model, sink):
+        model(input_ids=torch.tensor([ids], device=device), use_cache=False, logits_to_keep=1)
+    return Captured([q for q in qs if q is not None], [k for k in ks if k is not None])
+
+
+def heldout_ids(tokenizer: Any, length: int, seed: int, path: str | Path | None = None) -> list[int]:
+    """``length`` tokens of held-out text: a user file, or Python's documentation topics shuffled with ``seed``."""
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise DataError(f"held-out text file {p} does not exist")
+        texts = [p.read_text(encoding="utf-8", errors="replace")]
+    else:
+        from ..calibration.sources import pydoc_texts
+
+        texts = pydoc_texts()
+        random.Random(seed).shuffle(texts)
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if len(ids) >= length:
+            return ids[:length]
+    if len(ids) < length:
+        raise DataError(f"the held-out text has only {len(ids)} tokens; {length} are needed")
+    return ids
+
+
+def query_positions(length: int, count: int, window: int) -> torch.Tensor:
+    """``count`` query positions spread evenly over the second half of the sequence (beyond the window)."""
+    lo = max(length // 2, min(window * 2, length - 1))
+    return torch.linspace(lo, length - 1, count).round().long().unique()
+
+
+def topk_recall(
+    true_logits: torch.Tensor, approx: torch.Tensor | None, q_pos: torch.Tensor, policy: SelectionPolicy,
+    num_kv_heads: int,
+) -> torch.Tensor:
+    """Share of the exact top-(sinks+window+K) tokens (group-aggregated per KV head) that the method selects ``[Hkv, M]``."""
+    hq, m, n = true_logits.shape
+    valid = torch.arange(n).reshape(1, n) <= q_pos.reshape(m, 1)
+    exact = group_aggregate(true_logits.masked_fill(~valid, float("-inf")).transpose(0, 1), num_kv_heads, "sum")
+    source = exact if approx is None else group_aggregate(
+        approx.masked_fill(~valid, float("-inf")).transpose(0, 1), num_kv_heads, policy.aggregation
+    )
+    out = []
+    for i in range(m):
+        ctx = int(q_pos[i]) + 1
+        t_idx, t_keep = select(exact[i], valid[i], policy, context=ctx)
+        s_idx, s_keep = select(source[i], valid[i], policy, context=ctx)
+        truth = torch.zeros(num_kv_heads, n, dtype=torch.bool).scatter_(1, t_idx, t_keep)
+        got = torch.zeros(num_kv_heads, n, dtype=torch.bool).scatter_(1, s_idx, s_keep)
+        out.append((truth & got).sum(-1).float() / truth.sum(-1).clamp_min(1).float())
+    return torch.stack(out, 1)
+
+
+def method_scores(
+    method: str, q: torch.Tensor, q_pos: torch.Tensor, keys: torch.Tensor, keys_vq: torch.Tensor | None,
+    rotary: Rotary, buckets: DistanceBuckets, num_kv_heads: int,
+) -> tuple[torch.Tensor | None, Callable[[SelectionPolicy], SelectionPolicy]]:
+    """Approximate scores ``[Hq, M, N]`` of ``method`` (None = exact) and how it adapts the policy."""
+    same: Callable[[SelectionPolicy], SelectionPolicy] = lambda p: p  # noqa: E731
+    n = keys.shape[1]
+    if method == "a2ats":
+        return bucketed_scores(q, q_pos, keys_vq, rotary, buckets), same
+    if method == "wrope":
+        return bucketed_scores(q, q_pos, keys_vq, rotary, DistanceBuckets.single(2048)), same
+    if method == "quest":
+        cq, sq = rotary.cos_sin(q_pos)
+        ck, sk = rotary.cos_sin(torch.arange(n))
+        return quest_token_scores(apply_rope(q.float(), cq, sq), apply_rope(keys.float(), ck, sk), num_kv_heads), same
+    if method == "streaming":
+        recency = torch.arange(n, dtype=torch.float32).expand(q.shape[0], q.shape[1], n)
+        return recency.contiguous(), lambda p: SelectionPolicy(p.n_sink, p.window, p.budget, "max")
+    if method == "oracle":
+        return None, same
+    raise ValueError(f"unknown recall method {method!r}")
+
+
+def recall_curve(
+    captured: Sequence[Captured],
+    codebooks: list[torch.Tensor],
+    whitening: list[torch.Tensor],
+    rotary: Rotary,
+    buckets: DistanceBuckets,
+    budgets: Sequence[float | int],
+    *,
+    n_sink: int = 8,
+    window: int = 64,
+    aggregation: str = "sum",
+    methods: Sequence[str] = RECALL_METHODS,
+    queries_per_sequence: int = 16,
+    progress: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Mass and top-K recall per method, budget and layer (means over query heads, queries and sequences).
+
+    Returns ``{"methods": [...], "budgets": [...], "per_layer": {method: {budget: {"mass": [L], "topk": [L]}}},
+    "overall": {method: {budget: {"mass": x, "topk": y}}}}`` (budget keys as strings).
+    """
+    n_layers = len(codebooks)
+    sums: dict[tuple[str, str, str], list[float]] = {}
+    counts = 0
+    for seq in captured:
+        counts += 1
+        for layer in range(n_layers):
+            q_all, keys = seq.queries[layer].float(), seq.keys[layer].float()
+            hkv, n, d = keys.shape
+            q_pos = query_positions(n, queries_per_sequence, window)
+            q = q_all[:, q_pos]
+            true = exact_logits(q, q_pos, keys, rotary)
+            keys_vq = None
+            if {"a2ats", "wrope"} & set(methods):
+                codes = encode(keys.unsqueeze(0), prepare_codebook(codebooks[layer], whitening[layer]))[0].long()
+                keys_vq = codebooks[layer].float().gather(1, codes.unsqueeze(-1).expand(hkv, n, d))
+            for method in methods:
+                approx, adapt = method_scores(method, q, q_pos, keys, keys_vq, rotary, buckets, hkv)
+                for budget in budgets:
+                    policy = adapt(SelectionPolicy(n_sink, window, budget, aggregation))  # type: ignore[arg-type]
+                    mass = mass_recall(true, approx, q_pos, policy, d**-0.5, hkv).mean().item()
+                    top = topk_recall(true, approx, q_pos, policy, hkv).mean().item()
+                    for metric, value in (("mass", mass), ("topk", top)):
+                        sums.setdefault((method, str(budget), metric), [0.0] * n_layers)[layer] += value
+            if progress is not None:
+                progress()
+    per_layer: dict[str, dict[str, dict[str, list[float]]]] = {}
+    overall: dict[str, dict[str, dict[str, float]]] = {}
+    for (method, budget, metric), values in sums.items():
+        layer_means = [v / max(counts, 1) for v in values]
+        per_layer.setdefault(method, {}).setdefault(budget, {})[metric] = layer_means
+        overall.setdefault(method, {}).setdefault(budget, {})[metric] = sum(layer_means) / n_layers
+    return {"methods": list(methods), "budgets": [str(b) for b in budgets], "per_layer": per_layer, "overall": overall}

@@ -1,0 +1,95 @@
+"""The eval results document (``results.json``) and its terminal tables."""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .. import __version__
+from ..io import write_json
+
+SCHEMA = "a2ats.eval"
+
+
+def new_results(checkpoint: str, settings: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA,
+        "tool_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": platform.node(),
+        "checkpoint": checkpoint,
+        "settings": settings,
+        "recall": None,
+        "tasks": None,
+        "perplexity": None,
+    }
+
+
+def write_results(out: Path, results: dict[str, Any]) -> Path:
+    path = out / "results.json"
+    write_json(path, results)
+    return path
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def recall_table(recall: dict[str, Any]) -> Table:
+    table = Table(title="Held-out attention-mass recall % (top-K recall %), mean over layers")
+    table.add_column("method")
+    for b in recall["budgets"]:
+        table.add_column(f"budget {b}", justify="right")
+    for method in recall["methods"]:
+        row = [method]
+        for b in recall["budgets"]:
+            cell = recall["overall"].get(method, {}).get(b, {})
+            row.append(f"{_pct(cell.get('mass'))} ({_pct(cell.get('topk'))})")
+        table.add_row(*row)
+    return table
+
+
+def task_table(tasks: dict[str, Any]) -> Table:
+    """Rows: task × length; columns: dense and each retrieval configuration (mean exact-match score %)."""
+    configs = tasks["configs"]
+    table = Table(title="Long-context tasks: exact-match score % (samples per cell in brackets)")
+    table.add_column("task")
+    table.add_column("length", justify="right")
+    for c in configs:
+        table.add_column(c, justify="right")
+    for row in tasks["rows"]:
+        cells = [row["task"], str(row["length"])]
+        for c in configs:
+            s = row["scores"].get(c)
+            cells.append("-" if s is None else f"{100 * s['mean']:.0f} [{s['n']}]")
+        table.add_row(*cells)
+    return table
+
+
+def perplexity_table(ppl: dict[str, Any]) -> Table:
+    table = Table(title=f"Decode-mode perplexity over the last {ppl['n_decode']} of {ppl['length']} tokens")
+    table.add_column("configuration")
+    table.add_column("perplexity", justify="right")
+    table.add_column("vs dense", justify="right")
+    dense = ppl["configs"].get("dense", {}).get("perplexity")
+    for name, cell in ppl["configs"].items():
+        p = cell["perplexity"]
+        ratio = f"{p / dense:.3f}×" if dense else "-"
+        table.add_row(name, f"{p:.3f}", ratio)
+    return table
+
+
+def print_results(results: dict[str, Any], console: Console) -> None:
+    if results.get("recall"):
+        console.print(recall_table(results["recall"]))
+    if results.get("tasks"):
+        console.print(task_table(results["tasks"]))
+    if results.get("perplexity"):
+        console.print(perplexity_table(results["perplexity"]))
+    for note in results.get("notes", []):
+        console.print(f"[yellow]note:[/] {note}")

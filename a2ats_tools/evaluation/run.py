@@ -1,0 +1,83 @@
+"""The three eval stages on a :class:`~a2ats_tools.evaluation.harness.ModelUnderTest`, each returning the
+JSON-ready section of ``results.json``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..rope import DistanceBuckets
+from .harness import ModelUnderTest, Variant
+from .haystack import Haystack
+from .perplexity import decode_nll, perplexity
+from .recall_curve import RECALL_METHODS, capture_sequence, heldout_ids, recall_curve
+from .tasks import make_sample
+
+Tick = Callable[[], None]
+
+
+def run_recall(
+    mut: ModelUnderTest, budgets: Sequence[float | int], *, length: int, sequences: int, queries: int, seed: int,
+    heldout: Path | None, tick: Tick | None = None,
+) -> dict[str, Any]:
+    """Held-out recall curve of every method (scored with the checkpoint's codebooks)."""
+    mut.use(Variant("dense"))
+    settings = mut.base_settings
+    captured = []
+    for s in range(sequences):
+        ids = heldout_ids(mut.tokenizer, length * (s + 1), seed + 1, heldout)[length * s :]
+        captured.append(capture_sequence(mut.model, ids))
+    rt = mut.runtime
+    buckets: DistanceBuckets = settings.buckets
+    result = recall_curve(
+        captured, rt.codebooks, rt.whitening, rt.rotary, buckets, budgets,
+        n_sink=settings.n_sink, window=settings.window, aggregation=settings.aggregation,
+        methods=RECALL_METHODS, queries_per_sequence=queries, progress=tick,
+    )
+    result.update({"length": length, "sequences": sequences, "queries_per_sequence": queries,
+                   "buckets": buckets.to_config(), "heldout": str(heldout) if heldout else "builtin:pydoc"})
+    return result
+
+
+def run_tasks(
+    mut: ModelUnderTest, variants: Sequence[Variant], tasks: Sequence[str], lengths: Sequence[int], *, samples: int,
+    seed: int, haystack: Haystack, tick: Tick | None = None, keep_outputs: bool = True,
+) -> dict[str, Any]:
+    """Every task × length × sample on every variant (same prompts); exact-match scores."""
+    rows = []
+    for task in tasks:
+        for length in lengths:
+            items = [make_sample(task, mut.tokenizer, haystack, length, i, seed) for i in range(samples)]
+            scores: dict[str, dict[str, Any]] = {}
+            outputs: dict[str, list[str]] = {}
+            for variant in variants:
+                make_cache = mut.use(variant)
+                values = []
+                for item in items:
+                    text = mut.generate(item.prompt, item.max_new_tokens, make_cache)
+                    values.append(item.score(text))
+                    outputs.setdefault(variant.name, []).append(text)
+                    if tick is not None:
+                        tick()
+                scores[variant.name] = {"mean": sum(values) / len(values), "n": len(values), "values": values}
+            row: dict[str, Any] = {"task": task, "length": length, "scores": scores,
+                                   "answers": [item.answers for item in items]}
+            if keep_outputs:
+                row["outputs"] = outputs
+            rows.append(row)
+    return {"configs": [v.name for v in variants], "rows": rows, "samples": samples}
+
+
+def run_perplexity(
+    mut: ModelUnderTest, variants: Sequence[Variant], *, length: int, n_decode: int, seed: int, text: Path | None,
+    tick: Tick | None = None,
+) -> dict[str, Any]:
+    """Decode-mode perplexity of the last ``n_decode`` tokens of a ``length``-token held-out text per variant."""
+    ids = heldout_ids(mut.tokenizer, length, seed + 2, text)
+    configs = {}
+    for variant in variants:
+        make_cache = mut.use(variant)
+        nll = decode_nll(mut.model, ids, n_decode, make_cache, progress=tick)
+        configs[variant.name] = {"perplexity": perplexity(nll), "mean_nll": sum(nll) / len(nll)}
+    return {"length": length, "n_decode": n_decode, "text": str(text) if text else "builtin:pydoc", "configs": configs}

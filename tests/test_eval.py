@@ -1,0 +1,140 @@
+"""a2ats eval: baselines, recall curve, decode-mode perplexity and the command end to end on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from a2ats_tools.artifacts.checkpoint import A2atsConfig, write_codebooks, write_config
+from a2ats_tools.errors import A2atsError
+from a2ats_tools.evaluation.baselines import PAGE, page_bounds, quest_token_scores
+from a2ats_tools.models import geometry, rotary
+from a2ats_tools.rope import DistanceBuckets
+
+from .conftest import build_tiny_model
+
+
+def write_tiny_checkpoint(directory: Path, tokenizer, codebook_size: int = 32, seed: int = 0) -> Path:
+    """Tiny Llama + random codebooks (identity whitening) in the converted-checkpoint format."""
+    model = build_tiny_model("llama", seed=seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    geo = geometry(model)
+    g = torch.Generator().manual_seed(seed)
+    books = [torch.randn(geo.num_kv_heads, codebook_size, geo.head_dim, generator=g) for _ in range(geo.num_layers)]
+    eye = [torch.eye(geo.head_dim).expand(geo.num_kv_heads, -1, -1).contiguous() for _ in range(geo.num_layers)]
+    write_codebooks(directory, books, eye)
+    write_config(directory, A2atsConfig(geometry=geo, codebook_size=codebook_size, whitening="plain"))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, tokenizer) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("eval-ckpt"), tokenizer)
+
+
+def test_quest_page_score_bounds_every_token_logit():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(4, 3, 8, generator=g), torch.randn(2, 37, 8, generator=g)  # partial last page
+    bound = quest_token_scores(q, k, num_kv_heads=2)
+    exact = torch.einsum("hmd,hnd->hmn", q.reshape(2, 6, 8), k).reshape(4, 3, 37)
+    assert bound.shape == exact.shape
+    assert (bound >= exact - 1e-5).all()
+    kmin, kmax = page_bounds(k)
+    assert kmin.shape == (2, 3, 8)
+    assert torch.equal(kmax[:, 2], k[:, 2 * PAGE :].amax(1))  # padding does not widen the last page
+    assert bound[..., 0].eq(bound[..., PAGE - 1]).all()  # one score per page
+
+
+def test_quest_selector_tracks_page_bounds_in_the_runtime(tiny_checkpoint):
+    from a2ats_tools.evaluation.harness import ModelUnderTest, Variant
+
+    mut = ModelUnderTest(str(tiny_checkpoint))
+    make_cache = mut.use(Variant("quest", {"budget": 16, "selector": "quest"}))
+    cache = make_cache()
+    ids = torch.randint(100, 1000, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = mut.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        mut.model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+    state = cache.layers[1].state
+    kmin, kmax = page_bounds(state.keys[0, :, : state.length].float())
+    assert torch.allclose(state.meta["kmin"][0, :, : kmin.shape[1]], kmin)
+    assert torch.allclose(state.meta["kmax"][0, :, : kmax.shape[1]], kmax)
+    idx, keep = cache.layers[1].last_selection
+    assert int(keep.sum(-1).max()) <= 8 + 64 + 16
+
+
+def test_recall_curve_oracle_is_the_upper_bound_and_full_budget_recalls_all(tiny_checkpoint, tokenizer):
+    from a2ats_tools.artifacts.checkpoint import read_codebooks, read_config
+    from a2ats_tools.evaluation.recall_curve import (
+        RECALL_METHODS,
+        capture_sequence,
+        heldout_ids,
+        recall_curve,
+    )
+
+    model = build_tiny_model("llama")
+    ids = heldout_ids(tokenizer, 200, seed=5)
+    assert len(ids) == 200 and ids == heldout_ids(tokenizer, 200, seed=5)
+    cap = capture_sequence(model, ids)
+    assert cap.keys[0].shape == (2, 200, 16) and cap.queries[1].shape == (4, 200, 16)
+    config = read_config(tiny_checkpoint)
+    books, white = read_codebooks(tiny_checkpoint, config)
+    res = recall_curve([cap], books, white, rotary(model), DistanceBuckets.log_spaced(4096), [4, 1000],
+                       n_sink=2, window=4, queries_per_sequence=4)
+    overall = res["overall"]
+    for method in RECALL_METHODS:
+        assert overall[method]["1000"]["mass"] == pytest.approx(1.0, abs=1e-5)
+        assert overall[method]["4"]["mass"] <= overall["oracle"]["4"]["mass"] + 1e-6
+    assert overall["oracle"]["4"]["topk"] == pytest.approx(1.0)
+    assert len(res["per_layer"]["a2ats"]["4"]["mass"]) == 2
+    assert overall["a2ats"]["4"]["mass"] < 1.0  # random codebooks are not exact
+
+
+def test_decode_nll_matches_full_forward():
+    from a2ats_tools.evaluation.perplexity import decode_nll
+
+    model = build_tiny_model("qwen3")
+    ids = torch.randint(100, 2000, (50,), generator=torch.Generator().manual_seed(2)).tolist()
+    nll = decode_nll(model, ids, 6)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    want = [-float(logp[p - 1, ids[p]]) for p in range(44, 50)]
+    assert nll == pytest.approx(want, abs=1e-4)
+    with pytest.raises(A2atsError):
+        decode_nll(model, ids[:5], 6)
+
+
+def test_eval_command_end_to_end(tiny_checkpoint, tmp_path):
+    from a2ats_tools.cli import app
+
+    out = tmp_path / "eval"
+    args = ["eval", str(tiny_checkpoint), "--out", str(out), "--budgets", "0.05,0.5", "--baselines", "all",
+            "--baseline-budget", "0.05", "--tasks", "passkey,niah_single", "--lengths", "160,9000", "--samples", "1",
+            "--recall-length", "160", "--queries", "3", "--ppl-length", "120", "--ppl-tokens", "4", "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    assert data["tasks"]["configs"][0] == "dense"
+    assert {"a2ats@5%", "a2ats@50%", "streaming@5%", "quest@5%", "wrope2048@5%", "exact@5%"} <= set(data["tasks"]["configs"])
+    assert [r["length"] for r in data["tasks"]["rows"]] == [160, 160]  # 9000 is beyond the tiny model's context
+    assert any("skipped" in n for n in data["notes"])
+    assert set(data["perplexity"]["configs"]) == set(data["tasks"]["configs"])
+    assert data["recall"]["overall"]["oracle"]["0.5"]["mass"] > 0.5
+    for png in ("recall.png", "recall_topk.png", "tasks.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    again = CliRunner().invoke(app, args)
+    assert isinstance(again.exception, A2atsError) and "--overwrite" in str(again.exception)
+
+
+@pytest.mark.parametrize("bad", [["--budgets", "lots"], ["--stages", "speed"], ["--tasks", "nope"], ["--baselines", "h2o"]])
+def test_eval_command_rejects_bad_options(tiny_checkpoint, tmp_path, bad):
+    from a2ats_tools.cli import app
+
+    result = CliRunner().invoke(app, ["eval", str(tiny_checkpoint), "--out", str(tmp_path / "x"), *bad])
+    assert isinstance(result.exception, A2atsError)
