@@ -52,6 +52,10 @@ def _register() -> None:
     from .commands import convert
 
     app.command(name="convert")(convert.convert)
+    from .commands import bench, evaluate
+
+    app.command(name="eval")(evaluate.evaluate)
+    app.command(name="bench")(bench.bench)
     from .commands import generate
 
     app.command(name="generate")(generate.generate)
