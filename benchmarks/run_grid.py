@@ -1,0 +1,138 @@
+"""Run the standard eval + bench grid on a converted checkpoint, then regenerate docs/figures/*.png and the
+measured tables of docs/results.md.
+
+    python benchmarks/run_grid.py runs/smollm2-a2ats                 # full CPU grid (hours on 2 cores)
+    python benchmarks/run_grid.py runs/smollm2-a2ats --quick         # a smaller grid (tens of minutes)
+    python benchmarks/run_grid.py --render-only runs/grid            # only rebuild docs from earlier JSON
+
+GPU: pass --device cuda (contexts up to 128K: --contexts 8k,32k,128k).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURES = ROOT / "docs" / "figures"
+RESULTS_MD = ROOT / "docs" / "results.md"
+BEGIN, END = "<!-- BEGIN MEASURED (benchmarks/run_grid.py) -->", "<!-- END MEASURED -->"
+
+FULL = {
+    "eval": ["--budgets", "0.01,0.02,0.03,0.05,0.1", "--lengths", "1024,2048,4096,8192", "--samples", "4",
+             "--recall-length", "8192", "--recall-sequences", "2", "--ppl-length", "8192", "--ppl-tokens", "256"],
+    "bench": ["--contexts", "1024,2048,4096,8192", "--batches", "1,4,8", "--steps", "16", "--repeats", "3"],
+}
+QUICK = {
+    "eval": ["--budgets", "0.01,0.03,0.1", "--tasks", "passkey,niah_single", "--lengths", "2048,4096",
+             "--samples", "2", "--recall-length", "4096", "--ppl-length", "4096", "--ppl-tokens", "64"],
+    "bench": ["--contexts", "2048,8192", "--batches", "1,4", "--steps", "8", "--repeats", "3"],
+}
+
+
+def run(cmd: list[str]) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def render(eval_json: Path | None, bench_json: Path | None) -> str:
+    lines = [BEGIN, ""]
+    if eval_json and eval_json.is_file():
+        res = json.loads(eval_json.read_text())
+        lines += [f"Checkpoint `{res['checkpoint']}`, created {res['created']}.", ""]
+        if res.get("recall"):
+            r = res["recall"]
+            lines += [f"### Held-out attention-mass recall % (top-K recall %), {r['length']} tokens, mean over layers", "",
+                      "| method | " + " | ".join(r["budgets"]) + " |", "|---" * (len(r["budgets"]) + 1) + "|"]
+            for m in r["methods"]:
+                cells = [f"{pct(r['overall'][m][b]['mass'])} ({pct(r['overall'][m][b]['topk'])})" for b in r["budgets"]]
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            lines += ["", "![recall vs budget](figures/recall_vs_budget.png)", ""]
+        if res.get("tasks"):
+            t = res["tasks"]
+            lines += ["### Long-context tasks, exact-match score %", "",
+                      "| task | length | " + " | ".join(t["configs"]) + " |", "|---" * (len(t["configs"]) + 2) + "|"]
+            for row in t["rows"]:
+                cells = [f"{100 * row['scores'][c]['mean']:.0f}" for c in t["configs"]]
+                lines.append(f"| {row['task']} | {row['length']} | " + " | ".join(cells) + " |")
+            lines += ["", "![task score vs context](figures/tasks_vs_length.png)", ""]
+        if res.get("perplexity"):
+            p = res["perplexity"]
+            dense = p["configs"]["dense"]["perplexity"]
+            lines += [f"### Decode-mode perplexity, last {p['n_decode']} of {p['length']} tokens", "",
+                      "| configuration | perplexity | vs dense |", "|---|---|---|"]
+            for name, c in p["configs"].items():
+                lines.append(f"| {name} | {c['perplexity']:.3f} | {c['perplexity'] / dense:.3f}× |")
+            lines.append("")
+    if bench_json and bench_json.is_file():
+        b = json.loads(bench_json.read_text())
+        names = list(b["points"][0]["contenders"]) if b["points"] else []
+        lines += [f"### Decode speed on {b['device']} ({b['torch_threads']} threads), {b['dtype']}", "",
+                  "| context | batch | " + " | ".join(f"{n} tok/s" for n in names)
+                  + " | speed-up vs dense (min/median/max) | prefill s (dense / a2ats) | KV MiB (dense / a2ats) |",
+                  "|---" * (len(names) + 5) + "|"]
+        for pt in b["points"]:
+            c = pt["contenders"]
+            s = c["a2ats"]["speedup_vs_dense"]
+            lines.append(
+                f"| {pt['context']} | {pt['batch']} | " + " | ".join(f"{c[n]['tokens_per_s']['median']:.1f}" for n in names)
+                + f" | {s['min']:.2f} / {s['median']:.2f} / {s['max']:.2f}"
+                + f" | {c['dense']['prefill_s']:.1f} / {c['a2ats']['prefill_s']:.1f}"
+                + f" | {c['dense']['kv_device_bytes'] / 2**20:.0f} / {c['a2ats']['kv_device_bytes'] / 2**20:.0f} |"
+            )
+        lines += ["", "![throughput vs context](figures/throughput_vs_context.png)", ""]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def update_results_md(block: str) -> None:
+    text = RESULTS_MD.read_text() if RESULTS_MD.is_file() else "# Measured results\n\n"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    RESULTS_MD.write_text(text)
+
+
+def copy_figures(eval_dir: Path, bench_dir: Path) -> None:
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    for src, name in ((eval_dir / "recall.png", "recall_vs_budget.png"), (eval_dir / "tasks.png", "tasks_vs_length.png"),
+                      (bench_dir / "throughput.png", "throughput_vs_context.png")):
+        if src.is_file():
+            shutil.copyfile(src, FIGURES / name)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="converted checkpoint (or, with --render-only, a grid output directory)")
+    ap.add_argument("--out", default="runs/grid", help="where eval/ and bench/ results go")
+    ap.add_argument("--quick", action="store_true", help="a smaller grid")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--render-only", action="store_true", help="only rebuild docs from <checkpoint>/eval and /bench")
+    ap.add_argument("--skip-eval", action="store_true")
+    ap.add_argument("--skip-bench", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.checkpoint if args.render_only else args.out)
+    grid = QUICK if args.quick else FULL
+    cli = [sys.executable, "-m", "a2ats_tools.cli"]
+    if not args.render_only:
+        if not args.skip_eval:
+            run([*cli, "eval", args.checkpoint, "--out", str(out / "eval"), "--overwrite", "--device", args.device, *grid["eval"]])
+        if not args.skip_bench:
+            run([*cli, "bench", args.checkpoint, "--out", str(out / "bench"), "--overwrite", "--device", args.device,
+                 *grid["bench"]])
+    copy_figures(out / "eval", out / "bench")
+    update_results_md(render(out / "eval" / "results.json", out / "bench" / "bench.json"))
+    print(f"updated {RESULTS_MD} and {FIGURES}")
+
+
+if __name__ == "__main__":
+    main()
