@@ -92,15 +92,16 @@ def bench(
                 ids = torch.randint(100, vocab, (batch, ctx), generator=gen).to(mut.device)
                 points.append(bench_point(mut.model, contenders, ids, steps=steps, repeats=repeats,
                                           tick=lambda: progress.advance(bar)))
+    kernels = None
     if mut.device.type != "cuda":
         notes.append("kernel micro-benchmarks skipped: they run on GPU only")
     else:
-        notes.append("kernel micro-benchmarks: run benchmarks/kernels.py (not called from here yet)")
+        kernels = _kernel_microbench(notes)
     result = {
         "schema": "a2ats.bench", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": platform.node(), "checkpoint": str(checkpoint), "device": str(mut.device), "dtype": dtype,
         "torch_threads": torch.get_num_threads(), "runtime": {"budget": mut.base_settings.with_overrides(**overrides).budget},
-        "points": points, "notes": notes,
+        "points": points, "kernels": kernels, "notes": notes,
     }
     write_json(out / "bench.json", result)
     plot_throughput(points, out / "throughput.png", title=f"decode throughput ({mut.device.type})")
@@ -109,6 +110,21 @@ def bench(
         for n in notes:
             console.print(f"[yellow]note:[/] {n}")
         console.print(f"wrote {out / 'bench.json'}", highlight=False)
+
+
+def _kernel_microbench(notes: list[str]) -> str | None:
+    """Output of the kernel engineer's ``benchmarks/kernels.py`` (GPU), when this is a source checkout."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+    if not script.is_file():
+        notes.append("kernel micro-benchmarks skipped: benchmarks/kernels.py is not present (installed package)")
+        return None
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    if run.returncode != 0:
+        notes.append(f"benchmarks/kernels.py failed (exit {run.returncode}); see bench.json 'kernels'")
+    return run.stdout + run.stderr
 
 
 def bench_table(points: list[dict]) -> Table:
