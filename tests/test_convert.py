@@ -155,10 +155,13 @@ def test_accelerate_two_processes_match_one(calib, tmp_path):
     args = ["--codes", "16", "--iters", "4", "--light", "--no-compare-plain", "--quiet"]
     single = _cli(str(calib), "--out", str(tmp_path / "one"), *args)
     assert single.returncode == 0, single.stderr
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    # on a CPU-only machine accelerate's torchrun launcher (--multi_gpu) starts the ranks; they use gloo
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m"]
     multi = _cli(str(calib), "--out", str(tmp_path / "two"), *args, launcher=launcher)
     assert multi.returncode == 0, multi.stderr[-3000:]
+    assert read_config(tmp_path / "two").extra["processes"] == 2
+    assert read_config(tmp_path / "one").extra["processes"] == 1
     one = read_codebooks(tmp_path / "one", read_config(tmp_path / "one"))[0]
     two = read_codebooks(tmp_path / "two", read_config(tmp_path / "two"))[0]
     assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))

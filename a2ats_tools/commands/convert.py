@@ -44,7 +44,9 @@ def convert(
 
       a2ats convert runs/calib --out runs/plain --plain --buckets single --no-compare-plain
 
-      accelerate launch --num_processes 2 --cpu -m a2ats_tools.cli convert runs/calib --out runs/conv
+      accelerate launch --multi_gpu --num_processes 2 -m a2ats_tools.cli convert runs/calib --out runs/conv
+
+      torchrun --nproc_per_node 2 -m a2ats_tools.cli convert runs/calib --out runs/conv   # same, CPU ranks
     """
     from ..quantization import convert as run_convert
 

@@ -192,10 +192,11 @@ def _partial_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.a2ats-partial"
 
 
-def _state():
+def _state(device: torch.device):
+    """accelerate's process state; CPU training asks for the gloo backend (``cpu=True``) under a launcher."""
     from accelerate import PartialState
 
-    return PartialState()
+    return PartialState(cpu=device.type == "cpu")
 
 
 def convert(
@@ -227,8 +228,11 @@ def convert(
     """
     console = Console(stderr=True, quiet=quiet)
     out = Path(out)
-    state = _state()
+    torch_device = resolve_device(device)
+    state = _state(torch_device)
     main = state.is_main_process
+    if state.num_processes > 1 and torch_device.type == "cuda":
+        torch_device = state.device  # one GPU per rank
     if seeding not in SEEDINGS:
         raise A2atsError(f"unknown seeding {seeding!r}; choose from {SEEDINGS}")
     if iters < 1:
@@ -237,7 +241,6 @@ def convert(
         raise A2atsError(f"output directory {out} already exists; pass --overwrite to replace it")
     calib = CalibrationSet(calibration)
     geo = calib.geometry
-    torch_device = resolve_device(device)
     pos = parse_positions(positions)
     bucket_spec = resolve_buckets(buckets, geo.max_position_embeddings)
     codes = choose_codes(codes, keys_per_head(calib), allow_shrink, console if main else Console(quiet=True))
@@ -324,7 +327,7 @@ def convert(
     }
     write_json(tmp / "report.json", report)
     print_report(report, console)
-    config.extra = {"positions": pos, "report": {"mean_recall": report["mean"]}}
+    config.extra = {"positions": pos, "processes": state.num_processes, "report": {"mean_recall": report["mean"]}}
     write_config(tmp, config)  # last: only now does the folder load
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
