@@ -281,3 +281,23 @@ def test_bad_settings_are_user_errors(tiny_checkpoints):
         load(tiny_checkpoints["llama"], aggregation="mean")
     with pytest.raises(ArtifactError):
         load(tiny_checkpoints["llama"].parent / "missing")
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_full_budget_and_paris(embedded_model, tokenizer):
+    """SmolLM2 with a quickly sampled codebook: dense-equal at 100% budget, and it still knows Paris at 10%."""
+    import copy
+
+    from a2ats_tools.runtime.loader import attach
+
+    books, whitening = sample_codebooks(embedded_model, 256, tokens=512)
+    config = A2atsConfig(geometry=geometry(embedded_model), codebook_size=256, whitening="plain")
+    model = attach(copy.deepcopy(embedded_model), config, books, whitening)
+    filler = "France is a country in Western Europe. It has many cities, rivers and mountains, and a long history. "
+    ids = tokenizer(filler * 12 + "The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        ours = decode_logits(model, ids, 2, cache=model.a2ats.new_cache(budget=1.0))
+        ref = decode_logits(embedded_model, ids, 2)
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, a2ats={"budget": 0.1, "n_sink": 4, "window": 16})
+    torch.testing.assert_close(ours, ref, atol=2e-3, rtol=1e-3)
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
