@@ -8,6 +8,8 @@ a correctness smoke run only, its times mean nothing.
     python benchmarks/kernels.py                      # runtime decode shape: B=4, 8K context, SmolLM2 heads
     python benchmarks/kernels.py --tokens 32768 --batch 8 --peak-gbs 3350
     python benchmarks/kernels.py --tiny               # forced tiny sizes (what a CPU-only machine runs)
+    python benchmarks/kernels.py --compile-only sm_90 # compile every kernel for a GPU (no GPU needed):
+                                                      # registers and spills per kernel, via ptxas/cuobjdump
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import time
 
 import torch
 
-if not torch.cuda.is_available():
+if "--compile-only" in sys.argv:
+    os.environ.pop("TRITON_INTERPRET", None)  # real JIT functions, compiled ahead of time below
+elif not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel import
 
 # Peak HBM/GDDR bandwidth in GB/s by device-name fragment (first match wins; more specific names first).
@@ -64,7 +68,147 @@ def bench(fn, cuda: bool) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def compile_only(arch: int, head_dim: int, group: int) -> int:
+    """Compile each kernel for CUDA ``sm_<arch>`` at the given shape; print registers and stack (spills)."""
+    import importlib
+    import subprocess
+    from pathlib import Path
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    enc = importlib.import_module("a2ats_tools.kernels.encode")
+    sco = importlib.import_module("a2ats_tools.kernels.score_select")
+    spa = importlib.import_module("a2ats_tools.kernels.sparse_attention")
+    target = GPUTarget("cuda", arch, 32)
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    i32 = "i32"
+    dpad = max(16, triton.next_power_of_2(head_dim))
+    gp = triton.next_power_of_2(group)
+    block_k = 32 if gp * dpad * 32 <= 8192 else 16
+    cases = [
+        (
+            "encode",
+            enc._encode_kernel,
+            dict(
+                keys_ptr="*bf16" if dpad <= 64 else "*fp32",
+                whitening_ptr="*fp32",
+                wcodebook_ptr="*fp32",
+                wnorm_ptr="*fp32",
+                codes_ptr="*i16",
+                n_tokens=i32,
+                n_codes=i32,
+                head_dim=i32,
+                n_kv_heads=i32,
+                stride_kb=i32,
+                stride_kh=i32,
+                stride_kn=i32,
+            ),
+            dict(
+                BLOCK_N=64 if dpad <= 64 else 32, BLOCK_C=64 if dpad <= 64 else 32, D=dpad, WHITEN=dpad <= 64
+            ),
+            8,
+        ),
+        *(
+            (
+                f"score ({'max' if agg_max else 'sum'})",
+                sco._score_kernel,
+                dict(
+                    tables_ptr="*fp32",
+                    codes_ptr="*i16",
+                    buckets_ptr="*i32",
+                    first_valid_ptr="*i64",
+                    scores_ptr="*fp32",
+                    length=i32,
+                    n_kv_heads=i32,
+                    n_codes=i32,
+                    n_buckets=i32,
+                    n_sink=i32,
+                    window=i32,
+                    stride_cb=i32,
+                    stride_ch=i32,
+                ),
+                dict(GROUP=group if agg_max else 1, AGG_MAX=agg_max, BLOCK=1024),
+                4,
+            )
+            for agg_max in (False, True)
+        ),
+        (
+            "sparse_decode split",
+            spa._sparse_decode_split_kernel,
+            dict(
+                q_ptr="*bf16",
+                k_ptr="*bf16",
+                v_ptr="*bf16",
+                indices_ptr="*i64",
+                keep_ptr="*i8",
+                m_ptr="*fp32",
+                l_ptr="*fp32",
+                acc_ptr="*fp32",
+                n_kv_heads=i32,
+                group=i32,
+                head_dim=i32,
+                n_selected=i32,
+                per_split=i32,
+                n_splits=i32,
+                scale="fp32",
+                stride_qb=i32,
+                stride_qh=i32,
+                stride_kb=i32,
+                stride_kh=i32,
+                stride_kn=i32,
+                stride_vb=i32,
+                stride_vh=i32,
+                stride_vn=i32,
+            ),
+            dict(GP=gp, D=dpad, BLOCK_K=block_k),
+            4 if gp * dpad * block_k <= 8192 else 8,
+        ),
+        (
+            "sparse_decode reduce",
+            spa._sparse_decode_reduce_kernel,
+            dict(
+                m_ptr="*fp32",
+                l_ptr="*fp32",
+                acc_ptr="*fp32",
+                out_ptr="*bf16",
+                group=i32,
+                head_dim=i32,
+                n_splits=i32,
+            ),
+            dict(GP=gp, D=dpad, SP=32),
+            4,
+        ),
+    ]
+    print(f"compiling for sm_{arch}, head_dim {head_dim}, group {group} (triton {triton.__version__})")
+    for name, fn, signature, constexprs, warps in cases:
+        signature = {**signature, **{key: "constexpr" for key in constexprs}}
+        kernel = triton.compile(
+            ASTSource(fn, signature, constexprs), target=target, options={"num_warps": warps}
+        )
+        usage = "cuobjdump not found"
+        if cuobjdump.is_file():
+            cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"a2ats_{os.getpid()}.cubin"
+            cubin.write_bytes(kernel.asm["cubin"])
+            dump = subprocess.run(
+                [str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True, text=True
+            )
+            cubin.unlink()
+            line = next((ln.strip() for ln in dump.stdout.splitlines() if "REG:" in ln), "")
+            usage = " ".join(line.split()[:2])
+        print(f"{name:22s} ok  warps {warps}  {usage}")
+    return 0
+
+
 def main() -> int:
+    if "--compile-only" in sys.argv:
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--compile-only", default="sm_90", metavar="sm_XX")
+        parser.add_argument("--head-dim", type=int, default=64)
+        parser.add_argument("--group", type=int, default=3)
+        args, _ = parser.parse_known_args()
+        return compile_only(int(args.compile_only.removeprefix("sm_")), args.head_dim, args.group)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -84,6 +228,7 @@ def main() -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--peak-gbs", type=float, default=None, help="device peak bandwidth in GB/s")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (default without a GPU)")
+    parser.add_argument("--compile-only", metavar="sm_XX", help="only compile the kernels for this GPU arch")
     args = parser.parse_args()
 
     from a2ats_tools.kernels import (

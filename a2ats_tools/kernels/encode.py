@@ -80,6 +80,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_C: tl.constexpr,
         D: tl.constexpr,
+        WHITEN: tl.constexpr,  # False: keys_ptr holds already whitened f32 keys
     ):
         pid_n = tl.program_id(0)
         bh = tl.program_id(1)
@@ -94,12 +95,15 @@ if triton is not None:
             mask=row_ok[:, None] & dim_ok[None, :],
             other=0.0,
         ).to(tl.float32)
-        lw = tl.load(
-            whitening_ptr + h * head_dim * head_dim + dims[:, None] * head_dim + dims[None, :],
-            mask=dim_ok[:, None] & dim_ok[None, :],
-            other=0.0,
-        )
-        w = tl.dot(k, lw, input_precision="ieee")  # whitened keys [BLOCK_N, D]
+        if WHITEN:
+            lw = tl.load(
+                whitening_ptr + h * head_dim * head_dim + dims[:, None] * head_dim + dims[None, :],
+                mask=dim_ok[:, None] & dim_ok[None, :],
+                other=0.0,
+            )
+            w = tl.dot(k, lw, input_precision="ieee")  # whitened keys [BLOCK_N, D]
+        else:
+            w = k
         best = tl.full((BLOCK_N,), float("inf"), tl.float32)
         best_code = tl.zeros((BLOCK_N,), tl.int32)
         for c0 in range(0, n_codes, BLOCK_C):
@@ -120,14 +124,15 @@ if triton is not None:
 
 
 def encode_triton(
-    keys: torch.Tensor, tables: EncodeTables, block_n: int = 64, block_c: int = 64
+    keys: torch.Tensor, tables: EncodeTables, block_n: int = 64, block_c: int | None = None
 ) -> torch.Tensor:
     """Triton version of :func:`encode_torch` (same contract).
 
     One program per (token block, sequence, KV head): the key block is whitened in-kernel (one ``tl.dot``
-    with ``L``), then the codebook streams through in ``block_c`` tiles, keeping a running (min, argmin) per
-    key; no ``[N, C]`` matrix is ever stored. Dots run in full fp32 (``input_precision="ieee"``) so codes match
-    the torch reference except on exact float ties.
+    with ``L``; for head dims above 64 ``L`` would not fit in registers, so keys are whitened by one torch
+    matmul first), then the codebook streams through in ``block_c`` tiles, keeping a running (min, argmin)
+    per key; no ``[N, C]`` matrix is ever stored. Dots run in full fp32 (``input_precision="ieee"``) so codes
+    match the torch reference except on exact float ties. 8 warps: 4 spill registers at d = 64 (sm_90).
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -139,7 +144,11 @@ def encode_triton(
     if n == 0:
         return codes
     dpad = max(16, triton.next_power_of_2(d))
-    block_n = max(16, min(block_n, triton.next_power_of_2(n)))
+    whiten_in_kernel = dpad <= 64
+    if not whiten_in_kernel:
+        keys = torch.matmul(keys.float(), tables.whitening.unsqueeze(0))  # [B,Hkv,N,d] whitened
+    block_c = block_c or (64 if dpad <= 64 else 32)
+    block_n = max(16, min(block_n if dpad <= 64 else 32, triton.next_power_of_2(n)))
     block_c = max(16, min(block_c, triton.next_power_of_2(c)))
     grid = (triton.cdiv(n, block_n), b * hkv)
     _encode_kernel[grid](
@@ -158,6 +167,8 @@ def encode_triton(
         BLOCK_N=block_n,
         BLOCK_C=block_c,
         D=dpad,
+        WHITEN=whiten_in_kernel,
+        num_warps=8,
     )
     return codes
 

@@ -180,7 +180,7 @@ def sparse_decode_triton(
     indices: torch.Tensor,
     keep: torch.Tensor,
     scale: float,
-    block_k: int = 32,
+    block_k: int | None = None,
     splits: int | None = None,
 ) -> torch.Tensor:
     """Triton version of :func:`sparse_decode_torch` (same contract).
@@ -188,7 +188,9 @@ def sparse_decode_triton(
     Flash-decoding: a grid over (sequence·KV head, split of the K selected rows); each program serves the
     group's ``G`` query heads, gathers K/V rows through the indices, and keeps an online softmax
     ``(max, sum, acc)``, written per split; a second kernel combines the splits. ``splits`` defaults to
-    enough programs (~264) to fill a large GPU, each split at least ``block_k`` rows.
+    enough programs (~264) to fill a large GPU, each split at least ``block_k`` rows. ``block_k`` (32, or 16
+    for wide groups/heads) and the warp count keep the ``[G, block_k, d]`` products in registers without
+    spilling (checked with ptxas for sm_90 up to G = 16, d = 128).
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -207,6 +209,8 @@ def sparse_decode_triton(
     keep = keep.to(torch.int8).contiguous()
     gp = triton.next_power_of_2(group)
     dpad = triton.next_power_of_2(d)
+    block_k = block_k or (32 if gp * dpad * 32 <= 8192 else 16)
+    num_warps = 4 if gp * dpad * block_k <= 8192 else 8
     splits = splits or _split_count(n_sel, b * hkv, block_k)
     per_split = triton.cdiv(triton.cdiv(max(n_sel, 1), splits), block_k) * block_k
     splits = triton.cdiv(max(n_sel, 1), per_split)
@@ -240,6 +244,7 @@ def sparse_decode_triton(
         GP=gp,
         D=dpad,
         BLOCK_K=block_k,
+        num_warps=num_warps,
     )
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     _sparse_decode_reduce_kernel[(b * hkv, group)](
