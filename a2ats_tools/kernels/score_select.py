@@ -48,27 +48,32 @@ def build_tables_torch(
 
 @functools.lru_cache(maxsize=64)
 def _buckets_by_reversed_distance(
-    limit: int, buckets: int, bucket_start: float, bucket_ratio: float, device: str
+    limit: int, buckets: int, bucket_start: float, bucket_ratio: float, device: str, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Bucket (long ``[limit]``) of distance ``limit − 1 − i`` at ``i``, so ``[limit − L:]`` serves length ``L``."""
+    """Bucket ``[limit]`` of distance ``limit − 1 − i`` at ``i``, so ``[limit − L:]`` serves length ``L``."""
     dist = torch.arange(limit - 1, -1, -1, device=device).float().clamp_min(bucket_start)
     b = torch.floor(torch.log(dist / bucket_start) / math.log(bucket_ratio) + 1e-6).long()
-    return b.clamp_(0, buckets - 1)
+    return b.clamp_(0, buckets - 1).to(dtype)
 
 
 def bucket_indices(
-    length: int, buckets: int, bucket_start: float, bucket_ratio: float, device: torch.device | str = "cpu"
+    length: int,
+    buckets: int,
+    bucket_start: float,
+    bucket_ratio: float,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.long,
 ) -> torch.Tensor:
-    """Bucket (long ``[length]``) of each token ``j`` seen from ``t = length − 1``: the bucket of ``t − j``.
+    """Bucket ``[length]`` of each token ``j`` seen from ``t = length − 1``: the bucket of ``t − j``.
 
     The same float32 arithmetic as :meth:`a2ats_tools.rope.DistanceBuckets.bucket_of`; computed once per
     power-of-two size and cached (the result is a read-only view: do not modify it in place).
     """
     if buckets <= 1:
-        return torch.zeros(length, dtype=torch.long, device=device)
+        return torch.zeros(length, dtype=dtype, device=device)
     limit = max(1024, 1 << max(length - 1, 0).bit_length())
     table = _buckets_by_reversed_distance(
-        limit, buckets, float(bucket_start), float(bucket_ratio), str(device)
+        limit, buckets, float(bucket_start), float(bucket_ratio), str(device), dtype
     )
     return table[limit - length :]
 
@@ -113,7 +118,7 @@ def score_torch(
     _check_aggregation(aggregation)
     b, hkv, gp, p, c = tables.shape
     flat = tables.float().reshape(b, hkv, gp, p * c)
-    offset = bucket_indices(length, p, bucket_start, bucket_ratio, tables.device).to(torch.int32) * c
+    offset = bucket_indices(length, p, bucket_start, bucket_ratio, tables.device, torch.int32) * c
     index = (codes[..., :length].to(torch.int32) + offset).long()  # [B,Hkv,L]
     if gp == 1:
         scores = flat[:, :, 0].gather(-1, index)
@@ -196,7 +201,7 @@ def score_triton(
     scores = torch.empty(b, hkv, length, dtype=torch.float32, device=tables.device)
     if length == 0:
         return scores
-    buckets = bucket_indices(length, p, bucket_start, bucket_ratio, tables.device).to(torch.int32)
+    buckets = bucket_indices(length, p, bucket_start, bucket_ratio, tables.device, torch.int32)
     block = max(16, min(block, triton.next_power_of_2(length)))
     grid = (triton.cdiv(length, block), b * hkv)
     _score_kernel[grid](
