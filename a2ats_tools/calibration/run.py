@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -175,8 +177,10 @@ def calibrate(
         source = resolve_source(model, gguf_file)
         if not quiet:
             console.print(f"loading {source.display_name or source.path_or_id} ...", highlight=False)
-        tokenizer = load_tokenizer(source)
-        lm = load_model(source, dtype=torch_dtype, device=torch_device)
+        # transformers' GGUF loader draws its own tqdm bar on stderr: --quiet silences it too
+        with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+            tokenizer = load_tokenizer(source)
+            lm = load_model(source, dtype=torch_dtype, device=torch_device)
     geo = geometry(lm)
     rel_positions = positions if isinstance(positions, list) else parse_positions(positions, geo.max_position_embeddings)
     max_len = int(max_length or rec.max_length or geo.max_position_embeddings)
