@@ -150,3 +150,23 @@ def test_heldout_query_positions_spread_over_last_three_quarters():
 def test_calibration_set_refuses_missing_dir(tmp_path):
     with pytest.raises(A2atsError, match="does not exist"):
         CalibrationSet(tmp_path / "nope")
+
+
+def test_heldout_capture_keeps_all_keys_and_the_chosen_queries(tmp_path):
+    model = build_tiny_model("qwen2", seed=3)
+    ids = torch.randint(0, 5000, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    acc = StatsAccumulator(tmp_path, geometry(model))
+    positions = heldout_query_positions(len(ids), 6)
+    with capturing(model, acc.heldout_sink):
+        acc.begin_heldout(positions)
+        run_document(model, ids, 7, torch.device("cpu"))  # chosen positions fall in several chunks
+        acc.end_heldout()
+    acc.finish(rotary(model), [2048])
+    stats = CalibrationSet.__new__(CalibrationSet)
+    stats.path = tmp_path
+    held = stats.layer(1)
+    queries = _brute_force_queries(model, ids)[1]
+    assert held.heldout_query_positions.tolist() == [positions.tolist()]
+    torch.testing.assert_close(held.heldout_queries[0], queries[:, positions], rtol=1e-4, atol=1e-4)
+    assert held.heldout_keys.shape == (1, 2, 40, 16) and held.keys.shape == (2, 0, 16)
+    assert held.query_count.tolist() == [0, 0]  # held-out tokens never enter the training statistics

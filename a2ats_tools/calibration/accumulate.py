@@ -40,7 +40,8 @@ class StatsAccumulator:
         self.heldout_keys: list[list[torch.Tensor]] = [[] for _ in range(g.num_layers)]
         self.heldout_queries: list[list[torch.Tensor]] = [[] for _ in range(g.num_layers)]
         self.heldout_positions: list[torch.Tensor] = []
-        self._heldout_seq: list[dict[str, list[torch.Tensor]]] | None = None
+        self._heldout_seq: list[dict] | None = None
+        self._heldout_positions = torch.zeros(0, dtype=torch.int64)
 
     # ------------------------------------------------------------ training tokens
 
@@ -72,22 +73,27 @@ class StatsAccumulator:
 
     # ------------------------------------------------------------ held-out sequences
 
-    def begin_heldout(self) -> None:
-        self._heldout_seq = [{"q": [], "k": []} for _ in range(self.geometry.num_layers)]
+    def begin_heldout(self, positions: torch.Tensor) -> None:
+        """Start a held-out sequence whose queries are kept at ``positions`` (absolute, sorted)."""
+        self._heldout_positions = positions.to("cpu", torch.int64)
+        self._heldout_seq = [{"q": [], "k": [], "seen": 0} for _ in range(self.geometry.num_layers)]
 
     def heldout_sink(self, layer: int, queries: torch.Tensor, keys: torch.Tensor) -> None:
-        """Capture sink for a held-out sequence: keep all its keys and queries until :meth:`end_heldout`."""
+        """Capture sink for a held-out sequence: keep all its keys and the queries at the chosen positions."""
         assert self._heldout_seq is not None, "begin_heldout() first"
-        self._heldout_seq[layer]["q"].append(queries[0].to("cpu", torch.float32))
-        self._heldout_seq[layer]["k"].append(keys[0].to("cpu", torch.float32))
+        state = self._heldout_seq[layer]
+        start, t = state["seen"], queries.shape[2]
+        local = self._heldout_positions[(self._heldout_positions >= start) & (self._heldout_positions < start + t)]
+        state["q"].append(queries[0, :, local - start].to("cpu", torch.float32))
+        state["k"].append(keys[0].to("cpu", torch.float32))
+        state["seen"] = start + t
 
-    def end_heldout(self, positions: torch.Tensor) -> None:
-        """Keep all keys of the sequence and the queries at ``positions`` (absolute, sorted)."""
+    def end_heldout(self) -> None:
         assert self._heldout_seq is not None
         for layer, parts in enumerate(self._heldout_seq):
             self.heldout_keys[layer].append(torch.cat(parts["k"], dim=1))
-            self.heldout_queries[layer].append(torch.cat(parts["q"], dim=1)[:, positions])
-        self.heldout_positions.append(positions.to(torch.int64))
+            self.heldout_queries[layer].append(torch.cat(parts["q"], dim=1))
+        self.heldout_positions.append(self._heldout_positions)
         self._heldout_seq = None
 
     # ------------------------------------------------------------ output

@@ -303,8 +303,8 @@ def _run_heldout(
     progress.update("held-out")
     with capturing(lm, acc.heldout_sink):
         for s in range(count):
-            acc.begin_heldout()
+            acc.begin_heldout(positions)
             run_document(lm, tokens[s * length : (s + 1) * length], chunk, device)
-            acc.end_heldout(positions)
+            acc.end_heldout()
             progress.update(advance=length)
     return {"sequences": count, "length": length if count else 0, "queries": int(positions.numel())}
