@@ -107,9 +107,11 @@ def gather_rows(buffer: torch.Tensor, indices: torch.Tensor, device: torch.devic
 
     When the buffer lives on the host (offload), the gather runs there and only the selected rows move.
     """
+    b, h, cap, d = buffer.shape
     idx = indices.to(buffer.device)
-    rows = buffer.gather(2, idx.unsqueeze(-1).expand(*idx.shape, buffer.shape[-1]))
-    return rows.to(device, non_blocking=True)
+    base = torch.arange(b * h, device=buffer.device).view(b, h, 1) * cap
+    rows = buffer.view(b * h * cap, d).index_select(0, (idx + base).reshape(-1))
+    return rows.view(*idx.shape, d).to(device, non_blocking=True)
 
 
 def exact_group_scores(state, q_post, indices, num_kv_heads, aggregation, scale) -> torch.Tensor:
@@ -216,11 +218,13 @@ class A2atsSelector(TokenSelector):
         return table.reshape(self.num_kv_heads, b, g, used * self.codes_size).transpose(0, 1)
 
     def scores(self, state, q_pre, q_post, length):
-        offset, used = self.bucket_index(length, q_pre.device)
-        table = self.tables(q_pre, used)
         index = state.meta["codes"][:, :, :length].long()
-        if used > 1:
-            index = index + offset
+        used = 1
+        if self.buckets.count > 1:
+            offset, used = self.bucket_index(length, q_pre.device)
+            if used > 1:
+                index = index + offset
+        table = self.tables(q_pre, used)
         g = table.shape[2]
         s = table.gather(-1, index.unsqueeze(2).expand(-1, -1, g, -1))  # [B, Hkv, G', N]
         if g == 1:

@@ -1,0 +1,138 @@
+"""Decode throughput: A²ATS retrieval attention vs HF dense (DynamicCache + SDPA), side by side in one run.
+
+Both start from the same prefilled context: the dense prefill runs once (chunked), and the A²ATS cache is
+built from its keys/values (each key encoded once, as a real prefill would). Then N decode steps alternate
+dense / A²ATS so both see the same machine load. Also times dense decode at a short context (the ceiling).
+
+    python benchmarks/decode_speed.py                       # embedded SmolLM2, batch 4, 8K context
+    python benchmarks/decode_speed.py --context 2048 --steps 16 --buckets log --profile
+    python benchmarks/decode_speed.py --checkpoint runs/ckpt --budget 0.03
+
+Without --checkpoint the codebook is random (speed does not depend on its values; recall does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+
+def build_runtime_model(model, checkpoint, codes: int, settings: dict):
+    from a2ats_tools.artifacts.checkpoint import A2atsConfig, read_codebooks, read_config
+    from a2ats_tools.models import geometry
+    from a2ats_tools.runtime.loader import attach
+    from a2ats_tools.runtime.settings import RuntimeSettings
+
+    if checkpoint:
+        config = read_config(checkpoint)
+        books, whitening = read_codebooks(checkpoint, config)
+    else:
+        geo = geometry(model)
+        config = A2atsConfig(geometry=geo, codebook_size=codes, whitening="plain")
+        g = torch.Generator().manual_seed(0)
+        books = [torch.randn(geo.num_kv_heads, codes, geo.head_dim, generator=g) for _ in range(geo.num_layers)]
+        whitening = [torch.eye(geo.head_dim).expand(geo.num_kv_heads, -1, -1).contiguous()] * geo.num_layers
+    ours = attach(copy.deepcopy(model), config, books, whitening, RuntimeSettings.from_config(config, **settings))
+    return ours
+
+
+def dense_prefill(model, ids, chunk: int):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for start in range(0, ids.shape[1], chunk):
+        model(input_ids=ids[:, start : start + chunk], past_key_values=cache, use_cache=True)
+    return cache
+
+
+def a2ats_cache_from_dense(ours, dense_cache, chunk: int):
+    """Feed the dense cache's keys/values through an A2atsCache, as a prefill would (keys encoded once)."""
+    from a2ats_tools.models import rotary
+
+    cache = ours.a2ats.new_cache()
+    rot = rotary(ours)
+    n = dense_cache.get_seq_length()
+    b = dense_cache.layers[0].keys.shape[0]
+    for start in range(0, n, chunk):
+        pos = torch.arange(start, min(n, start + chunk))
+        cos, sin = rot.cos_sin(pos)
+        cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
+        for i, layer in enumerate(dense_cache.layers):
+            cache.set_rope(i, cos, sin)
+            cache.update(layer.keys[:, :, pos], layer.values[:, :, pos], i)
+    return cache
+
+
+def time_steps(model, cache, tokens, steps: int, context: int) -> list[float]:
+    times = []
+    mask_len = context
+    for i in range(steps):
+        mask_len += 1
+        mask = torch.ones(tokens.shape[0], mask_len, dtype=torch.long)
+        t = time.perf_counter()
+        model(input_ids=tokens[:, i : i + 1], attention_mask=mask, past_key_values=cache, use_cache=True)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--context", type=int, default=8192)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--codes", type=int, default=4096)
+    p.add_argument("--budget", default="0.03")
+    p.add_argument("--buckets", default="single")
+    p.add_argument("--rerank", type=float, default=0.0)
+    p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--profile", action="store_true", help="torch.profiler table of A²ATS decode steps")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from a2ats_tools.models import load_model, resolve_source
+
+    dense = load_model(resolve_source(None))
+    ours = build_runtime_model(dense, args.checkpoint, args.codes, {"budget": args.budget, "buckets": args.buckets, "rerank": args.rerank})
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, dense.config.vocab_size, (args.batch, args.context), generator=g)
+    feed = torch.randint(0, dense.config.vocab_size, (args.batch, args.steps + 1), generator=g)
+    with torch.inference_mode():
+        t = time.perf_counter()
+        dcache = dense_prefill(dense, ids, args.chunk)
+        print(f"dense prefill {args.batch}x{args.context}: {time.perf_counter() - t:.1f} s", flush=True)
+        t = time.perf_counter()
+        acache = a2ats_cache_from_dense(ours, dcache, args.chunk)
+        print(f"A²ATS cache fill (encode {args.codes} codes): {time.perf_counter() - t:.1f} s", flush=True)
+        short = dense_prefill(dense, ids[:, :512], args.chunk)
+        # warm-up one step each
+        time_steps(dense, dcache, feed[:, :1], 1, args.context)
+        time_steps(ours, acache, feed[:, :1], 1, args.context)
+        time_steps(dense, short, feed[:, :1], 1, 512)
+        d_times, a_times, s_times = [], [], []
+        for i in range(1, args.steps + 1):
+            d_times += time_steps(dense, dcache, feed[:, i : i + 1], 1, args.context + i)
+            a_times += time_steps(ours, acache, feed[:, i : i + 1], 1, args.context + i)
+            s_times += time_steps(dense, short, feed[:, i : i + 1], 1, 512 + i)
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                time_steps(ours, acache, feed[:, :4], 4, args.context + args.steps + 1)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    d, a, s = med(d_times), med(a_times), med(s_times)
+    b = args.batch
+    print(f"median step: dense {d * 1e3:.1f} ms, A²ATS {a * 1e3:.1f} ms, dense@512 {s * 1e3:.1f} ms")
+    print(f"throughput (tokens/s, batch {b}): dense {b / d:.1f}, A²ATS {b / a:.1f}, dense@512 {b / s:.1f}")
+    print(f"speed-up A²ATS/dense: {d / a:.2f}x (ceiling dense@512/dense: {d / s:.2f}x)")
+    print(f"A²ATS bytes on the compute device: {acache.device_bytes() / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
