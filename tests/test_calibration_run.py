@@ -249,3 +249,9 @@ def test_unsupported_and_missing_models(tmp_path):
         calibrate(tmp_path / "out", recipe=Recipe("r", (SourceSpec("uuid", 10),)), loaded=(gpt2, None), quiet=True)
     with pytest.raises(A2atsError, match="does not exist"):
         calibrate(tmp_path / "out2", model=str(tmp_path / "no-model"), recipe="small", quiet=True)
+
+
+def test_duplicate_source_names_are_refused(tmp_path):
+    recipe = Recipe(name="dup", sources=(SourceSpec("uuid", 10), SourceSpec("uuid", 20)))
+    with pytest.raises(DataError, match="two sources are named 'uuid'"):
+        calibrate(tmp_path / "out", recipe=recipe, quiet=True)

@@ -164,6 +164,10 @@ def calibrate(
         rec = rec.scaled(tokens)
     if not rec.sources:
         raise DataError(f"recipe {rec.name} has no sources; add one with --source PATH")
+    labels = [s.label for s in rec.sources]
+    if len(set(labels)) != len(labels):
+        dup = next(label for label in labels if labels.count(label) > 1)
+        raise DataError(f"recipe {rec.name}: two sources are named {dup!r}; give them distinct 'name's")
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
@@ -264,8 +268,6 @@ def _train_on_source(
     for piece in docs:
         if used < spec.tokens:
             piece = piece[: spec.tokens - used]
-            if len(piece) < 2:
-                break
             with capturing(lm, acc.training_sink):  # not around the source: generation must not be captured
                 run_document(lm, piece, chunk, device)
             used += len(piece)
