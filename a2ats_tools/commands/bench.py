@@ -36,7 +36,7 @@ def bench(
 
     Examples:
 
-      a2ats bench runs/ckpt --out runs/bench                               # CPU grid: 1k..8k x batch 1,4,8
+      a2ats bench runs/ckpt --out runs/bench
 
       a2ats bench runs/ckpt --contexts 8k --batches 4 --steps 8 --repeats 3 -o runs/bench-8k
 

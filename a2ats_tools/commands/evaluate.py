@@ -44,7 +44,7 @@ def evaluate(
 
     Examples:
 
-      a2ats eval runs/ckpt --out runs/eval                                   # everything, defaults
+      a2ats eval runs/ckpt --out runs/eval
 
       a2ats eval runs/ckpt --stages recall --budgets 0.01,0.03,0.1 -o runs/recall
 
