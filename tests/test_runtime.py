@@ -301,3 +301,18 @@ def test_embedded_smollm2_full_budget_and_paris(embedded_model, tokenizer):
         out = model.generate(ids, max_new_tokens=3, do_sample=False, a2ats={"budget": 0.1, "n_sink": 4, "window": 16})
     torch.testing.assert_close(ours, ref, atol=2e-3, rtol=1e-3)
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
+
+
+def test_without_import_transformers_loads_the_dense_model(tiny_checkpoints):
+    """transformers 5 skips an unknown quant_method (with a warning) and loads the plain model."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from transformers import AutoModelForCausalLM; "
+        f"m = AutoModelForCausalLM.from_pretrained({str(tiny_checkpoints['llama'])!r}); "
+        "print(hasattr(m, 'a2ats'), 'a2ats_tools' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]
