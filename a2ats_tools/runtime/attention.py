@@ -29,6 +29,10 @@ def sparse_decode(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, keep: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Exact attention of ``q [B, Hq, d]`` over the selected rows ``indices/keep [B, Hkv, K]`` -> ``[B, Hq, d]``."""
+    if q.is_cuda and keys.is_cuda:  # fused Triton kernel (same semantics, tested against this code)
+        from ..kernels.sparse_attention import sparse_decode as kernel
+
+        return kernel(q, keys, values, indices, keep, scale)
     b, hq, d = q.shape
     hkv = indices.shape[1]
     k = gather_rows(keys, indices, q.device)  # [B, Hkv, K, d]

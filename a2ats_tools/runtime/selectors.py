@@ -157,6 +157,7 @@ class A2atsSelector(TokenSelector):
     def __init__(self, settings, layer_idx, num_heads, num_kv_heads, head_dim, *, codebook, whitening, rotary: Rotary):
         super().__init__(settings, layer_idx, num_heads, num_kv_heads, head_dim)
         cb, wf = codebook.float(), whitening.float()
+        self._whitening, self._encode_tables = wf, None
         self.codebook_t = cb.transpose(1, 2).contiguous()  # [Hkv, d, C]
         whitened = cb @ wf  # [Hkv, C, d]: centroids in the whitened space (rows times L)
         self.encode_weight = (wf @ whitened.transpose(1, 2)).contiguous()  # [Hkv, d, C]
@@ -169,12 +170,19 @@ class A2atsSelector(TokenSelector):
         self._bucket_memo: tuple[int, torch.Tensor, int] | None = None
 
     def to(self, device: torch.device) -> A2atsSelector:
-        for name in ("codebook_t", "encode_weight", "encode_bias", "cos", "sin"):
+        for name in ("codebook_t", "encode_weight", "encode_bias", "cos", "sin", "_whitening"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
     def encode(self, keys_pre: torch.Tensor) -> torch.Tensor:
         """Nearest centroid (whitened metric) of ``keys_pre [B, Hkv, n, d]`` -> codes ``[B, Hkv, n]`` int16."""
+        if keys_pre.is_cuda:  # fused Triton encode (same codes, tested against this code)
+            import importlib
+
+            kernel = importlib.import_module("a2ats_tools.kernels.encode")
+            if getattr(self, "_encode_tables", None) is None:
+                self._encode_tables = kernel.prepare_codebook(self.codebook_t.transpose(1, 2), self._whitening)
+            return kernel.encode(keys_pre, self._encode_tables)
         b, h, n, d = keys_pre.shape
         flat = keys_pre.float().transpose(0, 1).reshape(h, b * n, d)
         out = torch.empty(h, b * n, dtype=torch.int16, device=keys_pre.device)
