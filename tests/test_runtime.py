@@ -316,3 +316,14 @@ def test_without_import_transformers_loads_the_dense_model(tiny_checkpoints):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_beam_search_full_budget_equals_dense(tiny_checkpoints):
+    model, _ = load(tiny_checkpoints["llama"], budget=1.0)
+    ids = prompt_ids(70)
+    with torch.no_grad():
+        ours = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0)
+        ref = dense_model("llama").generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0)
+        low = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0, a2ats={"budget": 4})
+    assert ours.tolist() == ref.tolist()
+    assert low.shape == ref.shape

@@ -111,6 +111,26 @@ class A2atsLayer(CacheLayerMixin):
         self.keys = self.values = None
         self.is_initialized = False
 
+    def _map_batch(self, fn) -> None:
+        st = self.state
+        if st.keys is None:
+            return
+        st.keys, st.values = fn(st.keys), fn(st.values)
+        for name, t in list(st.meta.items()):
+            if isinstance(t, torch.Tensor) and t.dim() > 0:
+                st.meta[name] = fn(t)
+        self.keys, self.values = st.keys, st.values
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: keep the rows of ``beam_idx`` (K/V and the selector's metadata)."""
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices.to(t.device)])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
     def device_bytes(self) -> int:
         """Bytes this layer holds on the compute device (K/V buffers unless offloaded, plus selector metadata)."""
         total = sum(t.numel() * t.element_size() for t in self.state.meta.values() if isinstance(t, torch.Tensor))
