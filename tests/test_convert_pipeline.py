@@ -48,7 +48,8 @@ def test_tiny_calibrate_then_convert(tmp_path, tokenizer):
 @pytest.mark.slow
 def test_embedded_calibrate_then_convert(tmp_path, embedded_model, tokenizer):
     calib = calibrate(tmp_path / "calib", recipe=_recipe(2048, 1024), quiet=True, loaded=(embedded_model, tokenizer))
-    out = convert(calib.path, tmp_path / "ckpt", codes=128, iters=4, light=True, quiet=True,
-                  loaded=(embedded_model, tokenizer))
+    out = convert(calib.path, tmp_path / "ckpt", codes=128, iters=4, quiet=True, loaded=(embedded_model, tokenizer))
     report = _check(out, 128, 30)
+    saved = json.loads((out / "config.json").read_text())  # the GGUF model, saved dequantized
+    assert saved["quantization_config"]["quant_method"] == "a2ats" and (out / "model.safetensors").is_file()
     assert report["mean"]["oracle"] > 0.5

@@ -40,13 +40,18 @@ def write_model_files(model: nn.Module, tokenizer: Any, directory: str | Path, *
     config = model.config
     saved_quant = getattr(config, "quantization_config", None)
     had_quant = hasattr(config, "quantization_config")
+    quantizer = getattr(model, "hf_quantizer", None)
     if had_quant:
         delattr(config, "quantization_config")
+    if quantizer is not None:  # GGUF weights are already dequantized in memory; save them as plain tensors
+        model.hf_quantizer = None
     try:
         model.save_pretrained(directory, safe_serialization=True)
     finally:
         if had_quant:
             config.quantization_config = saved_quant
+        if quantizer is not None:
+            model.hf_quantizer = quantizer
     set_quantization_entry(directory / "config.json")
     return "copied"
 
