@@ -8,6 +8,7 @@ optional exact re-ranking of an over-fetched candidate set. A subclass usually i
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, ClassVar
 
 import torch
@@ -16,6 +17,7 @@ from ..rope import DistanceBuckets, Rotary, apply_rope
 from ..scoring import group_aggregate
 from .settings import RuntimeSettings
 
+_STEP_MEMO: tuple | None = None  # (weakref to valid, settings key, constants) of the current decode step
 NEG_INF = float("-inf")
 POS_INF = float("inf")
 
@@ -67,6 +69,18 @@ class TokenSelector:
         idx = torch.arange(length, device=valid.device)
         return valid & ((rank < self.settings.n_sink) | (idx > length - 1 - self.settings.window))
 
+    def _step_constants(self, valid: torch.Tensor, length: int):
+        """Budgets and forced rows depend only on ``valid``: computed once per step, shared by all layers."""
+        global _STEP_MEMO
+        memo = _STEP_MEMO
+        key = (self.settings.budget, self.settings.n_sink, self.settings.window, length)
+        if memo is not None and memo[0]() is valid and memo[1] == key:
+            return memo[2]
+        rows, top = self.budgets(valid)
+        out = (rows, top, int(rows.max()), self.forced(valid, length)[:, None, :])
+        _STEP_MEMO = (weakref.ref(valid), key, out)
+        return out
+
     def select(
         self, state: Any, q_pre: torch.Tensor, q_post: torch.Tensor, length: int, valid: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,9 +90,7 @@ class TokenSelector:
         per-sample budget; ``keep`` is False past a sample's own budget. Never more than
         ``n_sink + window + top-K`` kept rows per KV head.
         """
-        rows, top = self.budgets(valid)
-        k = int(rows.max())
-        forced = self.forced(valid, length)[:, None, :]
+        rows, top, k, forced = self._step_constants(valid, length)
         s = self.scores(state, q_pre, q_post, length).float()
         s = s.masked_fill(~valid[:, None, :], NEG_INF).masked_fill(forced, POS_INF)
         if self.settings.rerank and k < length:
