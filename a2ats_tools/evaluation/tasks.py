@@ -117,7 +117,7 @@ def passkey(tokenizer: Any, haystack: Haystack, rng: random.Random, length: int,
     prompt = _assemble(
         tokenizer, haystack, rng, length, [needle],
         "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it.",
-        "What is the pass key?", "The pass key is", chat,
+        "What is the pass key?", "The pass key is:", chat,
     )
     return {"prompt": prompt, "answers": [key], "max_new_tokens": 12}
 
