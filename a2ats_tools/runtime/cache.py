@@ -1,6 +1,6 @@
 """A preallocated KV cache whose layers feed a token selector as keys arrive.
 
-Capacity grows by doubling (no concatenation per step). Keys are stored post-RoPE (what exact attention
+Capacity starts at the prompt plus 1/8 headroom and then doubles (no concatenation per step). Keys are stored post-RoPE (what exact attention
 needs); the selector sees each new key once in pre-RoPE form (RoPE undone with the step's cos/sin, stashed by
 the attention pre-hook) to encode it. With ``offload="cpu"`` the full K/V live in host memory (pinned when CUDA
 is present); the selector's metadata (codes) stays on the compute device and decode moves only selected rows.
@@ -17,7 +17,7 @@ from transformers.cache_utils import CacheLayerMixin
 from ..rope import undo_rope
 from .selectors import TokenSelector
 
-MIN_CAPACITY = 256
+HEADROOM = 64  # rows; the first allocation holds the prompt plus max(64, prompt/8) rows
 
 
 class LayerState:
@@ -66,9 +66,12 @@ class A2atsLayer(CacheLayerMixin):
         st = self.state
         if needed <= st.capacity:
             return
-        capacity = max(MIN_CAPACITY, st.capacity)
-        while capacity < needed:
-            capacity *= 2
+        if st.capacity == 0:  # first fill (the prompt): a little headroom for decoding, then doubling
+            capacity = -(-(needed + max(HEADROOM, needed // 8)) // HEADROOM) * HEADROOM
+        else:
+            capacity = st.capacity * 2
+            while capacity < needed:
+                capacity *= 2
         keys, values = self._allocate(key_states, capacity), self._allocate(value_states, capacity)
         if st.length:
             keys[:, :, : st.length] = st.keys[:, :, : st.length]
