@@ -25,7 +25,7 @@ def prompt(tok, tokens: int, depth: float, key: int) -> str:
     return (
         "There is important info hidden inside a lot of irrelevant text. Find it and memorize it.\n"
         + body
-        + "\nWhat is the pass key? The pass key is"
+        + "\nWhat is the pass key? The pass key is:"
     )
 
 
