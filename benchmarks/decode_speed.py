@@ -50,11 +50,33 @@ def dense_prefill(model, ids, chunk: int):
     return cache
 
 
-def a2ats_cache_from_dense(ours, dense_cache, chunk: int):
-    """Feed the dense cache's keys/values through an A2atsCache, as a prefill would (keys encoded once)."""
+def synthetic_dense_cache(model, batch: int, context: int, generator: torch.Generator):
+    """A DynamicCache of random keys/values (decode speed does not depend on their values): skips the prefill."""
+    from transformers import DynamicCache
+
+    from a2ats_tools.models import geometry
+
+    geo = geometry(model)
+    cache = DynamicCache(config=model.config)
+    shape = (batch, geo.num_kv_heads, context, geo.head_dim)
+    for i in range(geo.num_layers):
+        cache.update(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator), i)
+    return cache
+
+
+def a2ats_cache_from_dense(ours, dense_cache, chunk: int, random_codes: bool = False):
+    """Feed the dense cache's keys/values through an A2atsCache, as a prefill would (keys encoded once).
+
+    ``random_codes``: skip the prefill encode (random codes; with a synthetic cache speed does not depend on them).
+    """
     from a2ats_tools.models import rotary
 
     cache = ours.a2ats.new_cache()
+    if random_codes:
+        for layer in cache.layers:
+            sel = layer.selector
+            fast = lambda k, c=sel.codes_size: torch.randint(0, c, k.shape[:-1], dtype=torch.int16)  # noqa: E731
+            sel.encode = lambda k, sel=sel, fast=fast: fast(k) if k.shape[-2] > 1 else type(sel).encode(sel, k)
     rot = rotary(ours)
     n = dense_cache.get_seq_length()
     b = dense_cache.layers[0].keys.shape[0]
@@ -92,6 +114,7 @@ def main() -> None:
     p.add_argument("--rerank", type=float, default=0.0)
     p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--synthetic", action="store_true", help="random cached keys/values instead of a real prefill (faster)")
     p.add_argument("--cpu-time", action="store_true", help="time steps by process CPU time instead of wall time")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of A²ATS decode steps")
     args = p.parse_args()
@@ -110,12 +133,12 @@ def main() -> None:
     feed = torch.randint(0, dense.config.vocab_size, (args.batch, args.steps + 1), generator=g)
     with torch.inference_mode():
         t = time.perf_counter()
-        dcache = dense_prefill(dense, ids, args.chunk)
-        print(f"dense prefill {args.batch}x{args.context}: {time.perf_counter() - t:.1f} s", flush=True)
+        dcache = synthetic_dense_cache(dense, args.batch, args.context, g) if args.synthetic else dense_prefill(dense, ids, args.chunk)
+        print(f"dense {'synthetic cache' if args.synthetic else 'prefill'} {args.batch}x{args.context}: {time.perf_counter() - t:.1f} s", flush=True)
         t = time.perf_counter()
-        acache = a2ats_cache_from_dense(ours, dcache, args.chunk)
+        acache = a2ats_cache_from_dense(ours, dcache, args.chunk, random_codes=args.synthetic)
         print(f"A²ATS cache fill (encode {args.codes} codes): {time.perf_counter() - t:.1f} s", flush=True)
-        short = dense_prefill(dense, ids[:, :512], args.chunk)
+        short = synthetic_dense_cache(dense, args.batch, 512, g) if args.synthetic else dense_prefill(dense, ids[:, :512], args.chunk)
         # warm-up one step each
         time_steps(dense, dcache, feed[:, :1], 1, args.context)
         time_steps(ours, acache, feed[:, :1], 1, args.context)

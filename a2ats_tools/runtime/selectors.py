@@ -77,7 +77,8 @@ class TokenSelector:
         if memo is not None and memo[0]() is valid and memo[1] == key:
             return memo[2]
         rows, top = self.budgets(valid)
-        out = (rows, top, int(rows.max()), self.forced(valid, length)[:, None, :])
+        unpadded = bool(valid.all())  # then the forced rows are plain slices and nothing needs masking
+        out = (rows, top, int(rows.max()), None if unpadded else self.forced(valid, length)[:, None, :])
         _STEP_MEMO = (weakref.ref(valid), key, out)
         return out
 
@@ -91,8 +92,12 @@ class TokenSelector:
         ``n_sink + window + top-K`` kept rows per KV head.
         """
         rows, top, k, forced = self._step_constants(valid, length)
-        s = self.scores(state, q_pre, q_post, length).float()
-        s = s.masked_fill(~valid[:, None, :], NEG_INF).masked_fill(forced, POS_INF)
+        s = self.scores(state, q_pre, q_post, length).float().contiguous()  # modified in place below
+        if forced is None:  # no padding: sinks are the first rows, the window the last ones
+            s[..., : self.settings.n_sink] = POS_INF
+            s[..., max(0, length - self.settings.window) :] = POS_INF
+        else:
+            s = s.masked_fill(~valid[:, None, :], NEG_INF).masked_fill(forced, POS_INF)
         if self.settings.rerank and k < length:
             return self._rerank(state, s, q_post, rows, top, length)
         uniform = rows.numel() == 1 or bool((rows == k).all())  # same budget everywhere: no order needed
@@ -100,7 +105,8 @@ class TokenSelector:
         keep = vals > NEG_INF
         if not uniform:
             keep &= torch.arange(k, device=s.device) < rows[:, None, None]
-        return indices, keep
+        indices, order = indices.sort(-1)  # ascending rows: the K/V gathers walk memory forward
+        return indices, keep.gather(-1, order)
 
     def _rerank(self, state, s, q_post, rows, top, length):
         """Over-fetch ``rerank``·top-K candidates by approximate score, keep the best by exact score."""
