@@ -21,7 +21,7 @@ from a2ats_tools.artifacts.checkpoint import (
 )
 from a2ats_tools.artifacts.model_files import check_geometry
 from a2ats_tools.calibration.format import LayerStats, write_layer, write_manifest
-from a2ats_tools.errors import ArtifactError, DataError
+from a2ats_tools.errors import A2atsError, ArtifactError, DataError
 from a2ats_tools.models import geometry, rotary
 from a2ats_tools.quantization import convert
 
@@ -111,6 +111,20 @@ def test_same_seed_is_bit_identical(calib, tmp_path):
         out = convert(calib, tmp_path / name, codes=16, iters=4, light=True, compare_plain=False, quiet=True)
         books.append(read_codebooks(out, read_config(out))[0])
     assert all(torch.equal(x, y) for x, y in zip(*books, strict=True))
+
+
+def test_algorithm_choice_is_recorded(calib, tmp_path):
+    auto = convert(calib, tmp_path / "auto", codes=16, iters=3, light=True, compare_plain=False, quiet=True)
+    lloyd = convert(calib, tmp_path / "lloyd", codes=16, iters=3, light=True, compare_plain=False, quiet=True,
+                    algorithm="lloyd")
+    for out, algorithm in ((auto, "two-level"), (lloyd, "lloyd")):  # auto on CPU: two-level
+        training = json.loads((out / "report.json").read_text())["training"]
+        assert training["algorithm"] == algorithm and read_config(out).extra["algorithm"] == algorithm
+        assert training["coarse_cells"] == (4 if algorithm == "two-level" else None)
+    a, b = (read_codebooks(o, read_config(o))[0] for o in (auto, lloyd))
+    assert not all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    with pytest.raises(A2atsError, match="--algorithm"):
+        convert(calib, tmp_path / "bad", codes=16, quiet=True, algorithm="elkan")
 
 
 def test_too_few_keys_fails_or_shrinks(calib, tmp_path):

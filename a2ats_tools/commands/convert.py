@@ -18,8 +18,13 @@ def convert(
         "all", "--positions", help="Query moment to whiten with: 'all' stored relative positions averaged, or one (2048)."
     ),
     buckets: str = typer.Option("log", "--buckets", help="Scoring distances: 'log' buckets, or 'single' (WRoPE 2048)."),
-    iters: int = typer.Option(20, "--iters", help="Most Lloyd iterations per head."),
+    iters: int = typer.Option(20, "--iters", help="Most Lloyd iterations per head (two-level: per coarse and per fine problem)."),
     tol: float = typer.Option(1e-4, "--tol", help="Stop a head once its inertia changes by at most this (relative)."),
+    algorithm: str = typer.Option(
+        "auto", "--algorithm",
+        help="k-means trainer: 'lloyd' (full Lloyd), 'two-level' (coarse-to-fine, fast on CPU) or 'auto' "
+        "(lloyd on CUDA, two-level otherwise).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed: same seed and device give bit-identical codebooks."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
     light: bool = typer.Option(False, "--light", help="Reference the model's weights instead of copying them."),
@@ -60,6 +65,7 @@ def convert(
         buckets=buckets,
         iters=iters,
         tol=tol,
+        algorithm=algorithm,
         seed=seed,
         device=device,
         light=light,

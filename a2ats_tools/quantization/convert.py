@@ -32,10 +32,12 @@ from ..scoring import SelectionPolicy
 from . import whitening
 from .kmeans import SEEDINGS, head_generator, kmeans
 from .report import build_report, print_report
+from .two_level import default_coarse, two_level_kmeans
 
 DEFAULT_CODES = 4096
 REPORT_FILE = "report.json"
 HEAD_BYTES_PER_BATCH = 1 << 31  # whitened keys of one batch of heads stay under 2 GiB
+ALGORITHMS = ("auto", "lloyd", "two-level")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,15 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise A2atsError(f"--device {device} was asked for but no CUDA device is available")
     return torch.device(device)
+
+
+def resolve_algorithm(algorithm: str, device: torch.device) -> str:
+    """``auto``: full Lloyd on CUDA, two-level (coarse-to-fine) k-means elsewhere."""
+    if algorithm not in ALGORITHMS:
+        raise A2atsError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
+    if algorithm == "auto":
+        return "lloyd" if device.type == "cuda" else "two-level"
+    return algorithm
 
 
 def parse_positions(value: str | int | None) -> str | int:
@@ -124,6 +135,7 @@ def train_jobs(
     device: torch.device,
     seeding: str,
     heads_per_batch: int,
+    algorithm: str = "lloyd",
     progress: Any = None,
     label: str = "",
 ) -> dict[str, tuple[torch.Tensor, float]]:
@@ -144,11 +156,20 @@ def train_jobs(
             raise DataError(f"calibration keys of layer {batch[0].layer} contain NaN or Inf")
         gens = [head_generator(seed, j.layer, j.head, salt) for j in batch]
 
-        def show(step: int, inertia: torch.Tensor, batch=batch) -> None:
-            if progress is not None:
-                progress.describe(f"{label}layer {batch[0].layer}–{batch[-1].layer} · iter {step + 1}/{iters}")
+        where = f"{label}layer {batch[0].layer}–{batch[-1].layer}"
 
-        result = kmeans(x, codes, gens, iters=iters, tol=tol, seeding=seeding, on_iteration=show)
+        def show(step: int, inertia: torch.Tensor, where=where) -> None:
+            if progress is not None:
+                progress.describe(f"{where} · iter {step + 1}/{iters}")
+
+        def status(text: str, where=where) -> None:
+            if progress is not None:
+                progress.describe(f"{where} · {text}")
+
+        if algorithm == "two-level":
+            result = two_level_kmeans(x, codes, gens, iters=iters, tol=tol, seeding=seeding, on_progress=status)
+        else:
+            result = kmeans(x, codes, gens, iters=iters, tol=tol, seeding=seeding, on_iteration=show)
         for i, job in enumerate(batch):
             lower = factors[job.layer][job.head].to(device)
             codebook = whitening.unwhiten(result.centroids[i].double(), lower).float().cpu()
@@ -218,6 +239,7 @@ def convert(
     overwrite: bool = False,
     compare_plain: bool = True,
     seeding: str = "kmeans||",
+    algorithm: str = "auto",
     heads_per_batch: int | None = None,
     loaded: tuple[Any, Any] | None = None,
 ) -> Path:
@@ -225,6 +247,8 @@ def convert(
 
     ``loaded`` passes an already loaded ``(model, tokenizer)`` (tests); otherwise the model comes from
     ``model`` or the calibration manifest. Under ``accelerate launch`` the heads are split across processes.
+    ``algorithm``: ``lloyd`` (full Lloyd), ``two-level`` (coarse-to-fine, ≈√codes times cheaper per iteration)
+    or ``auto`` (``lloyd`` on CUDA, ``two-level`` otherwise).
     """
     console = Console(stderr=True, quiet=quiet)
     out = Path(out)
@@ -237,6 +261,7 @@ def convert(
         raise A2atsError(f"unknown seeding {seeding!r}; choose from {SEEDINGS}")
     if iters < 1:
         raise A2atsError("--iters must be at least 1")
+    algorithm = resolve_algorithm(algorithm, torch_device)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise A2atsError(f"output directory {out} already exists; pass --overwrite to replace it")
     calib = CalibrationSet(calibration)
@@ -264,7 +289,7 @@ def convert(
         total = len(mine) * (2 if also_plain else 1)
         with _Progress(total if main else 0, main and not quiet, console) as progress:
             common = dict(codes=codes, iters=iters, tol=tol, seed=seed, device=torch_device, seeding=seeding,
-                          heads_per_batch=batch, progress=progress)
+                          heads_per_batch=batch, algorithm=algorithm, progress=progress)
             trained = train_jobs(calib, mine, factors, salt=0, **common)
             plain_trained = {}
             if also_plain:
@@ -322,12 +347,13 @@ def convert(
             progress=lambda layer: progress.advance(f"report · layer {layer}"),
         )
     report["training"] = {
-        "codes": codes, "iters": iters, "tol": tol, "seeding": seeding, "positions": pos,
+        "codes": codes, "iters": iters, "tol": tol, "seeding": seeding, "algorithm": algorithm,
+        "coarse_cells": default_coarse(codes) if algorithm == "two-level" else None, "positions": pos,
         "keys_per_head": keys_per_head(calib), "inertia": inertia, "cholesky_jitter": jitters,
     }
     write_json(tmp / "report.json", report)
     print_report(report, console)
-    config.extra = {"positions": pos, "processes": state.num_processes, "report": {"mean_recall": report["mean"]}}
+    config.extra = {"positions": pos, "processes": state.num_processes, "algorithm": algorithm, "report": {"mean_recall": report["mean"]}}
     write_config(tmp, config)  # last: only now does the folder load
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()

@@ -35,12 +35,21 @@ def _chunk(batch: int, n: int, k: int) -> int:
 
 
 @torch.no_grad()
-def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centroid of every point: ``labels [B, N]`` (long) and squared distances ``[B, N]`` (≥ 0)."""
+def assign(
+    x: torch.Tensor, centroids: torch.Tensor, chunk: int | None = None, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid of every point: ``labels [B, N]`` (long) and squared distances ``[B, N]`` (≥ 0).
+
+    ``valid [B, k]`` (bool, optional) marks the codes that may be chosen; the others (padding, with finite
+    values) get ``+inf`` in the ``||c||²`` term and are never nearest while a head has one valid code.
+    """
     b, n, _ = x.shape
     k = centroids.shape[1]
     chunk = chunk or _chunk(b, n, k)
-    c_sq = (centroids * centroids).sum(-1).unsqueeze(1)  # [B, 1, k]
+    c_sq = (centroids * centroids).sum(-1)
+    if valid is not None:
+        c_sq = c_sq.masked_fill(~valid, float("inf"))
+    c_sq = c_sq.unsqueeze(1)  # [B, 1, k]
     ct = centroids.transpose(1, 2)
     labels = torch.empty(b, n, dtype=torch.long, device=x.device)
     dist = torch.empty(b, n, dtype=x.dtype, device=x.device)
@@ -55,11 +64,18 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int | None = None) -
 
 @torch.no_grad()
 def cluster_sums(x: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-cluster sums ``[B, k, d]`` and counts ``[B, k]`` (float64 sums, deterministic on CPU)."""
+    """Per-cluster sums ``[B, k, d]`` and counts ``[B, k]`` (float64 sums, deterministic on CPU).
+
+    On CPU the sums use ``index_put_(accumulate=True)`` (a serial loop in point order, several times faster than
+    ``index_add_`` there, same result); pass ``x`` already in float64 to skip the conversion on repeated calls.
+    """
     b, n, d = x.shape
     flat = (labels + torch.arange(b, device=x.device).reshape(b, 1) * k).reshape(-1)
     sums = torch.zeros(b * k, d, dtype=torch.float64, device=x.device)
-    sums.index_add_(0, flat, x.reshape(b * n, d).double())
+    if x.device.type == "cpu":
+        sums.index_put_((flat,), x.reshape(b * n, d).double(), accumulate=True)
+    else:
+        sums.index_add_(0, flat, x.reshape(b * n, d).double())
     counts = torch.bincount(flat, minlength=b * k).reshape(b, k)
     return sums.reshape(b, k, d), counts
 
