@@ -2,7 +2,8 @@
 
 Full Lloyd on ``N`` points and ``k`` codes costs ``N·k·d`` per iteration. Here a coarse codebook of
 ``≈√k`` cells is trained first (batched :func:`~.kmeans.kmeans` on a subsample), every point goes to its
-cell, the ``k`` fine codes are shared among the cells in proportion to their point counts, and each
+cell, the ``k`` fine codes are shared among the cells in proportion to their point counts (no cell more codes
+than distinct points: layer 0's keys repeat per token), and each
 (head, cell) problem is solved on its own points only: ``≈N·(k/cells)·d`` per iteration, ``√k`` times less.
 
 Fine problems have different sizes, so they are padded and batched: padded points carry no weight (left out of
@@ -33,23 +34,38 @@ def default_coarse(k: int) -> int:
     return max(1, round(math.sqrt(k)))
 
 
-def allocate_codes(counts: Sequence[int] | torch.Tensor, k: int) -> list[int]:
+def allocate_codes(
+    counts: Sequence[int] | torch.Tensor,
+    k: int,
+    caps: Sequence[int] | torch.Tensor | None = None,
+    weights: Sequence[float] | torch.Tensor | None = None,
+) -> list[int]:
     """Share ``k`` codes among cells in proportion to their point ``counts`` (largest-remainder rounding).
 
-    Every non-empty cell gets at least one code, no cell more codes than points, empty cells none, and the
-    total is exactly ``k``. Ties go to the lower cell index. Raises ``ValueError`` when that is impossible.
+    No cell gets more codes than its cap (``caps``, default ``counts``; e.g. its distinct points), every cell
+    with a non-zero cap gets at least one, the others none, and the total is exactly ``k``. ``weights``
+    (default ``counts``) replaces the counts as the proportion. Ties go to the lower cell index. Raises
+    ``ValueError`` when that is impossible.
     """
-    n = [int(c) for c in (counts.tolist() if isinstance(counts, torch.Tensor) else counts)]
-    total, nonempty = sum(n), sum(1 for c in n if c > 0)
-    if total < k:
-        raise ValueError(f"{total} points cannot seed {k} codes")
+    def ints(v: Sequence[int] | torch.Tensor) -> list[int]:
+        return [int(c) for c in (v.tolist() if isinstance(v, torch.Tensor) else v)]
+
+    n = ints(counts)
+    cap = n if caps is None else [min(c, m) for c, m in zip(ints(caps), n, strict=True)]
+    w = [float(v) for v in (n if weights is None else (weights.tolist() if isinstance(weights, torch.Tensor) else weights))]
+    if sum(n) < k:
+        raise ValueError(f"{sum(n)} points cannot seed {k} codes")
+    if sum(cap) < k:
+        raise ValueError(f"{sum(cap)} distinct points cannot seed {k} codes")
+    nonempty = sum(1 for c in cap if c > 0)
     if nonempty > k:
         raise ValueError(f"{nonempty} non-empty cells cannot each get a code out of {k}")
-    quota = [k * c / total for c in n]
-    codes = [min(c, max(1, math.floor(q))) if c > 0 else 0 for c, q in zip(n, quota, strict=True)]
+    total = sum(wi for wi, c in zip(w, cap, strict=True) if c > 0) or 1.0
+    quota = [k * wi / total if c > 0 else 0.0 for wi, c in zip(w, cap, strict=True)]
+    codes = [min(c, max(1, math.floor(q))) if c > 0 else 0 for c, q in zip(cap, quota, strict=True)]
     while (have := sum(codes)) != k:
         if have < k:  # give one more to the cells furthest below their quota that still have spare points
-            order = sorted((i for i in range(len(n)) if codes[i] < n[i]), key=lambda i: (codes[i] - quota[i], i))
+            order = sorted((i for i in range(len(n)) if codes[i] < cap[i]), key=lambda i: (codes[i] - quota[i], i))
             for i in order[: k - have]:
                 codes[i] += 1
         else:  # take one back from the cells furthest above their quota that keep at least one code
@@ -57,6 +73,25 @@ def allocate_codes(counts: Sequence[int] | torch.Tensor, k: int) -> list[int]:
             for i in order[: have - k]:
                 codes[i] -= 1
     return codes
+
+
+_HASH_WEIGHTS: torch.Tensor | None = None
+
+
+def distinct_per_cell(x: torch.Tensor, cells: torch.Tensor, count: int) -> torch.Tensor:
+    """Distinct points ``[count]`` of each cell of one head (``x [N, d]``, ``cells [N]``), via a 64-bit row hash
+    of the float bits (a collision only lowers a cap by one)."""
+    global _HASH_WEIGHTS
+    d = x.shape[1]
+    if _HASH_WEIGHTS is None or _HASH_WEIGHTS.numel() < d:
+        g = torch.Generator().manual_seed(0x5EED)
+        _HASH_WEIGHTS = torch.randint(-(2**62), 2**62, (max(d, 256),), generator=g, dtype=torch.long) | 1
+    bits = x.float().contiguous().view(torch.int32).long().cpu()
+    row = (bits * _HASH_WEIGHTS[:d]).sum(-1)  # wraps around: a hash, not a sum
+    _, inverse = torch.unique(row, return_inverse=True)
+    m = int(inverse.max()) + 1 if inverse.numel() else 1
+    pairs = torch.unique(cells.cpu().long() * m + inverse)
+    return torch.bincount(pairs // m, minlength=count)
 
 
 def group_problems(sizes: Sequence[tuple[int, int]], waste: float = PAD_WASTE) -> list[list[int]]:
@@ -274,7 +309,10 @@ def _two_level(
     plans = []
     for h in range(b):  # (cell, point indices, codes, first code) of every fine problem with codes
         counts = torch.bincount(where[h], minlength=cells)
-        alloc = allocate_codes(counts, k)
+        distinct = distinct_per_cell(x[h], where[h], cells)
+        # cap each cell at its distinct points (repeated keys, e.g. layer 0's token-determined ones, would
+        # otherwise hold codes that can only duplicate); with fewer distinct points than k, cap at the points
+        alloc = allocate_codes(counts, k, distinct if int(distinct.sum()) >= k else None)
         members = torch.split(torch.argsort(where[h], stable=True), counts.tolist())
         offsets = [0, *torch.tensor(alloc).cumsum(0).tolist()]
         plans.append([(c, members[c], alloc[c], offsets[c]) for c in range(cells) if alloc[c] > 0])
