@@ -272,6 +272,44 @@ def test_from_pretrained_after_import_uses_retrieval_attention(tiny_checkpoints)
     assert layer.settings.budget == 0.03
 
 
+def test_dense_layers_decode_exactly_and_others_still_select(tiny_checkpoints):
+    """Every layer dense at a tiny budget equals dense attention; one dense layer leaves the rest sparse."""
+    dense = dense_model("llama")
+    ids = prompt_ids(120, batch=2)
+    model, _ = load(tiny_checkpoints["llama"], budget=4, n_sink=2, window=8, dense_layers="0,1")
+    with torch.no_grad():
+        ours = decode_logits(model, ids, 3, cache=model.a2ats.new_cache())
+        ref = decode_logits(dense, ids, 3)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)  # the tiny llama has 2 layers
+
+    model, _ = load(tiny_checkpoints["llama"], budget=4, n_sink=2, window=8, dense_layers=[1])
+    cache = model.a2ats.new_cache()
+    with torch.no_grad():
+        ours = decode_logits(model, ids, 3, cache=cache)
+    assert not torch.allclose(ours, ref, atol=1e-3)
+    assert cache.layers[1].selector.dense and not cache.layers[0].selector.dense
+    assert cache.layers[0].last_selection is not None
+
+
+def test_decode_defers_encoding_to_window_blocks_with_eager_codes(tiny_checkpoints):
+    """Decode keys are encoded in blocks while still inside the window; every row outside it has its code, equal
+    to encoding the cached key directly."""
+    model, _ = load(tiny_checkpoints["llama"], budget=4, n_sink=2, window=8)
+    cache = model.a2ats.new_cache()
+    with torch.no_grad():
+        decode_logits(model, prompt_ids(100, batch=2), 21, cache=cache)
+    rot = rotary(model)
+    for layer in cache.layers:
+        st, sel = layer.state, layer.selector
+        n = st.length
+        encoded = st.meta.get("pending_start", n)
+        assert n - encoded < 8  # pending keys are all inside the window
+        assert encoded > 100  # decode keys were encoded, in blocks
+        cos, sin = rot.cos_sin(torch.arange(n))
+        expect = sel.encode(undo_rope(st.keys[:, :, :n].float(), cos, sin))
+        assert torch.equal(st.meta["codes"][:, :, :encoded], expect[:, :, :encoded])
+
+
 def test_bad_settings_are_user_errors(tiny_checkpoints):
     from a2ats_tools.errors import A2atsError
 
@@ -279,6 +317,10 @@ def test_bad_settings_are_user_errors(tiny_checkpoints):
         load(tiny_checkpoints["llama"], buckets="weird")
     with pytest.raises(A2atsError, match="aggregation"):
         load(tiny_checkpoints["llama"], aggregation="mean")
+    with pytest.raises(A2atsError, match="do not exist"):
+        load(tiny_checkpoints["llama"], dense_layers="0,99")
+    with pytest.raises(A2atsError, match="layer indices"):
+        load(tiny_checkpoints["llama"], dense_layers="first")
     with pytest.raises(ArtifactError):
         load(tiny_checkpoints["llama"].parent / "missing")
 

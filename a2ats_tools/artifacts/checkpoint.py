@@ -45,6 +45,7 @@ class A2atsConfig:
     buckets: dict[str, Any] = field(default_factory=lambda: DistanceBuckets.single(2048).to_config())
     budget: float | int = 0.03
     aggregation: str = "sum"
+    dense_layers: list[int] = field(default_factory=list)  # layers that decode densely (optional; default none)
     seed: int = 0
     model: dict[str, Any] = field(default_factory=dict)  # {"source": ModelSource dict, "weights": "copied"|"referenced"}
     calibration: dict[str, Any] = field(default_factory=dict)  # path and summary of the calibration manifest

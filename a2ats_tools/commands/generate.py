@@ -33,6 +33,7 @@ def generate(
     rerank: float = typer.Option(None, "--rerank", help="Exact re-ranking of RERANK×K over-fetched candidates (0 = off)."),
     prefill_chunk: int = typer.Option(None, "--prefill-chunk", help="Prefill in chunks of this many tokens."),
     offload: str = typer.Option(None, "--offload", help="'cpu': keep the full K/V in host memory."),
+    dense_layers: str = typer.Option(None, "--dense-layers", help="Layers that decode densely, e.g. '0,1' ('none' = off)."),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy; > 0 samples."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
@@ -68,7 +69,7 @@ def generate(
     err = Console(stderr=True)
     model, tok = load_converted(
         checkpoint, device=device, dtype=getattr(torch, dtype), budget=budget, offload=offload,
-        buckets=buckets, selector=selector, rerank=rerank, prefill_chunk=prefill_chunk,
+        buckets=buckets, selector=selector, rerank=rerank, prefill_chunk=prefill_chunk, dense_layers=dense_layers,
     )
     if chat:
         if not getattr(tok, "chat_template", None):

@@ -61,9 +61,9 @@ def _valid_rows(cache: A2atsCache, attention_mask: torch.Tensor | None, batch: i
 
 
 def a2ats_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function: dense SDPA for prefill, retrieval attention for decode steps."""
+    """transformers attention function: dense SDPA for prefill (and dense layers), retrieval attention for decode."""
     cache = getattr(module, "_a2ats_cache", None)
-    if cache is None or query.shape[2] != 1:
+    if cache is None or query.shape[2] != 1 or cache.layers[module.layer_idx].selector.dense:
         key, value = key.to(query.device), value.to(query.device)
         kwargs.pop("is_causal", None)
         aligned = attention_mask is None and query.shape[2] == key.shape[2]  # only then may SDPA use is_causal

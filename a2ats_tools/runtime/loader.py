@@ -14,7 +14,7 @@ from ..errors import A2atsError, ArtifactError
 from ..models import ModelSource, check_supported, geometry, load_model, load_tokenizer, rotary
 from . import attention, hooks
 from .cache import A2atsCache
-from .selectors import SELECTOR_CLASSES, A2atsSelector, TokenSelector
+from .selectors import SELECTOR_CLASSES, A2atsSelector, DenseSelector, TokenSelector
 from .settings import RuntimeSettings
 
 
@@ -28,10 +28,22 @@ class A2atsRuntime:
         self.settings = settings
         self.rotary = rotary(model)
         self._selector_memo: tuple[RuntimeSettings, torch.device, list[TokenSelector]] | None = None
+        self.check(settings)
+
+    def check(self, settings: RuntimeSettings) -> None:
+        """Settings that depend on the model: a known selector, dense layers that exist."""
+        if settings.selector not in SELECTOR_CLASSES:
+            raise A2atsError(f"unknown selector {settings.selector!r}; choose from {', '.join(SELECTOR_CLASSES)}")
+        layers = self.config.geometry.num_layers
+        beyond = [i for i in settings.dense_layers if i >= layers]
+        if beyond:
+            raise A2atsError(f"dense_layers {beyond} do not exist: the model has {layers} layers")
 
     def configure(self, **overrides: Any) -> RuntimeSettings:
         """Change the settings for later calls (budget, n_sink, window, buckets, aggregation, selector, ...)."""
-        self.settings = self.settings.with_overrides(**overrides)
+        settings = self.settings.with_overrides(**overrides)
+        self.check(settings)
+        self.settings = settings
         return self.settings
 
     def selectors(self, settings: RuntimeSettings | None = None) -> list[TokenSelector]:
@@ -40,13 +52,13 @@ class A2atsRuntime:
         memo = self._selector_memo
         if memo is not None and memo[0] == settings and memo[1] == device:
             return memo[2]
-        if settings.selector not in SELECTOR_CLASSES:
-            raise A2atsError(f"unknown selector {settings.selector!r}; choose from {', '.join(SELECTOR_CLASSES)}")
+        self.check(settings)
         geo = self.config.geometry
-        cls = SELECTOR_CLASSES[settings.selector]
+        chosen = SELECTOR_CLASSES[settings.selector]
         out: list[TokenSelector] = []
         for i in range(geo.num_layers):
             args = (settings, i, geo.num_heads, geo.num_kv_heads, geo.head_dim)
+            cls = DenseSelector if i in settings.dense_layers else chosen
             if issubclass(cls, A2atsSelector):
                 sel = cls(*args, codebook=self.codebooks[i], whitening=self.whitening[i], rotary=self.rotary).to(device)
             else:

@@ -31,6 +31,7 @@ class TokenSelector:
     """
 
     name: ClassVar[str] = "base"
+    dense: ClassVar[bool] = False  # True: decode attends to every row with SDPA (no selection)
 
     def __init__(self, settings: RuntimeSettings, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int):
         self.settings = settings
@@ -144,6 +145,16 @@ def exact_group_scores(state, q_post, indices, num_kv_heads, aggregation, scale)
     return group_aggregate(logits.reshape(b, hq, -1), num_kv_heads, aggregation, scale)
 
 
+class DenseSelector(TokenSelector):
+    """Exact dense attention over every row (``dense_layers``): keeps no metadata; decode runs SDPA on the cache."""
+
+    name = "dense"
+    dense = True
+
+    def scores(self, state, q_pre, q_post, length):
+        return torch.zeros(q_post.shape[0], self.num_kv_heads, length, device=q_post.device)
+
+
 class StreamingSelector(TokenSelector):
     """StreamingLLM: sinks plus a window enlarged to spend the same per-KV-head budget on the most recent rows."""
 
@@ -174,6 +185,7 @@ class A2atsSelector(TokenSelector):
 
     name = "a2ats"
     ENCODE_ROWS = 4096  # rows per encode matmul (bounds the [rows, C] temporary)
+    ENCODE_BLOCK = 32  # decode steps: keys encoded together (at most the window, so pending keys are always kept)
 
     def __init__(self, settings, layer_idx, num_heads, num_kv_heads, head_dim, *, codebook, whitening, rotary: Rotary):
         super().__init__(settings, layer_idx, num_heads, num_kv_heads, head_dim)
@@ -212,15 +224,43 @@ class A2atsSelector(TokenSelector):
             out[:, i : i + self.ENCODE_ROWS] = part.argmax(-1).to(torch.int16)
         return out.reshape(h, b, n).transpose(0, 1)
 
-    def on_append(self, state, keys_pre, keys_post, start):
+    def _codes_buffer(self, state, b: int, h: int) -> torch.Tensor:
         codes = state.meta.get("codes")
-        b, h, n, _ = keys_pre.shape
         if codes is None or codes.shape[-1] < state.capacity:
             grown = torch.zeros(b, h, state.capacity, dtype=torch.int16, device=state.device)
             if codes is not None:
                 grown[:, :, : codes.shape[-1]] = codes
             state.meta["codes"] = codes = grown
-        codes[:, :, start : start + n] = self.encode(keys_pre.to(state.device))
+        return codes
+
+    def on_prefill(self, state, keys_pre, keys_post, start):
+        self._flush(state)
+        b, h, n, _ = keys_pre.shape
+        self._codes_buffer(state, b, h)[:, :, start : start + n] = self.encode(keys_pre.to(state.device))
+
+    def on_append(self, state, keys_pre, keys_post, start):
+        """Decode steps defer encoding: a new key sits in the always-kept window, so its code is not read until
+        it leaves; pending keys are encoded together once ``encode_block`` of them have gathered (one matmul
+        instead of one per step). Pending rows never outnumber the window, so every row a selection ranks has
+        its code."""
+        pending = state.meta.get("pending")
+        keys_pre = keys_pre.to(state.device, torch.float32)
+        if pending is None:
+            state.meta["pending_start"] = start
+            pending = keys_pre
+        else:
+            pending = torch.cat([pending, keys_pre], 2)
+        state.meta["pending"] = pending
+        if pending.shape[2] >= max(1, min(self.ENCODE_BLOCK, self.settings.window)):
+            self._flush(state)
+
+    def _flush(self, state) -> None:
+        pending = state.meta.pop("pending", None)
+        start = state.meta.pop("pending_start", None)
+        if pending is None:
+            return
+        b, h, n, _ = pending.shape
+        self._codes_buffer(state, b, h)[:, :, start : start + n] = self.encode(pending)
 
     def bucket_index(self, length: int, device: torch.device) -> tuple[torch.Tensor, int]:
         """Flat table offset ``bucket(t - j) * C`` for ``j < length`` (t = length - 1) and the buckets in use."""
@@ -247,7 +287,8 @@ class A2atsSelector(TokenSelector):
         return table.reshape(self.num_kv_heads, b, g, used * self.codes_size).transpose(0, 1)
 
     def scores(self, state, q_pre, q_post, length):
-        index = state.meta["codes"][:, :, :length].long()
+        b, h = q_pre.shape[0], self.num_kv_heads
+        index = self._codes_buffer(state, b, h)[:, :, :length].long()  # pending (windowed) rows read stale codes
         used = 1
         if self.buckets.count > 1:
             offset, used = self.bucket_index(length, q_pre.device)
@@ -263,7 +304,7 @@ class A2atsSelector(TokenSelector):
 
 
 SELECTOR_CLASSES: dict[str, type[TokenSelector]] = {
-    cls.name: cls for cls in (A2atsSelector, StreamingSelector, ExactTopKSelector)
+    cls.name: cls for cls in (A2atsSelector, StreamingSelector, ExactTopKSelector, DenseSelector)
 }
 
 
@@ -273,4 +314,6 @@ def register_selector(cls: type[TokenSelector]) -> type[TokenSelector]:
     return cls
 
 
-__all__ = ["TokenSelector", "A2atsSelector", "StreamingSelector", "ExactTopKSelector", "register_selector"]
+__all__ = [
+    "TokenSelector", "A2atsSelector", "StreamingSelector", "ExactTopKSelector", "DenseSelector", "register_selector",
+]

@@ -34,6 +34,7 @@ class RuntimeSettings:
     rerank: float = 0.0
     prefill_chunk: int | None = None
     max_distance: int = 8192  # the longest distance log buckets must cover (the model's context)
+    dense_layers: tuple[int, ...] = ()  # layers that decode with exact dense attention (no selection)
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or self.budget < 0:
@@ -48,6 +49,8 @@ class RuntimeSettings:
             raise A2atsError(f"rerank is an over-fetch factor >= 1 (or 0 for off), got {self.rerank}")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise A2atsError("prefill_chunk must be a positive number of tokens")
+        if any(i < 0 for i in self.dense_layers):
+            raise A2atsError(f"dense_layers are layer indices >= 0, got {self.dense_layers}")
 
     def policy(self) -> SelectionPolicy:
         return SelectionPolicy(self.n_sink, self.window, self.budget, self.aggregation)  # type: ignore[arg-type]
@@ -63,6 +66,8 @@ class RuntimeSettings:
             values["offload"] = None
         if "budget" in values:
             values["budget"] = parse_budget(values["budget"])
+        if "dense_layers" in values:
+            values["dense_layers"] = parse_layers(values["dense_layers"])
         if "buckets" in values:
             values["buckets"] = parse_buckets(values["buckets"], self.buckets, values.get("max_distance", self.max_distance))
         return replace(self, **values)
@@ -76,6 +81,7 @@ class RuntimeSettings:
             buckets=config.distance_buckets(),
             aggregation=config.aggregation,
             max_distance=config.geometry.max_position_embeddings,
+            dense_layers=tuple(config.dense_layers),
         )
         return base.with_overrides(**overrides)
 
@@ -94,6 +100,21 @@ def parse_budget(value: Any) -> float | int:
     if number <= 1.0 and ("." in text or number < 1.0):
         return number
     return int(number)
+
+
+def parse_layers(value: Any) -> tuple[int, ...]:
+    """``"0,1"``, ``[0, 1]`` or ``"none"`` -> sorted distinct layer indices."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("", "none"):
+            return ()
+        try:
+            value = [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise A2atsError(f"dense layers must be a comma list of layer indices such as '0,1', got {value!r}") from None
+    if isinstance(value, int):
+        value = [value]
+    return tuple(sorted({int(i) for i in value}))
 
 
 def parse_buckets(spec: Any, current: DistanceBuckets, max_distance: int = 1 << 17) -> DistanceBuckets:
