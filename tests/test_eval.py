@@ -96,6 +96,31 @@ def test_recall_curve_oracle_is_the_upper_bound_and_full_budget_recalls_all(tiny
     assert overall["a2ats"]["4"]["mass"] < 1.0  # random codebooks are not exact
 
 
+def test_shared_prefill_generation_equals_plain_generate(tiny_checkpoint, tokenizer):
+    """One dense prefill shared by every variant gives the same greedy text as each variant's own generate."""
+    from a2ats_tools.evaluation.harness import ModelUnderTest, Variant
+
+    mut = ModelUnderTest(str(tiny_checkpoint))
+    variants = [Variant("dense"), Variant("a2ats", {"budget": 8, "selector": "a2ats", "n_sink": 2, "window": 4}),
+                Variant("quest", {"budget": 16, "selector": "quest"})]
+    g = torch.Generator().manual_seed(3)
+    prompt = tokenizer.decode(torch.randint(100, 1000, (150,), generator=g))
+    shared = mut.generate(prompt, 10, variants)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    for variant in variants:
+        make_cache = mut.use(variant)
+        out = mut.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+                                 do_sample=False, past_key_values=make_cache(), pad_token_id=0)
+        assert shared[variant.name] == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    from a2ats_tools.runtime.cache import A2atsCache
+
+    prefix = mut.prefill(ids)
+    cache = mut.cache_for(variants[1], prefix)  # the retrieval variant gets a retrieval cache, every key encoded
+    assert isinstance(cache, A2atsCache) and cache.get_seq_length() == ids.shape[1]
+    layer = cache.layers[0]
+    assert layer.selector.name == "a2ats" and layer.state.meta["codes"].shape[-1] >= ids.shape[1]
+
+
 def test_decode_nll_matches_full_forward():
     from a2ats_tools.evaluation.perplexity import decode_nll
 

@@ -102,16 +102,59 @@ class ModelUnderTest:
         return self.runtime.new_cache
 
     @torch.no_grad()
-    def generate(self, prompt: str, max_new_tokens: int, make_cache: Callable[[], Any]) -> str:
-        """Greedy continuation of ``prompt`` (the prompt already holds any special tokens)."""
-        enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-        ids = enc["input_ids"].to(self.device)
-        out = self.model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            past_key_values=make_cache(),
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    def prefill(self, ids: torch.Tensor, chunk: int = 2048) -> Prefix:
+        """Dense prefill of ``ids [1, n]`` (in chunks), shared by every variant: prefill is dense and exact in all
+        of them, so only the decode steps differ."""
+        from transformers import DynamicCache
+
+        from ..runtime.loader import detach
+
+        detach(self.model)
+        cache = DynamicCache(config=self.model.config)
+        ids = ids.to(self.device)
+        for start in range(0, ids.shape[1], chunk):
+            out = self.model(input_ids=ids[:, start : start + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return Prefix(ids, cache, out.logits[:, -1].float())
+
+    def cache_for(self, variant: Variant, prefix: Prefix) -> Any:
+        """A KV cache for ``variant`` holding ``prefix`` (a copy for dense; keys encoded for retrieval)."""
+        import copy
+
+        if variant.dense:
+            self.use(variant)
+            return copy.deepcopy(prefix.cache)
+        self.use(variant)
+        return self.runtime.cache_from(prefix.cache)
+
+    @torch.no_grad()
+    def generate(self, prompt: str, max_new_tokens: int, variants: Sequence[Variant]) -> dict[str, str]:
+        """Greedy continuations of ``prompt`` (holding any special tokens already) under every variant, from one
+        shared dense prefill; the first new token comes from the prefill's logits, as in ``generate``."""
+        ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        prefix = self.prefill(ids)
+        first = prefix.logits.argmax(-1, keepdim=True)  # [1, 1]
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) if eos is not None else set()
+        texts = {}
+        for variant in variants:
+            cache = self.cache_for(variant, prefix)
+            if max_new_tokens == 1 or int(first) in eos:
+                new = first[0]
+            else:
+                full = torch.cat([prefix.ids, first], 1)
+                out = self.model.generate(
+                    input_ids=full, attention_mask=torch.ones_like(full), max_new_tokens=max_new_tokens - 1,
+                    do_sample=False, past_key_values=cache, pad_token_id=self.tokenizer.pad_token_id,
+                )
+                new = out[0, prefix.ids.shape[1] :]
+            texts[variant.name] = self.tokenizer.decode(new, skip_special_tokens=True)
+        return texts
+
+
+@dataclass
+class Prefix:
+    """A dense prefill shared by the variants: the prompt ids, its DynamicCache and the last position's logits."""
+
+    ids: torch.Tensor
+    cache: Any
+    logits: torch.Tensor

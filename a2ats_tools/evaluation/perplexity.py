@@ -19,22 +19,28 @@ def decode_nll(
     n_decode: int,
     make_cache: Callable[[], Any] | None = None,
     progress: Callable[[], None] | None = None,
+    prefilled: Any = None,
 ) -> list[float]:
     """Negative log-likelihoods of the last ``n_decode`` tokens of ``ids``, each predicted in a decode step.
 
     The prefix ``ids[:-n_decode-1]`` is prefilled in one pass; then ``ids[-n_decode-1:-1]`` are fed one token per
     step, and step ``i``'s logits score ``ids[-n_decode+i]``. ``make_cache`` builds the KV cache (None: the
-    model's default, e.g. a DynamicCache for a dense model).
+    model's default, e.g. a DynamicCache for a dense model). ``prefilled``: a cache that already holds the prefix
+    (shared with other configurations); the prefix pass is then skipped.
     """
     if n_decode < 1 or len(ids) < n_decode + 2:
         raise DataError(f"decode perplexity needs more than {n_decode + 1} tokens, the text has {len(ids)}")
     device = next(model.parameters()).device
     prefix = torch.tensor([ids[: -n_decode - 1]], device=device)
-    kwargs: dict[str, Any] = {"use_cache": True}
-    if make_cache is not None:
-        kwargs["past_key_values"] = make_cache()
-    out = model(input_ids=prefix, logits_to_keep=1, **kwargs)
-    past = out.past_key_values
+    if prefilled is not None:
+        if prefilled.get_seq_length() != prefix.shape[1]:
+            raise DataError(f"the prefilled cache holds {prefilled.get_seq_length()} tokens, the prefix {prefix.shape[1]}")
+        past = prefilled
+    else:
+        kwargs: dict[str, Any] = {"use_cache": True}
+        if make_cache is not None:
+            kwargs["past_key_values"] = make_cache()
+        past = model(input_ids=prefix, logits_to_keep=1, **kwargs).past_key_values
     nll: list[float] = []
     feed = ids[-n_decode - 1 : -1]
     targets = ids[-n_decode:]

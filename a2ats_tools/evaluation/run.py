@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..rope import DistanceBuckets
 from .harness import ModelUnderTest, Variant
 from .haystack import Haystack
@@ -49,18 +51,17 @@ def run_tasks(
     for task in tasks:
         for length in lengths:
             items = [make_sample(task, mut.tokenizer, haystack, length, i, seed) for i in range(samples)]
-            scores: dict[str, dict[str, Any]] = {}
-            outputs: dict[str, list[str]] = {}
-            for variant in variants:
-                make_cache = mut.use(variant)
-                values = []
-                for item in items:
-                    text = mut.generate(item.prompt, item.max_new_tokens, make_cache)
-                    values.append(item.score(text))
-                    outputs.setdefault(variant.name, []).append(text)
-                    if tick is not None:
+            values: dict[str, list[float]] = {v.name: [] for v in variants}
+            outputs: dict[str, list[str]] = {v.name: [] for v in variants}
+            for item in items:  # one dense prefill per prompt, shared by the variants
+                texts = mut.generate(item.prompt, item.max_new_tokens, variants)
+                for name, text in texts.items():
+                    values[name].append(item.score(text))
+                    outputs[name].append(text)
+                if tick is not None:
+                    for _ in variants:
                         tick()
-                scores[variant.name] = {"mean": sum(values) / len(values), "n": len(values), "values": values}
+            scores = {name: {"mean": sum(v) / len(v), "n": len(v), "values": v} for name, v in values.items()}
             row: dict[str, Any] = {"task": task, "length": length, "scores": scores,
                                    "answers": [item.answers for item in items]}
             if keep_outputs:
@@ -76,8 +77,9 @@ def run_perplexity(
     """Decode-mode perplexity of the last ``n_decode`` tokens of a ``length``-token held-out text per variant."""
     ids = heldout_ids(mut.tokenizer, length, seed + 2, text)
     configs = {}
+    prefix = mut.prefill(torch.tensor([ids[: -n_decode - 1]]))  # shared dense prefill
     for variant in variants:
-        make_cache = mut.use(variant)
-        nll = decode_nll(mut.model, ids, n_decode, make_cache, progress=tick)
+        cache = mut.cache_for(variant, prefix)
+        nll = decode_nll(mut.model, ids, n_decode, prefilled=cache, progress=tick)
         configs[variant.name] = {"perplexity": perplexity(nll), "mean_nll": sum(nll) / len(nll)}
     return {"length": length, "n_decode": n_decode, "text": str(text) if text else "builtin:pydoc", "configs": configs}

@@ -72,6 +72,24 @@ class A2atsRuntime:
         settings = self.settings.with_overrides(**overrides) if overrides else self.settings
         return A2atsCache(self.selectors(settings), offload=settings.offload)
 
+    @torch.no_grad()
+    def cache_from(self, dense_cache: Any, chunk: int = 4096, **overrides: Any) -> A2atsCache:
+        """An :class:`A2atsCache` holding what a dense prefill left in ``dense_cache`` (a transformers cache of
+        post-RoPE keys at positions ``0..n-1``, unpadded), fed in chunks as a prefill would: each key encoded
+        once. Lets several configurations share one dense prefill (prefill is dense and exact either way)."""
+        cache = self.new_cache(**overrides)
+        n = dense_cache.get_seq_length()
+        first = dense_cache.layers[0].keys
+        device = next(self.model.parameters()).device
+        for start in range(0, n, chunk):
+            pos = torch.arange(start, min(n, start + chunk), device=device)
+            cos, sin = self.rotary.cos_sin(pos)
+            cos, sin = cos.expand(first.shape[0], -1, -1), sin.expand(first.shape[0], -1, -1)
+            for i, layer in enumerate(dense_cache.layers):
+                cache.set_rope(i, cos, sin)
+                cache.update(layer.keys[:, :, start : start + len(pos)], layer.values[:, :, start : start + len(pos)], i)
+        return cache
+
 
 def _generate(model: nn.Module, original, *args, a2ats: dict[str, Any] | None = None, **kwargs):
     """``generate`` that brings its own :class:`A2atsCache` unless the caller passes ``past_key_values``."""
