@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -20,14 +21,21 @@ def test_bench_point_on_dense_contenders():
 
     model = build_tiny_model("mistral")
     ids = torch.randint(100, 1000, (2, 48), generator=torch.Generator().manual_seed(0))
-    contenders = [Contender("dense", lambda: None, DynamicCache), Contender("again", lambda: None, DynamicCache)]
+    import copy
+
+    contenders = [Contender("dense", lambda: None, DynamicCache),
+                  Contender("again", lambda: None, DynamicCache, from_prefix=copy.deepcopy)]
     res = bench_point(model, contenders, ids, steps=3, repeats=2)
     assert res["context"] == 48 and res["batch"] == 2
     dense = res["contenders"]["dense"]
     assert dense["step_latency_s"]["min"] <= dense["step_latency_s"]["median"] <= dense["step_latency_s"]["max"]
     # measured right after prefill: batch * layers * (K, V) * KV heads * tokens * head_dim * fp32 bytes
     assert dense["kv_device_bytes"] == 2 * 2 * 2 * 2 * 48 * 16 * 4
-    assert "speedup_vs_dense" in res["contenders"]["again"]
+    again = res["contenders"]["again"]
+    assert "speedup_vs_dense" in again and again["kv_device_bytes"] == dense["kv_device_bytes"]
+    assert again["prefill_s"] >= dense["prefill_s"] and dense["cache_fill_s"] == 0.0  # the prefill is shared
+    with pytest.raises(ValueError, match="dense reference"):
+        bench_point(model, contenders[::-1], ids, steps=1, repeats=1)
 
 
 def test_cache_device_bytes_of_dynamic_cache():

@@ -1,5 +1,6 @@
-"""Decode timing: prefill once per contender, then alternate blocks of timed decode steps between contenders
-in the same process, so drift (thermal, other load) hits both alike. Ratios are taken per block pair."""
+"""Decode timing: one dense prefill shared by every contender (retrieval caches are filled from it, each key
+encoded once, as their own prefill would), then alternating blocks of timed decode steps between contenders in
+the same process, so drift (thermal, other load) hits all alike. Ratios are taken per block pair."""
 
 from __future__ import annotations
 
@@ -16,11 +17,18 @@ from .memory import cache_device_bytes, current_process_bytes, device_peak_bytes
 
 @dataclass
 class Contender:
-    """A way to run the model: ``prepare()`` switches attention, ``make_cache()`` gives a fresh KV cache."""
+    """A way to run the model: ``prepare()`` switches attention, ``make_cache()`` gives a fresh KV cache and
+    ``from_prefix(dense_cache)`` a cache holding a dense prefill (None: the contender is the dense reference)."""
 
     name: str
     prepare: Callable[[], None]
     make_cache: Callable[[], Any]
+    from_prefix: Callable[[Any], Any] | None = None
+
+
+def prefill_tokens_per_chunk(batch: int) -> int:
+    """Prefill chunk so a chunk's attention scores stay about 1 GiB per 8K of context (``batch * chunk <= 4096``)."""
+    return max(128, 4096 // max(1, batch))
 
 
 def _sync(device: torch.device) -> None:
@@ -47,21 +55,36 @@ def bench_point(
     per-repeat ratios of each contender's throughput to the first's (the dense reference)."""
     device = input_ids.device
     batch, context = input_ids.shape
-    states: dict[str, dict[str, Any]] = {}
-    for c in contenders:
+    ref = contenders[0]
+    if ref.from_prefix is not None or any(c.from_prefix is None for c in contenders[1:]):
+        raise ValueError("the first contender is the dense reference; the others fill their caches from its prefill")
+    ref.prepare()
+    reset_device_peak(device)
+    cache = ref.make_cache()
+    chunk = prefill_tokens_per_chunk(batch)
+    _sync(device)
+    t0 = time.perf_counter()
+    for start in range(0, context, chunk):
+        out = model(input_ids=input_ids[:, start : start + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    _sync(device)
+    prefill_s = time.perf_counter() - t0
+    first = out.logits[:, -1].argmax(-1, keepdim=True)
+    del out
+    states: dict[str, dict[str, Any]] = {
+        ref.name: {"cache": cache, "next": first, "pos": context, "prefill_s": prefill_s, "fill_s": 0.0,
+                   "blocks": [], "kv_device_bytes": cache_device_bytes(cache, device)},
+    }
+    if tick is not None:
+        tick()
+    for c in contenders[1:]:
         c.prepare()
-        reset_device_peak(device)
-        cache = c.make_cache()
         _sync(device)
         t0 = time.perf_counter()
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        own = c.from_prefix(cache)
         _sync(device)
-        prefill_s = time.perf_counter() - t0
-        states[c.name] = {
-            "cache": out.past_key_values, "next": out.logits[:, -1].argmax(-1, keepdim=True), "pos": context,
-            "prefill_s": prefill_s, "blocks": [], "kv_device_bytes": cache_device_bytes(out.past_key_values, device),
-        }
-        del out
+        fill_s = time.perf_counter() - t0
+        states[c.name] = {"cache": own, "next": first.clone(), "pos": context, "prefill_s": prefill_s + fill_s,
+                          "fill_s": fill_s, "blocks": [], "kv_device_bytes": cache_device_bytes(own, device)}
         if tick is not None:
             tick()
     for rep in range(repeats + 1):  # block 0 is warm-up, not recorded
@@ -91,7 +114,8 @@ def bench_point(
         st = states[c.name]
         latency = st["blocks"]
         result["contenders"][c.name] = {
-            "prefill_s": st["prefill_s"],
+            "prefill_s": st["prefill_s"],  # retrieval contenders: the shared dense prefill + their cache fill
+            "cache_fill_s": st["fill_s"],
             "step_latency_s": stats(latency),
             "tokens_per_s": stats([batch / t for t in latency]),
             "kv_device_bytes": st["kv_device_bytes"],
