@@ -6,8 +6,10 @@ they never show a traceback. Set ``A2ATS_DEBUG=1`` to see the traceback anyway.
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
+from collections.abc import Callable
 
 import typer
 from rich.console import Console
@@ -45,20 +47,37 @@ def _root(
     """a2ats-tools command line."""
 
 
+def reflow_help(doc: str | None) -> str:
+    """A docstring as help text: hard-wrapped prose lines joined, so the terminal wraps them.
+
+    Lines that start with whitespace (examples) or a list marker keep their own line; blank lines still
+    separate paragraphs.
+    """
+    paragraphs = []
+    for paragraph in inspect.cleandoc(doc or "").split("\n\n"):
+        lines: list[str] = []
+        for line in paragraph.splitlines():
+            keep = not lines or line[:1].isspace() or line.lstrip().startswith(("- ", "* ", "• "))
+            if keep or lines[-1][:1].isspace():
+                lines.append(line)
+            else:
+                lines[-1] += " " + line.strip()
+        paragraphs.append("\n".join(lines))
+    return "\n\n".join(paragraphs)
+
+
+def _command(name: str, fn: Callable[..., object], **kwargs: object) -> None:
+    app.command(name=name, help=reflow_help(fn.__doc__), **kwargs)(fn)
+
+
 def _register() -> None:
-    from .commands import calibrate
+    from .commands import bench, calibrate, convert, evaluate, generate
 
-    app.command(name="calibrate", no_args_is_help=False)(calibrate.calibrate)
-    from .commands import convert
-
-    app.command(name="convert")(convert.convert)
-    from .commands import bench, evaluate
-
-    app.command(name="eval")(evaluate.evaluate)
-    app.command(name="bench")(bench.bench)
-    from .commands import generate
-
-    app.command(name="generate")(generate.generate)
+    _command("calibrate", calibrate.calibrate, no_args_is_help=False)
+    _command("convert", convert.convert)
+    _command("eval", evaluate.evaluate)
+    _command("bench", bench.bench)
+    _command("generate", generate.generate)
 
 
 _register()

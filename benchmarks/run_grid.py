@@ -1,11 +1,12 @@
 """Run the standard eval + bench grid on a converted checkpoint, then regenerate docs/figures/*.png and the
 measured tables of docs/results.md.
 
-    python benchmarks/run_grid.py runs/smollm2-a2ats                 # full CPU grid (hours on 2 cores)
+    python benchmarks/run_grid.py runs/smollm2-a2ats                 # full CPU grid (about 1.5 h on 2 cores)
     python benchmarks/run_grid.py runs/smollm2-a2ats --quick         # a smaller grid (tens of minutes)
     python benchmarks/run_grid.py --render-only runs/grid            # only rebuild docs from earlier JSON
 
-GPU: pass --device cuda (contexts up to 128K: --contexts 8k,32k,128k).
+The eval runs one `a2ats eval` per stage (recall, perplexity, tasks) into <out>/eval-<stage>/, and one
+`a2ats bench` into <out>/bench/. GPU: pass --device cuda (and longer contexts to bench by hand).
 """
 
 from __future__ import annotations
@@ -21,15 +22,22 @@ ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "docs" / "figures"
 RESULTS_MD = ROOT / "docs" / "results.md"
 BEGIN, END = "<!-- BEGIN MEASURED (benchmarks/run_grid.py) -->", "<!-- END MEASURED -->"
+STAGES = ("recall", "perplexity", "tasks")
 
 FULL = {
-    "eval": ["--budgets", "0.01,0.02,0.03,0.05,0.1", "--lengths", "1024,2048,4096,8192", "--samples", "4",
-             "--recall-length", "8192", "--recall-sequences", "2", "--ppl-length", "8192", "--ppl-tokens", "256"],
-    "bench": ["--contexts", "1024,2048,4096,8192", "--batches", "1,4,8", "--steps", "16", "--repeats", "3"],
+    "recall": ["--recall-length", "8192", "--recall-sequences", "2", "--budgets", "0.01,0.02,0.03,0.05,0.1",
+               "--baselines", "streaming,quest,wrope,exact"],
+    "perplexity": ["--ppl-length", "8192", "--ppl-tokens", "256", "--budgets", "0.03",
+                   "--baselines", "streaming,quest,wrope,exact"],
+    "tasks": ["--tasks", "all", "--lengths", "1024,2048,4096,8192", "--samples", "3", "--budgets", "0.03",
+              "--baselines", "streaming,quest,wrope"],
+    "bench": ["--contexts", "1024,2048,4096,8192", "--batches", "1,4,8", "--steps", "8", "--repeats", "3"],
 }
 QUICK = {
-    "eval": ["--budgets", "0.01,0.03,0.1", "--tasks", "passkey,niah_single", "--lengths", "2048,4096",
-             "--samples", "2", "--recall-length", "4096", "--ppl-length", "4096", "--ppl-tokens", "64"],
+    "recall": ["--recall-length", "4096", "--recall-sequences", "1", "--budgets", "0.01,0.03,0.1"],
+    "perplexity": ["--ppl-length", "4096", "--ppl-tokens", "64", "--budgets", "0.03", "--baselines", "streaming"],
+    "tasks": ["--tasks", "passkey,niah_single", "--lengths", "2048,4096", "--samples", "2", "--budgets", "0.03",
+              "--baselines", "streaming"],
     "bench": ["--contexts", "2048,8192", "--batches", "1,4", "--steps", "8", "--repeats", "3"],
 }
 
@@ -43,11 +51,15 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def render(eval_json: Path | None, bench_json: Path | None) -> str:
+def render(eval_jsons: list[Path], bench_json: Path | None) -> str:
+    """Markdown tables for every eval result (one per stage) and the bench result that exist."""
     lines = [BEGIN, ""]
-    if eval_json and eval_json.is_file():
+    for eval_json in eval_jsons:
+        if not eval_json.is_file():
+            continue
         res = json.loads(eval_json.read_text())
-        lines += [f"Checkpoint `{res['checkpoint']}`, created {res['created']}.", ""]
+        lines += [f"Checkpoint `{res['checkpoint']}`, stage(s) {', '.join(res['settings']['stages'])}, "
+                  f"created {res['created']}.", ""]
         if res.get("recall"):
             r = res["recall"]
             lines += [f"### Held-out attention-mass recall % (top-K recall %), {r['length']} tokens, mean over layers", "",
@@ -102,10 +114,12 @@ def update_results_md(block: str) -> None:
     RESULTS_MD.write_text(text)
 
 
-def copy_figures(eval_dir: Path, bench_dir: Path) -> None:
+def copy_figures(out: Path) -> None:
     FIGURES.mkdir(parents=True, exist_ok=True)
-    for src, name in ((eval_dir / "recall.png", "recall_vs_budget.png"), (eval_dir / "tasks.png", "tasks_vs_length.png"),
-                      (bench_dir / "throughput.png", "throughput_vs_context.png")):
+    for src, name in ((out / "eval-recall" / "recall.png", "recall_vs_budget.png"),
+                      (out / "eval-recall" / "recall_topk.png", "topk_recall_vs_budget.png"),
+                      (out / "eval-tasks" / "tasks.png", "tasks_vs_length.png"),
+                      (out / "bench" / "throughput.png", "throughput_vs_context.png")):
         if src.is_file():
             shutil.copyfile(src, FIGURES / name)
 
@@ -116,7 +130,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/grid", help="where eval/ and bench/ results go")
     ap.add_argument("--quick", action="store_true", help="a smaller grid")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--render-only", action="store_true", help="only rebuild docs from <checkpoint>/eval and /bench")
+    ap.add_argument("--render-only", action="store_true", help="only rebuild docs from <checkpoint>/eval-*/ and /bench")
     ap.add_argument("--skip-eval", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
     args = ap.parse_args()
@@ -125,12 +139,14 @@ def main() -> None:
     cli = [sys.executable, "-m", "a2ats_tools.cli"]
     if not args.render_only:
         if not args.skip_eval:
-            run([*cli, "eval", args.checkpoint, "--out", str(out / "eval"), "--overwrite", "--device", args.device, *grid["eval"]])
+            for stage in STAGES:
+                run([*cli, "eval", args.checkpoint, "--stages", stage, "--out", str(out / f"eval-{stage}"), "--overwrite",
+                     "--quiet", "--device", args.device, *grid[stage]])
         if not args.skip_bench:
             run([*cli, "bench", args.checkpoint, "--out", str(out / "bench"), "--overwrite", "--device", args.device,
                  *grid["bench"]])
-    copy_figures(out / "eval", out / "bench")
-    update_results_md(render(out / "eval" / "results.json", out / "bench" / "bench.json"))
+    copy_figures(out)
+    update_results_md(render([out / f"eval-{s}" / "results.json" for s in STAGES], out / "bench" / "bench.json"))
     print(f"updated {RESULTS_MD} and {FIGURES}")
 
 
