@@ -186,6 +186,7 @@ class A2atsSelector(TokenSelector):
     name = "a2ats"
     ENCODE_ROWS = 4096  # rows per encode matmul (bounds the [rows, C] temporary)
     ENCODE_BLOCK = 32  # decode steps: keys encoded together (at most the window, so pending keys are always kept)
+    kernel_backend = "auto"  # score gather: Triton on CUDA; "torch" or "triton" force one (tests)
 
     def __init__(self, settings, layer_idx, num_heads, num_kv_heads, head_dim, *, codebook, whitening, rotary: Rotary):
         super().__init__(settings, layer_idx, num_heads, num_kv_heads, head_dim)
@@ -288,19 +289,43 @@ class A2atsSelector(TokenSelector):
 
     def scores(self, state, q_pre, q_post, length):
         b, h = q_pre.shape[0], self.num_kv_heads
-        index = self._codes_buffer(state, b, h)[:, :, :length].long()  # pending (windowed) rows read stale codes
+        codes = self._codes_buffer(state, b, h)[:, :, :length]  # pending (windowed) rows read stale codes
         used = 1
         if self.buckets.count > 1:
             offset, used = self.bucket_index(length, q_pre.device)
-            if used > 1:
-                index = index + offset
         table = self.tables(q_pre, used)
         g = table.shape[2]
+        if g == 1 and self._fused_scoring(table):
+            return self._scores_triton(table, codes, length, used)
+        index = codes.long()
+        if used > 1:
+            index = index + offset
         s = table.gather(-1, index.unsqueeze(2).expand(-1, -1, g, -1))  # [B, Hkv, G', N]
         if g == 1:
             return s.squeeze(2)
         b = s.shape[0]
         return group_aggregate(s.reshape(b, self.num_heads, length), self.num_kv_heads, self.settings.aggregation, self.scale)
+
+
+    def _fused_scoring(self, table: torch.Tensor) -> bool:
+        """Whether to gather scores with the Triton kernel: on CUDA (``kernel_backend="auto"``) or when forced."""
+        if self.kernel_backend == "torch" or (self.kernel_backend == "auto" and not table.is_cuda):
+            return False
+        from ..kernels._dispatch import resolve_backend
+
+        return resolve_backend(self.kernel_backend, table) == "triton"
+
+    def _scores_triton(self, table: torch.Tensor, codes: torch.Tensor, length: int, used: int) -> torch.Tensor:
+        """The same scores as the torch gather, from the fused Triton gather (one program per token block)."""
+        import importlib
+
+        kernel = importlib.import_module("a2ats_tools.kernels.score_select")
+        b, h = table.shape[:2]
+        edges = self.buckets.edges
+        start, ratio = (edges[0], edges[1] / edges[0]) if len(edges) > 1 else (64.0, 2.0)
+        no_forced = torch.zeros(b, dtype=torch.long, device=table.device)  # select() masks sinks/window/padding
+        tables = table.reshape(b, h, 1, used, self.codes_size)
+        return kernel.score_triton(tables, codes, length, no_forced, 0, 0, start, ratio, "sum")
 
 
 SELECTOR_CLASSES: dict[str, type[TokenSelector]] = {
