@@ -53,14 +53,26 @@ def test_bench_command_end_to_end(tiny_checkpoint, tmp_path):  # noqa: F811
 
     out = tmp_path / "bench"
     result = CliRunner().invoke(app, ["bench", str(tiny_checkpoint), "--out", str(out), "--contexts", "64",
-                                      "--batches", "1,2", "--steps", "2", "--repeats", "2", "--offload", "--quiet"])
+                                      "--batches", "1,2", "--steps", "2", "--repeats", "2", "--offload", "--quiet",
+                                      "--also", "score_dtype=bfloat16,rerank=2"])
     assert result.exit_code == 0, result.output
     data = json.loads((out / "bench.json").read_text())
     assert [(p["context"], p["batch"]) for p in data["points"]] == [(64, 1), (64, 2)]
     c = data["points"][0]["contenders"]
-    assert list(c) == ["dense", "a2ats", "a2ats+offload"]
+    assert list(c) == ["dense", "a2ats", "a2ats+offload", "a2ats[score_dtype=bfloat16,rerank=2]"]
     assert c["a2ats"]["speedup_vs_dense"]["median"] > 0
     assert c["a2ats+offload"]["kv_device_bytes"] < c["a2ats"]["kv_device_bytes"]  # K/V moved to the host side
     assert (out / "throughput.png").read_bytes()[:4] == b"\x89PNG"
     bad = CliRunner().invoke(app, ["bench", str(tiny_checkpoint), "--out", str(tmp_path / "b"), "--contexts", "x"])
     assert isinstance(bad.exception, A2atsError)
+    bad = CliRunner().invoke(app, ["bench", str(tiny_checkpoint), "--out", str(tmp_path / "c"), "--also", "score_dtype=fp8"])
+    assert isinstance(bad.exception, A2atsError) and "score_dtype" in str(bad.exception)
+
+
+def test_parse_overrides_keeps_commas_inside_values():
+    from a2ats_tools.runtime.settings import parse_overrides
+
+    assert parse_overrides("dense_layers=0,1,budget=5%,rerank=2") == {"dense_layers": "0,1", "budget": "5%", "rerank": 2}
+    assert parse_overrides("score_dtype=bfloat16") == {"score_dtype": "bfloat16"}
+    with pytest.raises(A2atsError):
+        parse_overrides("bfloat16")

@@ -96,6 +96,54 @@ def test_recall_curve_oracle_is_the_upper_bound_and_full_budget_recalls_all(tiny
     assert overall["a2ats"]["4"]["mass"] < 1.0  # random codebooks are not exact
 
 
+def test_reference_rerank_spans_a2ats_to_oracle():
+    """Over-fetch 1 keeps A²ATS's own selection; over-fetching everything turns it into the oracle."""
+    from a2ats_tools.evaluation.recall_curve import reranked_scores
+    from a2ats_tools.scoring import SelectionPolicy, mass_recall
+
+    g = torch.Generator().manual_seed(2)
+    true = torch.randn(4, 3, 300, generator=g) * 3
+    approx = true + torch.randn(4, 3, 300, generator=g) * 3  # a noisy estimate
+    q_pos = torch.tensor([150, 220, 299])
+    policy = SelectionPolicy(2, 4, 10, "sum")
+    base = mass_recall(true, approx, q_pos, policy, 0.25, 2)
+    oracle = mass_recall(true, None, q_pos, policy, 0.25, 2)
+    assert (base < oracle - 1e-3).any()
+    one = mass_recall(true, reranked_scores(true, approx, q_pos, policy, 2, 1.0), q_pos, policy, 0.25, 2)
+    torch.testing.assert_close(one, base)
+    everything = mass_recall(true, reranked_scores(true, approx, q_pos, policy, 2, 1e4), q_pos, policy, 0.25, 2)
+    torch.testing.assert_close(everything, oracle)
+
+
+def test_reference_rerank_keeps_the_rows_the_runtime_keeps(tiny_checkpoint):
+    """The recall curve's ``rerank`` method and the runtime's ``rerank`` setting pick the same rows."""
+    from a2ats_tools import load_converted
+    from a2ats_tools.evaluation.recall_curve import reranked_scores
+    from a2ats_tools.scoring import SelectionPolicy, group_aggregate, select
+
+    model, _ = load_converted(str(tiny_checkpoint), budget=6, n_sink=2, window=8, rerank=2.0)
+    cache = model.a2ats.new_cache()
+    ids = torch.randint(100, 1000, (1, 120), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    layer = cache.layers[1]
+    sel, state = layer.selector, layer.state
+    n, hkv, hq = state.length, sel.num_kv_heads, sel.num_heads
+    g = torch.Generator().manual_seed(5)
+    q_pre, q_post = torch.randn(1, hq, sel.head_dim, generator=g), torch.randn(1, hq, sel.head_dim, generator=g)
+    approx_kv = torch.randn(1, hkv, n, generator=g)  # tie-free approximate scores (VQ codes repeat)
+    sel.scores = lambda *args: approx_kv.clone()
+    idx, keep = sel.select(state, q_pre, q_post, n, torch.ones(1, n, dtype=torch.bool))
+    approx = approx_kv[0].repeat_interleave(hq // hkv, 0) / (hq // hkv)  # per query head; sums back
+    keys = state.keys[0, :, :n].float().repeat_interleave(hq // hkv, 0)  # [Hq, N, d]
+    true = torch.einsum("hd,hnd->hn", q_post[0], keys)
+    policy = SelectionPolicy(2, 8, 6, "sum")
+    ref = reranked_scores(true[:, None], approx[:, None], torch.tensor([n - 1]), policy, hkv, 2.0)
+    ref_idx, ref_keep = select(group_aggregate(ref[:, 0], hkv, "sum"), torch.ones(n, dtype=torch.bool), policy)
+    for h in range(hkv):
+        assert set(idx[0, h][keep[0, h]].tolist()) == set(ref_idx[h][ref_keep[h]].tolist())
+
+
 def test_shared_prefill_generation_equals_plain_generate(tiny_checkpoint, tokenizer):
     """One dense prefill shared by every variant gives the same greedy text as each variant's own generate."""
     from a2ats_tools.evaluation.harness import ModelUnderTest, Variant
@@ -141,23 +189,27 @@ def test_eval_command_end_to_end(tiny_checkpoint, tmp_path):
     out = tmp_path / "eval"
     args = ["eval", str(tiny_checkpoint), "--out", str(out), "--budgets", "0.05,0.5", "--baselines", "all",
             "--baseline-budget", "0.05", "--tasks", "passkey,niah_single", "--lengths", "160,9000", "--samples", "1",
-            "--recall-length", "160", "--queries", "3", "--ppl-length", "120", "--ppl-tokens", "4", "--quiet"]
+            "--recall-length", "160", "--queries", "3", "--ppl-length", "120", "--ppl-tokens", "4", "--quiet",
+            "--also", "score_dtype=bfloat16"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     data = json.loads((out / "results.json").read_text())
     assert data["tasks"]["configs"][0] == "dense"
-    assert {"a2ats@5%", "a2ats@50%", "streaming@5%", "quest@5%", "wrope2048@5%", "exact@5%"} <= set(data["tasks"]["configs"])
+    assert {"a2ats@5%", "a2ats@50%", "streaming@5%", "quest@5%", "wrope2048@5%", "exact@5%", "a2ats+rerank@5%",
+            "a2ats[score_dtype=bfloat16]"} <= set(data["tasks"]["configs"])
     assert [r["length"] for r in data["tasks"]["rows"]] == [160, 160]  # 9000 is beyond the tiny model's context
     assert any("skipped" in n for n in data["notes"])
     assert set(data["perplexity"]["configs"]) == set(data["tasks"]["configs"])
     assert data["recall"]["overall"]["oracle"]["0.5"]["mass"] > 0.5
+    assert "rerank" in data["recall"]["methods"]
     for png in ("recall.png", "recall_topk.png", "tasks.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     again = CliRunner().invoke(app, args)
     assert isinstance(again.exception, A2atsError) and "--overwrite" in str(again.exception)
 
 
-@pytest.mark.parametrize("bad", [["--budgets", "lots"], ["--stages", "speed"], ["--tasks", "nope"], ["--baselines", "h2o"]])
+@pytest.mark.parametrize("bad", [["--budgets", "lots"], ["--stages", "speed"], ["--tasks", "nope"], ["--baselines", "h2o"],
+                                 ["--also", "buckets=spiral"]])
 def test_eval_command_rejects_bad_options(tiny_checkpoint, tmp_path, bad):
     from a2ats_tools.cli import app
 

@@ -48,9 +48,9 @@ def test_encode_matches_kernel(backend):
     assert (ours.long() == theirs.long()).float().mean() > 0.99  # float ties aside, the same nearest centroid
 
 
-@pytest.mark.parametrize("buckets", ["single", "log"])
-def test_selector_scores_match_score_kernel(buckets):
-    """The selector's fused (Triton) score gather equals its torch gather, bucket by bucket."""
+@pytest.mark.parametrize(("buckets", "score_dtype"), [("single", "float32"), ("log", "float32"), ("log", "bfloat16")])
+def test_selector_scores_match_score_kernel(buckets, score_dtype):
+    """The selector's fused (Triton) score gather equals its torch gather, bucket by bucket (bf16 tables too)."""
     from a2ats_tools.models import rotary
     from a2ats_tools.rope import DistanceBuckets
     from a2ats_tools.runtime.cache import LayerState
@@ -60,7 +60,8 @@ def test_selector_scores_match_score_kernel(buckets):
     g = torch.Generator().manual_seed(2)
     b, hq, hkv, c, d, length = 2, 4, 2, 32, 16, 700
     codebook = torch.randn(hkv, c, d, generator=g)
-    settings = RuntimeSettings(buckets=DistanceBuckets.single(2048) if buckets == "single" else DistanceBuckets.log_spaced(1024))
+    settings = RuntimeSettings(buckets=DistanceBuckets.single(2048) if buckets == "single" else DistanceBuckets.log_spaced(1024),
+                               score_dtype=score_dtype)
     sel = A2atsSelector(settings, 0, hq, hkv, d, codebook=codebook, whitening=torch.eye(d).expand(hkv, d, d),
                         rotary=rotary(build_tiny_model("llama")))
     state = LayerState()
@@ -72,4 +73,30 @@ def test_selector_scores_match_score_kernel(buckets):
     sel.kernel_backend = "triton"
     fused = sel.scores(state, q, q, length)
     assert ours.shape == fused.shape == (b, hkv, length)
-    torch.testing.assert_close(fused, ours, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, ours.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_score_table_stays_close_to_float32():
+    """A bf16 table changes scores by bf16 rounding only (same codes, same buckets)."""
+    from a2ats_tools.models import rotary
+    from a2ats_tools.rope import DistanceBuckets
+    from a2ats_tools.runtime.cache import LayerState
+
+    from .conftest import build_tiny_model
+
+    g = torch.Generator().manual_seed(3)
+    b, hq, hkv, c, d, length = 2, 4, 2, 64, 16, 500
+    codebook, keys = torch.randn(hkv, c, d, generator=g), torch.randn(b, hkv, length, d, generator=g)
+    q = torch.randn(b, hq, d, generator=g)
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        settings = RuntimeSettings(buckets=DistanceBuckets.log_spaced(1024), score_dtype=dtype)
+        sel = A2atsSelector(settings, 0, hq, hkv, d, codebook=codebook, whitening=torch.eye(d).expand(hkv, d, d),
+                            rotary=rotary(build_tiny_model("llama")))
+        state = LayerState()
+        state.capacity, state.device = length, torch.device("cpu")
+        sel.on_prefill(state, keys, None, 0)
+        out[dtype] = sel.scores(state, q, q, length)
+    assert out["bfloat16"].dtype == torch.bfloat16
+    err = (out["bfloat16"].float() - out["float32"]).abs()
+    assert 0 < err.max() <= 0.02 * out["float32"].abs().max()

@@ -21,6 +21,9 @@ def bench(
     steps: int = typer.Option(16, "--steps", help="Timed decode steps per block."),
     repeats: int = typer.Option(3, "--repeats", help="Alternating blocks per contender (min/median/max over them)."),
     offload: bool = typer.Option(False, "--offload", help="Also run A²ATS with the KV cache offloaded to CPU."),
+    also: list[str] = typer.Option(
+        None, "--also", help="Another A²ATS contender with runtime overrides, e.g. 'score_dtype=bfloat16' (repeatable)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the random prompt tokens."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
@@ -42,6 +45,8 @@ def bench(
       a2ats bench runs/ckpt --contexts 8k --batches 4 --steps 8 --repeats 3 -o runs/bench-8k
 
       a2ats bench runs/ckpt --device cuda --contexts 8k,32k,128k --batches 1,8 --offload -o runs/bench-gpu
+
+      a2ats bench runs/ckpt --contexts 8k --batches 4 --also score_dtype=bfloat16 --also rerank=2 -o runs/bench-knobs
     """
     import torch
 
@@ -51,7 +56,7 @@ def bench(
     from ..evaluation.harness import ModelUnderTest, Variant
     from ..evaluation.options import parse_int_list
     from ..io import prepare_output_dir, write_json
-    from ..runtime.settings import parse_budget
+    from ..runtime.settings import parse_budget, parse_overrides
 
     ctx_list = parse_int_list(contexts, "--contexts")
     batch_list = parse_int_list(batches, "--batches")
@@ -80,6 +85,10 @@ def bench(
     contenders = [variant("dense", None), variant("a2ats", {**overrides, "selector": "a2ats"})]
     if offload:
         contenders.append(variant("a2ats+offload", {**overrides, "selector": "a2ats", "offload": "cpu"}))
+    for spec in also or []:
+        extra = {**overrides, "selector": "a2ats", **parse_overrides(spec)}
+        mut.base_settings.with_overrides(**extra)  # a bad key or value fails here, before any timing
+        contenders.append(variant(f"a2ats[{spec}]", extra))
     gen = torch.Generator().manual_seed(seed)
     vocab = mut.model.config.get_text_config().vocab_size
     points = []

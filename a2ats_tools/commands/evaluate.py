@@ -16,9 +16,14 @@ def evaluate(
     out: Path = typer.Option(Path("runs/eval"), "--out", "-o", help="Directory for results.json and the PNG plots."),
     budgets: str = typer.Option("0.01,0.02,0.03,0.05,0.1", "--budgets", help="Top-K budgets: fractions, 5%, or tokens."),
     baselines: str = typer.Option(
-        "streaming,quest,wrope", "--baselines", help="Baselines at --baseline-budget: streaming, quest, wrope, exact, all, none."
+        "streaming,quest,wrope", "--baselines", help="Baselines at --baseline-budget: streaming, quest, wrope, exact, rerank, all, none."
     ),
     baseline_budget: str = typer.Option("0.03", "--baseline-budget", help="Per-KV-head budget of the baselines."),
+    also: list[str] = typer.Option(
+        None, "--also",
+        help="Another A²ATS configuration at --baseline-budget, as runtime overrides, e.g. 'score_dtype=bfloat16' "
+        "(repeatable; tasks and perplexity).",
+    ),
     stages: str = typer.Option("recall,tasks,perplexity", "--stages", help="Which stages to run (comma list)."),
     tasks: str = typer.Option("all", "--tasks", help="passkey, niah_single, niah_multikey, niah_multivalue, variable_tracking, niah, all."),
     lengths: str = typer.Option("1024,2048,4096,8192", "--lengths", help="Task context lengths (tokens; longer than the model's are skipped)."),
@@ -51,17 +56,19 @@ def evaluate(
       a2ats eval runs/ckpt --stages tasks --tasks passkey,niah --lengths 4k,8k --samples 4 -o runs/niah
 
       a2ats eval runs/ckpt --stages perplexity --ppl-length 8192 --ppl-tokens 256 --baselines none -o runs/ppl
+
+      a2ats eval runs/ckpt --stages perplexity,tasks --baselines rerank --also score_dtype=bfloat16 -o runs/knobs
     """
     from ..errors import A2atsError
     from ..evaluation import plots
-    from ..evaluation.harness import ModelUnderTest, build_variants, parse_baselines
+    from ..evaluation.harness import ModelUnderTest, Variant, build_variants, parse_baselines
     from ..evaluation.haystack import Haystack
     from ..evaluation.options import parse_budget_list, parse_int_list
     from ..evaluation.results import new_results, print_results, write_results
     from ..evaluation.run import run_perplexity, run_recall, run_tasks
     from ..evaluation.tasks import parse_tasks
     from ..io import prepare_output_dir
-    from ..runtime.settings import parse_budget
+    from ..runtime.settings import parse_budget, parse_overrides
 
     chosen = [s.strip() for s in stages.split(",") if s.strip()]
     for s in chosen:
@@ -84,6 +91,10 @@ def evaluate(
     if len(kept) < len(length_list):
         notes.append(f"lengths above the model's context ({max_len}) skipped: {sorted(set(length_list) - set(kept))}")
     variants = build_variants(budget_list, baseline_list, base_budget)
+    for spec in also or []:
+        extra = {"budget": base_budget, "selector": "a2ats", **parse_overrides(spec)}
+        mut.base_settings.with_overrides(**extra)  # a bad key or value fails before any work
+        variants.append(Variant(f"a2ats[{spec}]", extra))
     haystack_text = Haystack.from_file(haystack, mut.tokenizer) if haystack else Haystack.noise(mut.tokenizer)
 
     settings = {

@@ -34,6 +34,7 @@ def generate(
     prefill_chunk: int = typer.Option(None, "--prefill-chunk", help="Prefill in chunks of this many tokens."),
     offload: str = typer.Option(None, "--offload", help="'cpu': keep the full K/V in host memory."),
     dense_layers: str = typer.Option(None, "--dense-layers", help="Layers that decode densely, e.g. '0,1' ('none' = off)."),
+    score_dtype: str = typer.Option(None, "--score-dtype", help="Score-table precision: float32 or bfloat16 (selection only)."),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy; > 0 samples."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
@@ -70,6 +71,7 @@ def generate(
     model, tok = load_converted(
         checkpoint, device=device, dtype=getattr(torch, dtype), budget=budget, offload=offload,
         buckets=buckets, selector=selector, rerank=rerank, prefill_chunk=prefill_chunk, dense_layers=dense_layers,
+        score_dtype=score_dtype,
     )
     if chat:
         if not getattr(tok, "chat_template", None):

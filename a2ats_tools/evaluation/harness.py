@@ -4,7 +4,8 @@ runs on the same prompts in the same process.
 A *variant* is dense (plain SDPA with a DynamicCache) or a set of runtime overrides (budget, selector,
 buckets, ...) applied to the checkpoint's settings. Baselines run through the same runtime at the same
 per-KV-head budget: ``streaming`` (sinks + enlarged window), ``quest`` (page selection), ``wrope`` (the paper's
-single distance 2048) and ``exact`` (oracle top-K).
+single distance 2048), ``exact`` (oracle top-K) and ``rerank`` (A²ATS with exact re-ranking of 2K candidates,
+an extension rather than a baseline).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import torch
 
 from ..errors import A2atsError
 from .baselines import make_quest_selector
+from .recall_curve import RERANK_FACTOR
 
-BASELINES: tuple[str, ...] = ("streaming", "quest", "wrope", "exact")
+BASELINES: tuple[str, ...] = ("streaming", "quest", "wrope", "exact", "rerank")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,9 @@ def build_variants(budgets: Sequence[float | int], baselines: Sequence[str], bas
             out.append(Variant(f"wrope2048@{label}", {"budget": baseline_budget, "selector": "a2ats", "buckets": "single:2048"}))
         elif name == "exact":
             out.append(Variant(f"exact@{label}", {"budget": baseline_budget, "selector": "exact"}))
+        elif name == "rerank":
+            overrides = {"budget": baseline_budget, "selector": "a2ats", "rerank": RERANK_FACTOR}
+            out.append(Variant(f"a2ats+rerank@{label}", overrides))
         else:
             raise A2atsError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
     return out

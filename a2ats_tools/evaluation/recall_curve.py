@@ -9,11 +9,14 @@ every method is scored with the reference semantics of :mod:`a2ats_tools.scoring
 * ``wrope``: the paper's single-distance WRoPE (2048) over the same VQ keys;
 * ``quest``: page min/max bounds of the exact post-RoPE keys (pages of 16);
 * ``streaming``: sinks plus the most recent tokens (the window enlarged to the same budget);
-* ``oracle``: exact logits (the upper bound for the budget).
+* ``oracle``: exact logits (the upper bound for the budget);
+* ``rerank``: ``a2ats`` with exact re-ranking: the ``rerank``·K best tokens by approximate score are
+  fetched and the K best of them by exact logit kept (the runtime's ``rerank`` setting).
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,10 +28,19 @@ import torch
 from ..errors import DataError
 from ..kernels.encode import encode, prepare_codebook
 from ..rope import DistanceBuckets, Rotary, apply_rope
-from ..scoring import SelectionPolicy, bucketed_scores, exact_logits, group_aggregate, mass_recall, select
+from ..scoring import (
+    SelectionPolicy,
+    bucketed_scores,
+    exact_logits,
+    forced_mask,
+    group_aggregate,
+    mass_recall,
+    select,
+)
 from .baselines import quest_token_scores
 
-RECALL_METHODS: tuple[str, ...] = ("a2ats", "wrope", "quest", "streaming", "oracle")
+RECALL_METHODS: tuple[str, ...] = ("a2ats", "rerank", "wrope", "quest", "streaming", "oracle")
+RERANK_FACTOR = 2.0  # over-fetch of the ``rerank`` method when the checkpoint sets none
 
 
 @dataclass
@@ -107,6 +119,34 @@ def topk_recall(
     return torch.stack(out, 1)
 
 
+def reranked_scores(
+    true_logits: torch.Tensor, approx: torch.Tensor, q_pos: torch.Tensor, policy: SelectionPolicy,
+    num_kv_heads: int, factor: float,
+) -> torch.Tensor:
+    """Scores ``[Hq, M, N]`` whose selection under ``policy`` is ``approx`` with exact re-ranking.
+
+    Per KV head, the ``ceil(factor·K)`` best non-forced tokens by group-aggregated ``approx`` are the
+    candidates; they score their exact logit shifted to be >= 1, every other token scores 0, so the top-K
+    are the candidates with the best exact logits (the same rows the runtime's ``rerank`` keeps).
+    """
+    hq, m, n = true_logits.shape
+    g = hq // num_kv_heads
+    valid = torch.arange(n).reshape(1, n) <= q_pos.reshape(m, 1)
+    agg = group_aggregate(approx.masked_fill(~valid, float("-inf")).transpose(0, 1), num_kv_heads, policy.aggregation)
+    out = torch.zeros_like(true_logits, dtype=torch.float32)
+    for i in range(m):
+        ctx = int(q_pos[i]) + 1
+        forced = forced_mask(valid[i], policy.n_sink, policy.window)
+        fetch = min(n, math.ceil(policy.budget_tokens(ctx) * factor))
+        vals, cand = torch.topk(agg[i].masked_fill(forced, float("-inf")), fetch, dim=-1)
+        picked = torch.zeros(num_kv_heads, n, dtype=torch.bool).scatter_(1, cand, vals > float("-inf"))
+        picked = picked.repeat_interleave(g, 0)
+        t = true_logits[:, i].float()
+        low = t.masked_fill(~valid[i], float("inf")).amin(-1, keepdim=True)
+        out[:, i] = torch.where(picked, t - low + 1.0, torch.zeros_like(t))
+    return out
+
+
 def method_scores(
     method: str, q: torch.Tensor, q_pos: torch.Tensor, keys: torch.Tensor, keys_vq: torch.Tensor | None,
     rotary: Rotary, buckets: DistanceBuckets, num_kv_heads: int,
@@ -143,6 +183,7 @@ def recall_curve(
     aggregation: str = "sum",
     methods: Sequence[str] = RECALL_METHODS,
     queries_per_sequence: int = 16,
+    rerank: float = RERANK_FACTOR,
     progress: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Mass and top-K recall per method, budget and layer (means over query heads, queries and sequences).
@@ -162,13 +203,17 @@ def recall_curve(
             q = q_all[:, q_pos]
             true = exact_logits(q, q_pos, keys, rotary)
             keys_vq = None
-            if {"a2ats", "wrope"} & set(methods):
+            if {"a2ats", "rerank", "wrope"} & set(methods):
                 codes = encode(keys.unsqueeze(0), prepare_codebook(codebooks[layer], whitening[layer]))[0].long()
                 keys_vq = codebooks[layer].float().gather(1, codes.unsqueeze(-1).expand(hkv, n, d))
             for method in methods:
-                approx, adapt = method_scores(method, q, q_pos, keys, keys_vq, rotary, buckets, hkv)
+                base = "a2ats" if method == "rerank" else method
+                scores, adapt = method_scores(base, q, q_pos, keys, keys_vq, rotary, buckets, hkv)
                 for budget in budgets:
                     policy = adapt(SelectionPolicy(n_sink, window, budget, aggregation))  # type: ignore[arg-type]
+                    approx = scores
+                    if method == "rerank" and scores is not None:
+                        approx = reranked_scores(true, scores, q_pos, policy, hkv, rerank)
                     mass = mass_recall(true, approx, q_pos, policy, d**-0.5, hkv).mean().item()
                     top = topk_recall(true, approx, q_pos, policy, hkv).mean().item()
                     for metric, value in (("mass", mass), ("topk", top)):

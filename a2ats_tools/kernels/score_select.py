@@ -132,7 +132,7 @@ if triton is not None:
 
     @triton.jit
     def _score_kernel(
-        tables_ptr,  # [B,Hkv,G',P,C] f32 contiguous
+        tables_ptr,  # [B,Hkv,G',P,C] f32/bf16/f16 contiguous (read as f32)
         codes_ptr,  # [B,Hkv,Nmax] int16/int32, strided
         buckets_ptr,  # [length] int32: bucket of token j
         first_valid_ptr,  # [B] int64
@@ -159,9 +159,9 @@ if triton is not None:
         bucket = tl.load(buckets_ptr + j, mask=ok, other=0)
         table = tables_ptr + bh.to(tl.int64) * (GROUP * n_buckets * n_codes)
         index = bucket * n_codes + code
-        score = tl.load(table + index, mask=ok, other=0.0)
+        score = tl.load(table + index, mask=ok, other=0.0).to(tl.float32)
         for g in tl.static_range(1, GROUP):
-            other = tl.load(table + g * n_buckets * n_codes + index, mask=ok, other=0.0)
+            other = tl.load(table + g * n_buckets * n_codes + index, mask=ok, other=0.0).to(tl.float32)
             if AGG_MAX:
                 score = tl.maximum(score, other)
             else:
@@ -195,7 +195,9 @@ def score_triton(
         raise RuntimeError("triton is not installed")
     _check_aggregation(aggregation)
     b, hkv, gp, p, c = tables.shape
-    tables = tables.float().contiguous()
+    if tables.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        tables = tables.float()
+    tables = tables.contiguous()  # half-precision tables are read as they are (no float copy)
     if codes.stride(-1) != 1:
         codes = codes.contiguous()
     scores = torch.empty(b, hkv, length, dtype=torch.float32, device=tables.device)

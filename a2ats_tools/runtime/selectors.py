@@ -201,10 +201,12 @@ class A2atsSelector(TokenSelector):
         self.buckets = buckets
         cos, sin = rotary.cos_sin(torch.tensor(buckets.centres))
         self.cos, self.sin = cos, sin  # [P, d]
+        self.table_dtype = getattr(torch, settings.score_dtype)
+        self.codebook_scoring = self.codebook_t.to(self.table_dtype)  # the table's right operand
         self._bucket_memo: tuple[int, torch.Tensor, int] | None = None
 
     def to(self, device: torch.device) -> A2atsSelector:
-        for name in ("codebook_t", "encode_weight", "encode_bias", "cos", "sin", "_whitening"):
+        for name in ("codebook_t", "codebook_scoring", "encode_weight", "encode_bias", "cos", "sin", "_whitening"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
@@ -276,7 +278,8 @@ class A2atsSelector(TokenSelector):
         return offset, used
 
     def tables(self, q_pre: torch.Tensor, used: int) -> torch.Tensor:
-        """``[B, Hkv, G', used * C]`` score tables (``G' = 1`` for ``sum``: the group's queries are folded)."""
+        """``[B, Hkv, G', used * C]`` score tables (``G' = 1`` for ``sum``: the group's queries are folded), in
+        ``score_dtype``."""
         b, hq, d = q_pre.shape
         q = q_pre.float().reshape(b, self.num_kv_heads, self.group, d)
         if self.settings.aggregation == "sum":
@@ -284,7 +287,7 @@ class A2atsSelector(TokenSelector):
         g = q.shape[2]
         qw = apply_rope(q.unsqueeze(3), self.cos[:used], self.sin[:used])  # [B, Hkv, G', P, d]
         qw = qw.permute(1, 0, 2, 3, 4).reshape(self.num_kv_heads, b * g * used, d)
-        table = torch.bmm(qw, self.codebook_t)  # [Hkv, B*G'*P, C]
+        table = torch.bmm(qw.to(self.table_dtype), self.codebook_scoring)  # [Hkv, B*G'*P, C]
         return table.reshape(self.num_kv_heads, b, g, used * self.codes_size).transpose(0, 1)
 
     def scores(self, state, q_pre, q_post, length):

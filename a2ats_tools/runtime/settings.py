@@ -12,6 +12,7 @@ from ..rope import DistanceBuckets
 from ..scoring import AGGREGATIONS, SelectionPolicy
 
 OFFLOADS = (None, "cpu")
+SCORE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,8 @@ class RuntimeSettings:
     ``budget``: top-K size per KV head, a fraction of the context (float <= 1) or a token count (int); sinks and
     window come on top. ``rerank``: over-fetch factor for exact re-ranking (0 = off, e.g. 2.0 fetches 2K
     candidates by approximate score and keeps the K best by exact score). ``prefill_chunk``: prefill in chunks of
-    this many tokens (None = one pass).
+    this many tokens (None = one pass). ``score_dtype``: precision of the per-step score table ``q_w · codebook``
+    (``bfloat16`` halves its matrix product on CPUs with native bf16; selection only, attention stays exact).
     """
 
     budget: float | int = 0.03
@@ -35,6 +37,7 @@ class RuntimeSettings:
     prefill_chunk: int | None = None
     max_distance: int = 8192  # the longest distance log buckets must cover (the model's context)
     dense_layers: tuple[int, ...] = ()  # layers that decode with exact dense attention (no selection)
+    score_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or self.budget < 0:
@@ -49,6 +52,8 @@ class RuntimeSettings:
             raise A2atsError(f"rerank is an over-fetch factor >= 1 (or 0 for off), got {self.rerank}")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise A2atsError("prefill_chunk must be a positive number of tokens")
+        if self.score_dtype not in SCORE_DTYPES:
+            raise A2atsError(f"unknown score_dtype {self.score_dtype!r}; choose from {', '.join(SCORE_DTYPES)}")
         if any(i < 0 for i in self.dense_layers):
             raise A2atsError(f"dense_layers are layer indices >= 0, got {self.dense_layers}")
 
@@ -84,6 +89,35 @@ class RuntimeSettings:
             dense_layers=tuple(config.dense_layers),
         )
         return base.with_overrides(**overrides)
+
+
+def parse_overrides(spec: str) -> dict[str, Any]:
+    """``"score_dtype=bfloat16,rerank=2"`` -> ``{"score_dtype": "bfloat16", "rerank": 2}``.
+
+    Commas inside a value are kept (``"dense_layers=0,1,budget=5%"``); numbers become int or float, and the
+    values are checked by :meth:`RuntimeSettings.with_overrides`.
+    """
+    parts: list[str] = []
+    for piece in spec.split(","):
+        if "=" in piece or not parts:
+            parts.append(piece)
+        else:
+            parts[-1] += "," + piece
+    out: dict[str, Any] = {}
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise A2atsError(f"runtime overrides are KEY=VALUE pairs such as 'score_dtype=bfloat16', got {spec!r}")
+        text = value.strip()
+        for cast in (int, float):
+            try:
+                out[key.strip()] = cast(text)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key.strip()] = text
+    return out
 
 
 def parse_budget(value: Any) -> float | int:
