@@ -26,11 +26,11 @@ STAGES = ("recall", "perplexity", "tasks")
 
 FULL = {
     "recall": ["--recall-length", "8192", "--recall-sequences", "2", "--budgets", "0.01,0.02,0.03,0.05,0.1",
-               "--baselines", "streaming,quest,wrope,exact,rerank"],
+               "--baselines", "streaming,quest,wrope,exact,norerank"],
     "perplexity": ["--ppl-length", "8192", "--ppl-tokens", "256", "--budgets", "0.03",
-                   "--baselines", "streaming,quest,wrope,exact,rerank"],
+                   "--baselines", "streaming,quest,wrope,exact,norerank"],
     "tasks": ["--tasks", "all", "--lengths", "1024,2048,4096,8192", "--samples", "3", "--budgets", "0.03",
-              "--baselines", "streaming,quest,wrope,rerank"],
+              "--baselines", "streaming,quest,wrope,norerank"],
     "bench": ["--contexts", "1024,2048,4096,8192", "--batches", "1,4,8", "--steps", "8", "--repeats", "3"],
 }
 QUICK = {

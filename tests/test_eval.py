@@ -116,7 +116,7 @@ def test_reference_rerank_spans_a2ats_to_oracle():
 
 
 def test_reference_rerank_keeps_the_rows_the_runtime_keeps(tiny_checkpoint):
-    """The recall curve's ``rerank`` method and the runtime's ``rerank`` setting pick the same rows."""
+    """The recall curve's re-ranking (its ``a2ats`` method) and the runtime's ``rerank`` setting pick the same rows."""
     from a2ats_tools import load_converted
     from a2ats_tools.evaluation.recall_curve import reranked_scores
     from a2ats_tools.scoring import SelectionPolicy, group_aggregate, select
@@ -195,13 +195,13 @@ def test_eval_command_end_to_end(tiny_checkpoint, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((out / "results.json").read_text())
     assert data["tasks"]["configs"][0] == "dense"
-    assert {"a2ats@5%", "a2ats@50%", "streaming@5%", "quest@5%", "wrope2048@5%", "exact@5%", "a2ats+rerank@5%",
+    assert {"a2ats@5%", "a2ats@50%", "streaming@5%", "quest@5%", "wrope2048@5%", "exact@5%", "a2ats-norerank@5%",
             "a2ats[score_dtype=bfloat16]"} <= set(data["tasks"]["configs"])
     assert [r["length"] for r in data["tasks"]["rows"]] == [160, 160]  # 9000 is beyond the tiny model's context
     assert any("skipped" in n for n in data["notes"])
     assert set(data["perplexity"]["configs"]) == set(data["tasks"]["configs"])
     assert data["recall"]["overall"]["oracle"]["0.5"]["mass"] > 0.5
-    assert "rerank" in data["recall"]["methods"]
+    assert "norerank" in data["recall"]["methods"] and data["recall"]["rerank"] == 2.0
     for png in ("recall.png", "recall_topk.png", "tasks.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     again = CliRunner().invoke(app, args)

@@ -234,6 +234,32 @@ def test_rerank_keeps_budget_and_full_budget_equality(tiny_checkpoints):
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_rerank_is_default_for_a2ats_only(tiny_checkpoints):
+    """The default ``rerank`` re-ranks A²ATS's approximate scores; the streaming baseline stays pure recency."""
+    model, _ = load(tiny_checkpoints["llama"], budget=6, n_sink=2, window=8, selector="streaming")
+    assert model.a2ats.settings.rerank == 2.0
+    ids = prompt_ids(120)
+    cache = model.a2ats.new_cache()
+    with torch.no_grad():
+        decode_logits(model, ids, 1, cache=cache)
+    n = cache.get_seq_length()
+    idx, keep = cache.layers[0].last_selection
+    for h in range(idx.shape[1]):  # sinks plus the most recent window + budget rows, nothing re-ranked in
+        assert set(idx[0, h][keep[0, h]].tolist()) == set(range(2)) | set(range(n - 8 - 6, n))
+
+
+def test_score_dtype_auto_follows_the_hardware():
+    from a2ats_tools.errors import A2atsError
+    from a2ats_tools.runtime.settings import RuntimeSettings, cpu_has_native_bf16, resolve_score_dtype
+
+    cpu = torch.device("cpu")
+    assert resolve_score_dtype("auto", cpu) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert resolve_score_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_score_dtype("float32", torch.device("cuda")) == torch.float32
+    with pytest.raises(A2atsError, match="score_dtype"):
+        RuntimeSettings(score_dtype="fp8")
+
+
 def test_log_buckets_full_budget_equals_dense(tiny_checkpoints):
     model, _ = load(tiny_checkpoints["qwen2"], budget=1.0, buckets="log", aggregation="max")
     ids = prompt_ids(200)

@@ -46,7 +46,7 @@ def bench(
 
       a2ats bench runs/ckpt --device cuda --contexts 8k,32k,128k --batches 1,8 --offload -o runs/bench-gpu
 
-      a2ats bench runs/ckpt --contexts 8k --batches 4 --also score_dtype=bfloat16 --also rerank=2 -o runs/bench-knobs
+      a2ats bench runs/ckpt --contexts 8k --batches 4 --also rerank=0 --also score_dtype=float32 -o runs/bench-knobs
     """
     import torch
 

@@ -16,7 +16,7 @@ def evaluate(
     out: Path = typer.Option(Path("runs/eval"), "--out", "-o", help="Directory for results.json and the PNG plots."),
     budgets: str = typer.Option("0.01,0.02,0.03,0.05,0.1", "--budgets", help="Top-K budgets: fractions, 5%, or tokens."),
     baselines: str = typer.Option(
-        "streaming,quest,wrope", "--baselines", help="Baselines at --baseline-budget: streaming, quest, wrope, exact, rerank, all, none."
+        "streaming,quest,wrope", "--baselines", help="Baselines at --baseline-budget: streaming, quest, wrope, exact, norerank, all, none."
     ),
     baseline_budget: str = typer.Option("0.03", "--baseline-budget", help="Per-KV-head budget of the baselines."),
     also: list[str] = typer.Option(
@@ -57,7 +57,7 @@ def evaluate(
 
       a2ats eval runs/ckpt --stages perplexity --ppl-length 8192 --ppl-tokens 256 --baselines none -o runs/ppl
 
-      a2ats eval runs/ckpt --stages perplexity,tasks --baselines rerank --also score_dtype=bfloat16 -o runs/knobs
+      a2ats eval runs/ckpt --stages perplexity,tasks --baselines norerank --also score_dtype=float32 -o runs/knobs
     """
     from ..errors import A2atsError
     from ..evaluation import plots

@@ -4,8 +4,8 @@ runs on the same prompts in the same process.
 A *variant* is dense (plain SDPA with a DynamicCache) or a set of runtime overrides (budget, selector,
 buckets, ...) applied to the checkpoint's settings. Baselines run through the same runtime at the same
 per-KV-head budget: ``streaming`` (sinks + enlarged window), ``quest`` (page selection), ``wrope`` (the paper's
-single distance 2048), ``exact`` (oracle top-K) and ``rerank`` (A²ATS with exact re-ranking of 2K candidates,
-an extension rather than a baseline).
+single distance 2048, no re-ranking), ``exact`` (oracle top-K) and ``norerank`` (A²ATS's approximate scores
+alone, the ablation of the default exact re-ranking).
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ import torch
 
 from ..errors import A2atsError
 from .baselines import make_quest_selector
-from .recall_curve import RERANK_FACTOR
 
-BASELINES: tuple[str, ...] = ("streaming", "quest", "wrope", "exact", "rerank")
+BASELINES: tuple[str, ...] = ("streaming", "quest", "wrope", "exact", "norerank")
 
 
 @dataclass(frozen=True)
@@ -50,12 +49,12 @@ def build_variants(budgets: Sequence[float | int], baselines: Sequence[str], bas
         elif name == "quest":
             out.append(Variant(f"quest@{label}", {"budget": baseline_budget, "selector": "quest"}))
         elif name == "wrope":
-            out.append(Variant(f"wrope2048@{label}", {"budget": baseline_budget, "selector": "a2ats", "buckets": "single:2048"}))
+            wrope = {"budget": baseline_budget, "selector": "a2ats", "buckets": "single:2048", "rerank": 0}  # the paper's
+            out.append(Variant(f"wrope2048@{label}", wrope))
         elif name == "exact":
             out.append(Variant(f"exact@{label}", {"budget": baseline_budget, "selector": "exact"}))
-        elif name == "rerank":
-            overrides = {"budget": baseline_budget, "selector": "a2ats", "rerank": RERANK_FACTOR}
-            out.append(Variant(f"a2ats+rerank@{label}", overrides))
+        elif name == "norerank":
+            out.append(Variant(f"a2ats-norerank@{label}", {"budget": baseline_budget, "selector": "a2ats", "rerank": 0}))
         else:
             raise A2atsError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
     return out

@@ -5,13 +5,14 @@ Queries and keys are captured pre-RoPE with the calibration capture (:mod:`a2ats
 keys are encoded with the checkpoint's codebooks (nearest whitened centroid, :func:`kernels.encode`), and
 every method is scored with the reference semantics of :mod:`a2ats_tools.scoring`:
 
-* ``a2ats``: the checkpoint's distance buckets over the VQ keys (our default);
+* ``a2ats``: our default, the checkpoint's distance buckets over the VQ keys, then exact re-ranking: the
+  ``rerank``·K best tokens by approximate score are fetched and the K best of them by exact logit kept (the
+  runtime's ``rerank`` setting; 0 turns it off);
+* ``norerank``: the approximate scores alone (the ablation of re-ranking);
 * ``wrope``: the paper's single-distance WRoPE (2048) over the same VQ keys;
 * ``quest``: page min/max bounds of the exact post-RoPE keys (pages of 16);
 * ``streaming``: sinks plus the most recent tokens (the window enlarged to the same budget);
-* ``oracle``: exact logits (the upper bound for the budget);
-* ``rerank``: ``a2ats`` with exact re-ranking: the ``rerank``·K best tokens by approximate score are
-  fetched and the K best of them by exact logit kept (the runtime's ``rerank`` setting).
+* ``oracle``: exact logits (the upper bound for the budget).
 """
 
 from __future__ import annotations
@@ -39,8 +40,7 @@ from ..scoring import (
 )
 from .baselines import quest_token_scores
 
-RECALL_METHODS: tuple[str, ...] = ("a2ats", "rerank", "wrope", "quest", "streaming", "oracle")
-RERANK_FACTOR = 2.0  # over-fetch of the ``rerank`` method when the checkpoint sets none
+RECALL_METHODS: tuple[str, ...] = ("a2ats", "norerank", "wrope", "quest", "streaming", "oracle")
 
 
 @dataclass
@@ -183,7 +183,7 @@ def recall_curve(
     aggregation: str = "sum",
     methods: Sequence[str] = RECALL_METHODS,
     queries_per_sequence: int = 16,
-    rerank: float = RERANK_FACTOR,
+    rerank: float = 2.0,
     progress: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Mass and top-K recall per method, budget and layer (means over query heads, queries and sequences).
@@ -203,16 +203,16 @@ def recall_curve(
             q = q_all[:, q_pos]
             true = exact_logits(q, q_pos, keys, rotary)
             keys_vq = None
-            if {"a2ats", "rerank", "wrope"} & set(methods):
+            if {"a2ats", "norerank", "wrope"} & set(methods):
                 codes = encode(keys.unsqueeze(0), prepare_codebook(codebooks[layer], whitening[layer]))[0].long()
                 keys_vq = codebooks[layer].float().gather(1, codes.unsqueeze(-1).expand(hkv, n, d))
             for method in methods:
-                base = "a2ats" if method == "rerank" else method
+                base = "a2ats" if method == "norerank" else method
                 scores, adapt = method_scores(base, q, q_pos, keys, keys_vq, rotary, buckets, hkv)
                 for budget in budgets:
                     policy = adapt(SelectionPolicy(n_sink, window, budget, aggregation))  # type: ignore[arg-type]
                     approx = scores
-                    if method == "rerank" and scores is not None:
+                    if method == "a2ats" and rerank > 0 and scores is not None:
                         approx = reranked_scores(true, scores, q_pos, policy, hkv, rerank)
                     mass = mass_recall(true, approx, q_pos, policy, d**-0.5, hkv).mean().item()
                     top = topk_recall(true, approx, q_pos, policy, hkv).mean().item()

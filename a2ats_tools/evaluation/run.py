@@ -13,7 +13,7 @@ from ..rope import DistanceBuckets
 from .harness import ModelUnderTest, Variant
 from .haystack import Haystack
 from .perplexity import decode_nll, perplexity
-from .recall_curve import RECALL_METHODS, RERANK_FACTOR, capture_sequence, heldout_ids, recall_curve
+from .recall_curve import RECALL_METHODS, capture_sequence, heldout_ids, recall_curve
 from .tasks import make_sample
 
 Tick = Callable[[], None]
@@ -35,10 +35,10 @@ def run_recall(
     result = recall_curve(
         captured, rt.codebooks, rt.whitening, rt.rotary, buckets, budgets,
         n_sink=settings.n_sink, window=settings.window, aggregation=settings.aggregation,
-        methods=RECALL_METHODS, queries_per_sequence=queries, rerank=settings.rerank or RERANK_FACTOR, progress=tick,
+        methods=RECALL_METHODS, queries_per_sequence=queries, rerank=settings.rerank, progress=tick,
     )
     result.update({"length": length, "sequences": sequences, "queries_per_sequence": queries,
-                   "buckets": buckets.to_config(), "rerank": settings.rerank or RERANK_FACTOR,
+                   "buckets": buckets.to_config(), "rerank": settings.rerank,
                    "heldout": str(heldout) if heldout else "builtin:pydoc"})
     return result
 

@@ -15,7 +15,7 @@ import torch
 
 from ..rope import DistanceBuckets, Rotary, apply_rope
 from ..scoring import group_aggregate
-from .settings import RuntimeSettings
+from .settings import RuntimeSettings, resolve_score_dtype
 
 _STEP_MEMO: tuple | None = None  # (weakref to valid, settings key, constants) of the current decode step
 NEG_INF = float("-inf")
@@ -32,6 +32,7 @@ class TokenSelector:
 
     name: ClassVar[str] = "base"
     dense: ClassVar[bool] = False  # True: decode attends to every row with SDPA (no selection)
+    reranks: ClassVar[bool] = False  # True: the ``rerank`` setting applies (approximate scorers only)
 
     def __init__(self, settings: RuntimeSettings, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int):
         self.settings = settings
@@ -99,7 +100,7 @@ class TokenSelector:
             s[..., max(0, length - self.settings.window) :] = POS_INF
         else:
             s = s.masked_fill(~valid[:, None, :], NEG_INF).masked_fill(forced, POS_INF)
-        if self.settings.rerank and k < length:
+        if self.reranks and self.settings.rerank and k < length:
             return self._rerank(state, s, q_post, rows, top, length)
         uniform = rows.numel() == 1 or bool((rows == k).all())  # same budget everywhere: no order needed
         vals, indices = torch.topk(s, k, dim=-1, sorted=not uniform)
@@ -184,6 +185,7 @@ class A2atsSelector(TokenSelector):
     a per-query table ``table[bucket, code] = (R(centre_bucket) q) . codebook[code]`` and gathers it."""
 
     name = "a2ats"
+    reranks = True
     ENCODE_ROWS = 4096  # rows per encode matmul (bounds the [rows, C] temporary)
     ENCODE_BLOCK = 32  # decode steps: keys encoded together (at most the window, so pending keys are always kept)
     kernel_backend = "auto"  # score gather: Triton on CUDA; "torch" or "triton" force one (tests)
@@ -201,13 +203,13 @@ class A2atsSelector(TokenSelector):
         self.buckets = buckets
         cos, sin = rotary.cos_sin(torch.tensor(buckets.centres))
         self.cos, self.sin = cos, sin  # [P, d]
-        self.table_dtype = getattr(torch, settings.score_dtype)
-        self.codebook_scoring = self.codebook_t.to(self.table_dtype)  # the table's right operand
+        self._scoring_codebooks: dict[torch.dtype, torch.Tensor] = {}  # the table's right operand, per dtype
         self._bucket_memo: tuple[int, torch.Tensor, int] | None = None
 
     def to(self, device: torch.device) -> A2atsSelector:
-        for name in ("codebook_t", "codebook_scoring", "encode_weight", "encode_bias", "cos", "sin", "_whitening"):
+        for name in ("codebook_t", "encode_weight", "encode_bias", "cos", "sin", "_whitening"):
             setattr(self, name, getattr(self, name).to(device))
+        self._scoring_codebooks = {}
         return self
 
     def encode(self, keys_pre: torch.Tensor) -> torch.Tensor:
@@ -287,7 +289,11 @@ class A2atsSelector(TokenSelector):
         g = q.shape[2]
         qw = apply_rope(q.unsqueeze(3), self.cos[:used], self.sin[:used])  # [B, Hkv, G', P, d]
         qw = qw.permute(1, 0, 2, 3, 4).reshape(self.num_kv_heads, b * g * used, d)
-        table = torch.bmm(qw.to(self.table_dtype), self.codebook_scoring)  # [Hkv, B*G'*P, C]
+        dtype = resolve_score_dtype(self.settings.score_dtype, qw.device)
+        codebook = self._scoring_codebooks.get(dtype)
+        if codebook is None or codebook.device != qw.device:
+            codebook = self._scoring_codebooks[dtype] = self.codebook_t.to(qw.device, dtype)
+        table = torch.bmm(qw.to(dtype), codebook)  # [Hkv, B*G'*P, C]
         return table.reshape(self.num_kv_heads, b, g, used * self.codes_size).transpose(0, 1)
 
     def scores(self, state, q_pre, q_post, length):

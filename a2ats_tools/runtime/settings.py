@@ -6,13 +6,15 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+import torch
+
 from ..artifacts.checkpoint import A2atsConfig
 from ..errors import A2atsError
 from ..rope import DistanceBuckets
 from ..scoring import AGGREGATIONS, SelectionPolicy
 
 OFFLOADS = (None, "cpu")
-SCORE_DTYPES = ("float32", "bfloat16")
+SCORE_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -20,10 +22,11 @@ class RuntimeSettings:
     """How decode steps pick the tokens they attend to.
 
     ``budget``: top-K size per KV head, a fraction of the context (float <= 1) or a token count (int); sinks and
-    window come on top. ``rerank``: over-fetch factor for exact re-ranking (0 = off, e.g. 2.0 fetches 2K
+    window come on top. ``rerank``: over-fetch factor for exact re-ranking (0 = off; the default 2.0 fetches 2K
     candidates by approximate score and keeps the K best by exact score). ``prefill_chunk``: prefill in chunks of
     this many tokens (None = one pass). ``score_dtype``: precision of the per-step score table ``q_w · codebook``
-    (``bfloat16`` halves its matrix product on CPUs with native bf16; selection only, attention stays exact).
+    (``auto``: bfloat16 on CUDA and on CPUs with native bf16 instructions, else float32; selection only,
+    attention stays exact).
     """
 
     budget: float | int = 0.03
@@ -33,11 +36,11 @@ class RuntimeSettings:
     aggregation: str = "sum"
     selector: str = "a2ats"
     offload: str | None = None
-    rerank: float = 0.0
+    rerank: float = 2.0
     prefill_chunk: int | None = None
     max_distance: int = 8192  # the longest distance log buckets must cover (the model's context)
     dense_layers: tuple[int, ...] = ()  # layers that decode with exact dense attention (no selection)
-    score_dtype: str = "float32"
+    score_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or self.budget < 0:
@@ -89,6 +92,27 @@ class RuntimeSettings:
             dense_layers=tuple(config.dense_layers),
         )
         return base.with_overrides(**overrides)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU advertises bf16 dot-product instructions (AVX512-BF16 or AMX-BF16; Linux only)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    except OSError:
+        pass
+    return False
+
+
+def resolve_score_dtype(score_dtype: str, device: torch.device) -> torch.dtype:
+    """The score table's dtype on ``device`` (``auto``: bf16 where it is native, float32 elsewhere)."""
+    if score_dtype == "auto":
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        return torch.bfloat16 if native else torch.float32
+    return getattr(torch, score_dtype)
 
 
 def parse_overrides(spec: str) -> dict[str, Any]:
