@@ -16,6 +16,15 @@ import torch  # noqa: E402
 TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
 
+@pytest.fixture(autouse=True)
+def _retrieval_path_even_when_the_budget_covers_all(monkeypatch):
+    """Tests exercise retrieval attention even where sinks + window + K cover the whole (tiny) cache; the
+    runtime's dense shortcut for that case has its own test (``test_short_context_decodes_densely``)."""
+    from a2ats_tools.runtime.selectors import TokenSelector
+
+    monkeypatch.setattr(TokenSelector, "full_keep_shortcut", False)
+
+
 def tiny_config(arch: str, vocab_size: int = 49152, **overrides):
     """A 2-layer random config of ``arch`` with GQA (4 query heads, 2 KV heads, head_dim 16)."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config

@@ -234,6 +234,26 @@ def test_rerank_keeps_budget_and_full_budget_equality(tiny_checkpoints):
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_short_context_decodes_densely_until_the_cache_outgrows_the_budget(tiny_checkpoints, monkeypatch):
+    """While sinks + window + K cover every row, decode skips scoring (SDPA over the cache, the same result)."""
+    from a2ats_tools.runtime.selectors import TokenSelector
+
+    monkeypatch.setattr(TokenSelector, "full_keep_shortcut", True)
+    model, _ = load(tiny_checkpoints["llama"], budget=4, n_sink=2, window=8)  # covers up to 14 rows
+    ids = prompt_ids(10, batch=2)
+    cache = model.a2ats.new_cache()
+    with torch.no_grad():
+        ours = decode_logits(model, ids, 3, cache=cache)  # 11..13 rows: every row kept
+        ref = decode_logits(dense_model("llama"), ids, 3)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    assert all(layer.last_selection is None for layer in cache.layers)
+    with torch.no_grad():
+        for token in prompt_ids(3, batch=2, seed=9).T:  # 14..16 rows: the cache outgrows the budget
+            model(input_ids=token[:, None], past_key_values=cache, use_cache=True)
+    idx, keep = cache.layers[0].last_selection
+    assert keep.sum(-1).max() == 2 + 8 + 4 and cache.get_seq_length() == 16
+
+
 def test_rerank_is_default_for_a2ats_only(tiny_checkpoints):
     """The default ``rerank`` re-ranks A²ATS's approximate scores; the streaming baseline stays pure recency."""
     model, _ = load(tiny_checkpoints["llama"], budget=6, n_sink=2, window=8, selector="streaming")

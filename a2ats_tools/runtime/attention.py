@@ -61,9 +61,15 @@ def _valid_rows(cache: A2atsCache, attention_mask: torch.Tensor | None, batch: i
 
 
 def a2ats_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function: dense SDPA for prefill (and dense layers), retrieval attention for decode."""
+    """transformers attention function: dense SDPA for prefill (and dense layers), retrieval attention for decode
+    once the cache outgrows the budget (before that, selection would keep every row and SDPA is the same)."""
     cache = getattr(module, "_a2ats_cache", None)
-    if cache is None or query.shape[2] != 1 or cache.layers[module.layer_idx].selector.dense:
+    sparse = cache is not None and query.shape[2] == 1 and not cache.layers[module.layer_idx].selector.dense
+    if sparse:
+        layer = cache.layers[module.layer_idx]
+        valid = _valid_rows(cache, attention_mask, query.shape[0], layer.state.length, query.device)
+        sparse = not layer.selector.keeps_everything(valid, layer.state.length)
+    if not sparse:  # prefill, dense layers, and decode steps whose budget still covers the whole cache
         key, value = key.to(query.device), value.to(query.device)
         kwargs.pop("is_causal", None)
         aligned = attention_mask is None and query.shape[2] == key.shape[2]  # only then may SDPA use is_causal
@@ -72,14 +78,12 @@ def a2ats_attention_forward(module, query, key, value, attention_mask, scaling=N
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=aligned, **kwargs
         )
-    layer = cache.layers[module.layer_idx]
     st = layer.state
     b, hq, _, d = query.shape
     scale = scaling if scaling is not None else d**-0.5
     cos, sin = layer.rope
     q_post = query[:, :, 0]  # [B, Hq, d]
     q_pre = undo_rope(q_post.float(), cos[:, -1:].float(), sin[:, -1:].float())
-    valid = _valid_rows(cache, attention_mask, b, st.length, query.device)
     indices, keep = layer.selector.select(st, q_pre, q_post, st.length, valid)
     layer.last_selection = (indices, keep)
     out = sparse_decode(q_post, st.keys, st.values, indices, keep, scale).to(query.dtype)

@@ -33,6 +33,7 @@ class TokenSelector:
     name: ClassVar[str] = "base"
     dense: ClassVar[bool] = False  # True: decode attends to every row with SDPA (no selection)
     reranks: ClassVar[bool] = False  # True: the ``rerank`` setting applies (approximate scorers only)
+    full_keep_shortcut: ClassVar[bool] = True  # decode densely while the budget covers every row (tests turn it off)
 
     def __init__(self, settings: RuntimeSettings, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int):
         self.settings = settings
@@ -83,6 +84,14 @@ class TokenSelector:
         out = (rows, top, int(rows.max()), None if unpadded else self.forced(valid, length)[:, None, :])
         _STEP_MEMO = (weakref.ref(valid), key, out)
         return out
+
+    def keeps_everything(self, valid: torch.Tensor, length: int) -> bool:
+        """True while sinks + window + K cover every valid row of every sample: selecting would keep them all,
+        so dense attention over the cache gives the same result without scoring (short contexts)."""
+        if not self.full_keep_shortcut:
+            return False
+        rows = self._step_constants(valid, length)[0]
+        return bool((rows >= valid.sum(-1)).all())
 
     def select(
         self, state: Any, q_pre: torch.Tensor, q_post: torch.Tensor, length: int, valid: torch.Tensor
