@@ -5,7 +5,7 @@ built from its keys/values (each key encoded once, as a real prefill would). The
 dense / A²ATS so both see the same machine load. Also times dense decode at a short context (the ceiling).
 
     python benchmarks/decode_speed.py                       # embedded SmolLM2, batch 4, 8K context
-    python benchmarks/decode_speed.py --context 2048 --steps 16 --buckets log --profile
+    python benchmarks/decode_speed.py --context 2048 --steps 16 --buckets single --set rerank=0 --profile
     python benchmarks/decode_speed.py --checkpoint runs/ckpt --budget 0.03
 
 Without --checkpoint the codebook is random (speed does not depend on its values; recall does).
@@ -109,9 +109,10 @@ def main() -> None:
     p.add_argument("--context", type=int, default=8192)
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--codes", type=int, default=4096)
-    p.add_argument("--budget", default="0.03")
-    p.add_argument("--buckets", default="single")
-    p.add_argument("--rerank", type=float, default=0.0)
+    p.add_argument("--budget", default=None, help="default: the checkpoint's (3%%)")
+    p.add_argument("--buckets", default=None, help="default: the checkpoint's distance buckets")
+    p.add_argument("--rerank", type=float, default=None, help="default: the runtime's (2.0)")
+    p.add_argument("--set", default="", help="more runtime overrides, e.g. score_dtype=float32")
     p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--synthetic", action="store_true", help="random cached keys/values instead of a real prefill (faster)")
@@ -125,9 +126,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from a2ats_tools.models import load_model, resolve_source
+    from a2ats_tools.runtime.settings import parse_overrides
 
     dense = load_model(resolve_source(None))
-    ours = build_runtime_model(dense, args.checkpoint, args.codes, {"budget": args.budget, "buckets": args.buckets, "rerank": args.rerank})
+    settings = {"budget": args.budget, "buckets": args.buckets, "rerank": args.rerank, **(parse_overrides(args.set) if args.set else {})}
+    ours = build_runtime_model(dense, args.checkpoint, args.codes, settings)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, dense.config.vocab_size, (args.batch, args.context), generator=g)
     feed = torch.randint(0, dense.config.vocab_size, (args.batch, args.steps + 1), generator=g)

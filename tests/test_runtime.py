@@ -415,3 +415,35 @@ def test_beam_search_full_budget_equals_dense(tiny_checkpoints):
         low = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0, a2ats={"budget": 4})
     assert ours.tolist() == ref.tolist()
     assert low.shape == ref.shape
+
+
+def test_uniform_rerank_matches_the_general_path_and_reuses_its_logits(tiny_checkpoints):
+    """Without padding, re-ranking takes a shortcut (no ordering or masking, exact logits kept for attention):
+    it keeps the same rows as the general path, and attention from its logits equals attention from the keys."""
+    from a2ats_tools.runtime.attention import sparse_decode
+
+    model, _ = load(tiny_checkpoints["llama"], budget=6, n_sink=2, window=8, rerank=2.0)
+    cache = model.a2ats.new_cache()
+    with torch.no_grad():
+        model(input_ids=prompt_ids(100, batch=2), past_key_values=cache, use_cache=True)
+    layer = cache.layers[1]
+    sel, state = layer.selector, layer.state
+    n = state.length
+    g = torch.Generator().manual_seed(6)
+    q_pre = torch.randn(2, sel.num_heads, sel.head_dim, generator=g)
+    q_post = torch.randn(2, sel.num_heads, sel.head_dim, generator=g)
+    approx = torch.randn(2, sel.num_kv_heads, n, generator=g)  # tie-free scores (VQ codes repeat)
+    sel.scores = lambda *args: approx.clone()
+    idx, keep = sel.select(state, q_pre, q_post, n, torch.ones(2, n, dtype=torch.bool))
+    logits = sel.exact_logits
+    assert logits is not None and keep.all() and idx.shape[-1] == 2 + 8 + 6
+    s = approx.clone()
+    s[..., :2] = float("inf")
+    s[..., n - 8 :] = float("inf")
+    general_idx, general_keep = sel._rerank(state, s, q_post, torch.full((2,), 16), torch.full((2,), 6), n)
+    for b in range(2):
+        for h in range(sel.num_kv_heads):
+            assert set(idx[b, h].tolist()) == set(general_idx[b, h][general_keep[b, h]].tolist())
+    with_logits = sparse_decode(q_post, state.keys, state.values, idx, keep, 0.125, logits)
+    from_keys = sparse_decode(q_post, state.keys, state.values, idx, keep, 0.125)
+    torch.testing.assert_close(with_logits, from_keys, atol=1e-5, rtol=1e-5)

@@ -26,20 +26,32 @@ def a2ats_mask(*args, **kwargs):
 
 
 def sparse_decode(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, keep: torch.Tensor, scale: float
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    keep: torch.Tensor,
+    scale: float,
+    logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Exact attention of ``q [B, Hq, d]`` over the selected rows ``indices/keep [B, Hkv, K]`` -> ``[B, Hq, d]``."""
+    """Exact attention of ``q [B, Hq, d]`` over the selected rows ``indices/keep [B, Hkv, K]`` -> ``[B, Hq, d]``.
+
+    ``logits`` ``[B, Hkv, G, K]`` (unscaled ``q · k`` of those rows, e.g. left by exact re-ranking) spares the
+    key gather and product; the result is the same.
+    """
     if q.is_cuda and keys.is_cuda:  # fused Triton kernel (same semantics, tested against this code)
         from ..kernels.sparse_attention import sparse_decode as kernel
 
         return kernel(q, keys, values, indices, keep, scale)
     b, hq, d = q.shape
     hkv = indices.shape[1]
-    k = gather_rows(keys, indices, q.device)  # [B, Hkv, K, d]
     v = gather_rows(values, indices, q.device)
-    qg = q.reshape(b, hkv, hq // hkv, d)
-    logits = (qg @ k.transpose(-1, -2)).float() * scale  # [B, Hkv, G, K]
-    logits = logits.masked_fill(~keep[:, :, None, :], float("-inf"))
+    if logits is None:
+        k = gather_rows(keys, indices, q.device)  # [B, Hkv, K, d]
+        logits = (q.reshape(b, hkv, hq // hkv, d) @ k.transpose(-1, -2)).float()  # [B, Hkv, G, K]
+    logits = logits * scale
+    if not bool(keep.all()):
+        logits = logits.masked_fill(~keep[:, :, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).to(v.dtype)
     return (probs @ v).reshape(b, hq, v.shape[-1])
 
@@ -86,7 +98,8 @@ def a2ats_attention_forward(module, query, key, value, attention_mask, scaling=N
     q_pre = undo_rope(q_post.float(), cos[:, -1:].float(), sin[:, -1:].float())
     indices, keep = layer.selector.select(st, q_pre, q_post, st.length, valid)
     layer.last_selection = (indices, keep)
-    out = sparse_decode(q_post, st.keys, st.values, indices, keep, scale).to(query.dtype)
+    logits = layer.selector.exact_logits
+    out = sparse_decode(q_post, st.keys, st.values, indices, keep, scale, logits).to(query.dtype)
     return out.unsqueeze(1), None  # [B, 1, Hq, d]
 
 

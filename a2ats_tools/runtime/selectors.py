@@ -8,6 +8,7 @@ optional exact re-ranking of an over-fetched candidate set. A subclass usually i
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Any, ClassVar
 
@@ -34,6 +35,7 @@ class TokenSelector:
     dense: ClassVar[bool] = False  # True: decode attends to every row with SDPA (no selection)
     reranks: ClassVar[bool] = False  # True: the ``rerank`` setting applies (approximate scorers only)
     full_keep_shortcut: ClassVar[bool] = True  # decode densely while the budget covers every row (tests turn it off)
+    exact_logits: torch.Tensor | None = None  # set by select(): exact logits [B, Hkv, G, K] of the kept rows, if known
 
     def __init__(self, settings: RuntimeSettings, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int):
         self.settings = settings
@@ -81,7 +83,8 @@ class TokenSelector:
             return memo[2]
         rows, top = self.budgets(valid)
         unpadded = bool(valid.all())  # then the forced rows are plain slices and nothing needs masking
-        out = (rows, top, int(rows.max()), None if unpadded else self.forced(valid, length)[:, None, :])
+        forced = None if unpadded else self.forced(valid, length)[:, None, :]
+        out = (rows, top, int(rows.max()), forced, int(top.max()) if unpadded else None)
         _STEP_MEMO = (weakref.ref(valid), key, out)
         return out
 
@@ -102,7 +105,8 @@ class TokenSelector:
         per-sample budget; ``keep`` is False past a sample's own budget. Never more than
         ``n_sink + window + top-K`` kept rows per KV head.
         """
-        rows, top, k, forced = self._step_constants(valid, length)
+        rows, top, k, forced, uniform_top = self._step_constants(valid, length)
+        self.exact_logits = None
         s = self.scores(state, q_pre, q_post, length).float().contiguous()  # modified in place below
         if forced is None:  # no padding: sinks are the first rows, the window the last ones
             s[..., : self.settings.n_sink] = POS_INF
@@ -110,6 +114,8 @@ class TokenSelector:
         else:
             s = s.masked_fill(~valid[:, None, :], NEG_INF).masked_fill(forced, POS_INF)
         if self.reranks and self.settings.rerank and k < length:
+            if uniform_top is not None:
+                return self._rerank_uniform(state, s, q_post, k, uniform_top, length)
             return self._rerank(state, s, q_post, rows, top, length)
         uniform = rows.numel() == 1 or bool((rows == k).all())  # same budget everywhere: no order needed
         vals, indices = torch.topk(s, k, dim=-1, sorted=not uniform)
@@ -132,6 +138,22 @@ class TokenSelector:
         v2, pick = torch.topk(exact, k, dim=-1, sorted=True)
         keep = (torch.arange(k, device=s.device) < rows[:, None, None]) & (v2 > NEG_INF)
         return cand.gather(-1, pick), keep
+
+    def _rerank_uniform(self, state, s, q_post, k: int, top: int, length: int):
+        """:meth:`_rerank` when every sample has the same budget and no padding (the common case): no ordering
+        or masking is needed, and the exact logits of the kept rows are left in ``exact_logits`` so the sparse
+        attention does not gather their keys and multiply them again."""
+        fetch = min(length, k - top + math.ceil(top * self.settings.rerank))
+        vals, cand = torch.topk(s, fetch, dim=-1, sorted=False)
+        b, hq, d = q_post.shape
+        keys = gather_rows(state.keys, cand, q_post.device)  # [B, Hkv, fetch, d]
+        q = q_post.reshape(b, self.num_kv_heads, self.group, d).to(keys.dtype)
+        logits = (q @ keys.transpose(-1, -2)).float()  # [B, Hkv, G, fetch]
+        exact = group_aggregate(logits.reshape(b, hq, fetch), self.num_kv_heads, self.settings.aggregation, self.scale)
+        exact.masked_fill_(vals == POS_INF, POS_INF)  # sinks and window stay
+        pick = torch.topk(exact, k, dim=-1, sorted=False).indices
+        self.exact_logits = logits.gather(-1, pick.unsqueeze(2).expand(-1, -1, self.group, -1))
+        return cand.gather(-1, pick), torch.ones_like(pick, dtype=torch.bool)
 
 
 def gather_rows(buffer: torch.Tensor, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -315,9 +337,7 @@ class A2atsSelector(TokenSelector):
         g = table.shape[2]
         if g == 1 and self._fused_scoring(table):
             return self._scores_triton(table, codes, length, used)
-        index = codes.long()
-        if used > 1:
-            index = index + offset
+        index = offset + codes if used > 1 else codes.long()  # one pass: int16 codes promote to long offsets
         s = table.gather(-1, index.unsqueeze(2).expand(-1, -1, g, -1))  # [B, Hkv, G', N]
         if g == 1:
             return s.squeeze(2)
