@@ -84,7 +84,8 @@ class TokenSelector:
         rows, top = self.budgets(valid)
         unpadded = bool(valid.all())  # then the forced rows are plain slices and nothing needs masking
         forced = None if unpadded else self.forced(valid, length)[:, None, :]
-        out = (rows, top, int(rows.max()), forced, int(top.max()) if unpadded else None)
+        covers_all = bool((rows >= valid.sum(-1)).all())  # sinks + window + K reach every valid row
+        out = (rows, top, int(rows.max()), forced, int(top.max()) if unpadded else None, covers_all)
         _STEP_MEMO = (weakref.ref(valid), key, out)
         return out
 
@@ -93,8 +94,7 @@ class TokenSelector:
         so dense attention over the cache gives the same result without scoring (short contexts)."""
         if not self.full_keep_shortcut:
             return False
-        rows = self._step_constants(valid, length)[0]
-        return bool((rows >= valid.sum(-1)).all())
+        return self._step_constants(valid, length)[5]
 
     def select(
         self, state: Any, q_pre: torch.Tensor, q_post: torch.Tensor, length: int, valid: torch.Tensor
@@ -105,7 +105,7 @@ class TokenSelector:
         per-sample budget; ``keep`` is False past a sample's own budget. Never more than
         ``n_sink + window + top-K`` kept rows per KV head.
         """
-        rows, top, k, forced, uniform_top = self._step_constants(valid, length)
+        rows, top, k, forced, uniform_top, _ = self._step_constants(valid, length)
         self.exact_logits = None
         s = self.scores(state, q_pre, q_post, length).float().contiguous()  # modified in place below
         if forced is None:  # no padding: sinks are the first rows, the window the last ones
