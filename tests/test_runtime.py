@@ -447,3 +447,32 @@ def test_uniform_rerank_matches_the_general_path_and_reuses_its_logits(tiny_chec
     with_logits = sparse_decode(q_post, state.keys, state.values, idx, keep, 0.125, logits)
     from_keys = sparse_decode(q_post, state.keys, state.values, idx, keep, 0.125)
     torch.testing.assert_close(with_logits, from_keys, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "max"])
+@pytest.mark.parametrize("buckets", ["single", "log"])
+def test_a2ats_scores_equal_a_per_token_computation(tiny_checkpoints, aggregation, buckets):
+    """Every row's approximate score is its query, rotated to the centre of the row's distance bucket, dotted with
+    the row's centroid (summed or maxed over the GQA group), for every sample and KV head of a batch."""
+    from a2ats_tools.rope import apply_rope
+
+    model, _ = load(tiny_checkpoints["llama"], budget=6, n_sink=2, window=8, aggregation=aggregation,
+                    buckets=buckets, score_dtype="float32")
+    cache = model.a2ats.new_cache()
+    with torch.no_grad():
+        model(input_ids=prompt_ids(90, batch=3), past_key_values=cache, use_cache=True)
+    sel, state = cache.layers[1].selector, cache.layers[1].state
+    n = state.length
+    q_pre = torch.randn(3, sel.num_heads, sel.head_dim, generator=torch.Generator().manual_seed(8))
+    got = sel.scores(state, q_pre, q_pre, n)
+    codes = state.meta["codes"][:, :, :n].long()
+    bucket = sel.buckets.bucket_of((n - 1) - torch.arange(n))
+    want = torch.empty(3, sel.num_kv_heads, n)
+    for b in range(3):
+        for h in range(sel.num_kv_heads):
+            heads = q_pre[b, h * sel.group : (h + 1) * sel.group]  # [G, d]
+            centroids = sel.codebook_t[h].T[codes[b, h]]  # [N, d]
+            rotated = apply_rope(heads[:, None, :], sel.cos[bucket], sel.sin[bucket])  # [G, N, d]
+            per_head = (rotated * centroids).sum(-1)
+            want[b, h] = per_head.sum(0) if aggregation == "sum" else per_head.amax(0)
+    torch.testing.assert_close(got.float(), want, atol=1e-4, rtol=1e-4)

@@ -19,6 +19,7 @@ from ..scoring import group_aggregate
 from .settings import RuntimeSettings, resolve_score_dtype
 
 _STEP_MEMO: tuple | None = None  # (weakref to valid, settings key, constants) of the current decode step
+_OFFSET_MEMO: tuple | None = None  # (key, score-table offsets, buckets used) of the current decode step
 NEG_INF = float("-inf")
 POS_INF = float("inf")
 
@@ -235,7 +236,6 @@ class A2atsSelector(TokenSelector):
         cos, sin = rotary.cos_sin(torch.tensor(buckets.centres))
         self.cos, self.sin = cos, sin  # [P, d]
         self._scoring_codebooks: dict[torch.dtype, torch.Tensor] = {}  # the table's right operand, per dtype
-        self._bucket_memo: tuple[int, torch.Tensor, int] | None = None
 
     def to(self, device: torch.device) -> A2atsSelector:
         for name in ("codebook_t", "encode_weight", "encode_bias", "cos", "sin", "_whitening"):
@@ -298,16 +298,25 @@ class A2atsSelector(TokenSelector):
         b, h, n, _ = pending.shape
         self._codes_buffer(state, b, h)[:, :, start : start + n] = self.encode(pending)
 
-    def bucket_index(self, length: int, device: torch.device) -> tuple[torch.Tensor, int]:
-        """Flat table offset ``bucket(t - j) * C`` for ``j < length`` (t = length - 1) and the buckets in use."""
-        memo = self._bucket_memo
-        if memo is not None and memo[0] == length and memo[1].device == device:
+    def bucket_index(self, length: int, device: torch.device, batch: int) -> tuple[torch.Tensor, int]:
+        """Flat offsets into the score tables of one step and the buckets in use.
+
+        Offset of row ``j < length`` (t = length - 1) for sample ``b`` and KV head ``h``: ``((h * B + b) * used +
+        bucket(t - j)) * C``, int32 ``[B, Hkv, length]``, in the layout :meth:`tables` produces. The same for every
+        layer of a step, so it is computed once per step and shared (the memo holds the latest step only).
+        """
+        global _OFFSET_MEMO
+        key = (self.buckets, self.codes_size, self.num_kv_heads, batch, length, device)
+        memo = _OFFSET_MEMO
+        if memo is not None and memo[0] == key:
             return memo[1], memo[2]
         dist = (length - 1) - torch.arange(length, device=device)
         bucket = self.buckets.bucket_of(dist)
         used = int(bucket.max()) + 1 if length else 1
-        offset = bucket * self.codes_size
-        self._bucket_memo = (length, offset, used)
+        base = torch.arange(self.num_kv_heads, device=device).view(1, -1, 1) * batch
+        base = base + torch.arange(batch, device=device).view(-1, 1, 1)  # [B, Hkv, 1]: h * B + b
+        offset = ((base * used + bucket) * self.codes_size).to(torch.int32)
+        _OFFSET_MEMO = (key, offset, used)
         return offset, used
 
     def tables(self, q_pre: torch.Tensor, used: int) -> torch.Tensor:
@@ -330,20 +339,17 @@ class A2atsSelector(TokenSelector):
     def scores(self, state, q_pre, q_post, length):
         b, h = q_pre.shape[0], self.num_kv_heads
         codes = self._codes_buffer(state, b, h)[:, :, :length]  # pending (windowed) rows read stale codes
-        used = 1
-        if self.buckets.count > 1:
-            offset, used = self.bucket_index(length, q_pre.device)
+        offset, used = self.bucket_index(length, q_pre.device, b)
         table = self.tables(q_pre, used)
         g = table.shape[2]
         if g == 1 and self._fused_scoring(table):
             return self._scores_triton(table, codes, length, used)
-        index = offset + codes if used > 1 else codes.long()  # one pass: int16 codes promote to long offsets
+        if g == 1:  # one flat lookup: the tables' own memory ([Hkv, B, 1, used * C]) at offset + code
+            flat = table.transpose(0, 1).reshape(-1)
+            return flat.index_select(0, (offset + codes).view(-1)).view(b, h, length)
+        index = (offset % (used * self.codes_size) + codes).long()  # per-table offsets: bucket * C + code
         s = table.gather(-1, index.unsqueeze(2).expand(-1, -1, g, -1))  # [B, Hkv, G', N]
-        if g == 1:
-            return s.squeeze(2)
-        b = s.shape[0]
         return group_aggregate(s.reshape(b, self.num_heads, length), self.num_kv_heads, self.settings.aggregation, self.scale)
-
 
     def _fused_scoring(self, table: torch.Tensor) -> bool:
         """Whether to gather scores with the Triton kernel: on CUDA (``kernel_backend="auto"``) or when forced."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -94,8 +95,9 @@ class RuntimeSettings:
         return base.with_overrides(**overrides)
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU advertises bf16 dot-product instructions (AVX512-BF16 or AMX-BF16; Linux only)."""
+    """Whether this CPU advertises bf16 dot-product instructions (AVX512-BF16 or AMX-BF16; Linux only; read once)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
             for line in f:
