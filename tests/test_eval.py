@@ -111,17 +111,21 @@ def test_reference_rerank_spans_a2ats_to_oracle():
     assert (base < oracle - 1e-3).any()
     one = mass_recall(true, reranked_scores(true, approx, q_pos, policy, 2, 1.0), q_pos, policy, 0.25, 2)
     torch.testing.assert_close(one, base)
+    one_mass = reranked_scores(true, approx, q_pos, policy, 2, 1.0, "softmax", 0.25)
+    torch.testing.assert_close(mass_recall(true, one_mass, q_pos, policy, 0.25, 2), base)
     everything = mass_recall(true, reranked_scores(true, approx, q_pos, policy, 2, 1e4), q_pos, policy, 0.25, 2)
     torch.testing.assert_close(everything, oracle)
 
 
-def test_reference_rerank_keeps_the_rows_the_runtime_keeps(tiny_checkpoint):
-    """The recall curve's re-ranking (its ``a2ats`` method) and the runtime's ``rerank`` setting pick the same rows."""
+@pytest.mark.parametrize("how", ["sum", "softmax"])
+def test_reference_rerank_keeps_the_rows_the_runtime_keeps(tiny_checkpoint, how):
+    """The recall curve's re-ranking (its ``a2ats`` method) and the runtime's ``rerank`` setting pick the same rows,
+    for each way of aggregating the group's exact logits."""
     from a2ats_tools import load_converted
     from a2ats_tools.evaluation.recall_curve import reranked_scores
     from a2ats_tools.scoring import SelectionPolicy, group_aggregate, select
 
-    model, _ = load_converted(str(tiny_checkpoint), budget=6, n_sink=2, window=8, rerank=2.0)
+    model, _ = load_converted(str(tiny_checkpoint), budget=6, n_sink=2, window=8, rerank=2.0, rerank_aggregation=how)
     cache = model.a2ats.new_cache()
     ids = torch.randint(100, 1000, (1, 120), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -138,7 +142,7 @@ def test_reference_rerank_keeps_the_rows_the_runtime_keeps(tiny_checkpoint):
     keys = state.keys[0, :, :n].float().repeat_interleave(hq // hkv, 0)  # [Hq, N, d]
     true = torch.einsum("hd,hnd->hn", q_post[0], keys)
     policy = SelectionPolicy(2, 8, 6, "sum")
-    ref = reranked_scores(true[:, None], approx[:, None], torch.tensor([n - 1]), policy, hkv, 2.0)
+    ref = reranked_scores(true[:, None], approx[:, None], torch.tensor([n - 1]), policy, hkv, 2.0, how, sel.scale)
     ref_idx, ref_keep = select(group_aggregate(ref[:, 0], hkv, "sum"), torch.ones(n, dtype=torch.bool), policy)
     for h in range(hkv):
         assert set(idx[0, h][keep[0, h]].tolist()) == set(ref_idx[h][ref_keep[h]].tolist())

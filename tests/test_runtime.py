@@ -417,12 +417,13 @@ def test_beam_search_full_budget_equals_dense(tiny_checkpoints):
     assert low.shape == ref.shape
 
 
-def test_uniform_rerank_matches_the_general_path_and_reuses_its_logits(tiny_checkpoints):
+@pytest.mark.parametrize("how", ["sum", "softmax"])
+def test_uniform_rerank_matches_the_general_path_and_reuses_its_logits(tiny_checkpoints, how):
     """Without padding, re-ranking takes a shortcut (no ordering or masking, exact logits kept for attention):
     it keeps the same rows as the general path, and attention from its logits equals attention from the keys."""
     from a2ats_tools.runtime.attention import sparse_decode
 
-    model, _ = load(tiny_checkpoints["llama"], budget=6, n_sink=2, window=8, rerank=2.0)
+    model, _ = load(tiny_checkpoints["llama"], budget=6, n_sink=2, window=8, rerank=2.0, rerank_aggregation=how)
     cache = model.a2ats.new_cache()
     with torch.no_grad():
         model(input_ids=prompt_ids(100, batch=2), past_key_values=cache, use_cache=True)
@@ -447,6 +448,37 @@ def test_uniform_rerank_matches_the_general_path_and_reuses_its_logits(tiny_chec
     with_logits = sparse_decode(q_post, state.keys, state.values, idx, keep, 0.125, logits)
     from_keys = sparse_decode(q_post, state.keys, state.values, idx, keep, 0.125)
     torch.testing.assert_close(with_logits, from_keys, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["sum", "softmax"])
+def test_rerank_of_a_padded_sample_ignores_its_padding(tiny_checkpoints, how):
+    """A left-padded sample re-ranks as it would alone: padding rows fetched to fill the batch's largest candidate
+    set never count (not even in the softmax normaliser of its candidates)."""
+    from a2ats_tools.runtime.cache import LayerState
+
+    model, _ = load(tiny_checkpoints["llama"], budget=6, n_sink=2, window=8, rerank=2.0, rerank_aggregation=how)
+    cache = model.a2ats.new_cache()
+    with torch.no_grad():
+        model(input_ids=prompt_ids(100, batch=2), past_key_values=cache, use_cache=True)
+    sel, state = cache.layers[1].selector, cache.layers[1].state
+    n, pad = state.length, state.length - 45  # sample 1 has 45 real rows: fewer than the 50 candidates of sample 0
+    g = torch.Generator().manual_seed(9)
+    q_post = torch.randn(2, sel.num_heads, sel.head_dim, generator=g)
+    group = sel.num_heads // sel.num_kv_heads
+    state.keys[1, :, :pad] = 4 * q_post[1, ::group, None, :]  # padding rows the first head of each group would love
+    approx = torch.randn(2, sel.num_kv_heads, n, generator=g)
+    s = approx.clone()
+    s[1, :, :pad] = float("-inf")
+    s[0, :, :2] = s[1, :, pad : pad + 2] = float("inf")
+    s[..., n - 8 :] = float("inf")
+    rows, top = torch.tensor([30, 30]), torch.tensor([20, 20])
+    idx, keep = sel._rerank(state, s, q_post, rows, top, n)
+    alone = LayerState()
+    alone.keys, alone.values = state.keys[1:, :, pad:n].contiguous(), state.values[1:, :, pad:n].contiguous()
+    alone.length = n - pad
+    alone_idx, alone_keep = sel._rerank(alone, s[1:, :, pad:], q_post[1:], rows[1:], top[1:], n - pad)
+    for h in range(sel.num_kv_heads):
+        assert set(idx[1, h][keep[1, h]].tolist()) == {i + pad for i in alone_idx[0, h][alone_keep[0, h]].tolist()}
 
 
 @pytest.mark.parametrize("aggregation", ["sum", "max"])

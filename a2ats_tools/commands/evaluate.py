@@ -144,4 +144,5 @@ def _settings_dict(settings) -> dict:
     return {
         "budget": settings.budget, "n_sink": settings.n_sink, "window": settings.window,
         "buckets": settings.buckets.to_config(), "aggregation": settings.aggregation,
+        "rerank": settings.rerank, "rerank_aggregation": settings.rerank_aggregation,
     }

@@ -6,8 +6,8 @@ keys are encoded with the checkpoint's codebooks (nearest whitened centroid, :fu
 every method is scored with the reference semantics of :mod:`a2ats_tools.scoring`:
 
 * ``a2ats``: our default, the checkpoint's distance buckets over the VQ keys, then exact re-ranking: the
-  ``rerank``·K best tokens by approximate score are fetched and the K best of them by exact logit kept (the
-  runtime's ``rerank`` setting; 0 turns it off);
+  ``rerank``·K best tokens by approximate score are fetched and the K best of them by exact score kept (the
+  runtime's ``rerank`` and ``rerank_aggregation`` settings; rerank 0 turns it off);
 * ``norerank``: the approximate scores alone (the ablation of re-ranking);
 * ``wrope``: the paper's single-distance WRoPE (2048) over the same VQ keys;
 * ``quest``: page min/max bounds of the exact post-RoPE keys (pages of 16);
@@ -121,13 +121,16 @@ def topk_recall(
 
 def reranked_scores(
     true_logits: torch.Tensor, approx: torch.Tensor, q_pos: torch.Tensor, policy: SelectionPolicy,
-    num_kv_heads: int, factor: float,
+    num_kv_heads: int, factor: float, rerank_aggregation: str = "sum", scale: float = 1.0,
 ) -> torch.Tensor:
     """Scores ``[Hq, M, N]`` whose selection under ``policy`` is ``approx`` with exact re-ranking.
 
     Per KV head, the ``ceil(factor·K)`` best non-forced tokens by group-aggregated ``approx`` are the
-    candidates; they score their exact logit shifted to be >= 1, every other token scores 0, so the top-K
-    are the candidates with the best exact logits (the same rows the runtime's ``rerank`` keeps).
+    candidates; every other token scores 0, and a candidate scores so that the top-K are the candidates with
+    the best exact score (the same rows the runtime's ``rerank`` keeps): for ``rerank_aggregation="sum"`` its
+    exact logit shifted to be >= 1 (``policy`` then sums the group's logits); for ``"softmax"`` the group's
+    summed softmax probability, each head normalised over candidates + forced tokens (``scale`` is the
+    attention scale), spread evenly over the group's heads plus 1/G (so that ``policy``'s sum restores it).
     """
     hq, m, n = true_logits.shape
     g = hq // num_kv_heads
@@ -140,10 +143,18 @@ def reranked_scores(
         fetch = min(n, math.ceil(policy.budget_tokens(ctx) * factor))
         vals, cand = torch.topk(agg[i].masked_fill(forced, float("-inf")), fetch, dim=-1)
         picked = torch.zeros(num_kv_heads, n, dtype=torch.bool).scatter_(1, cand, vals > float("-inf"))
-        picked = picked.repeat_interleave(g, 0)
         t = true_logits[:, i].float()
-        low = t.masked_fill(~valid[i], float("inf")).amin(-1, keepdim=True)
-        out[:, i] = torch.where(picked, t - low + 1.0, torch.zeros_like(t))
+        if rerank_aggregation == "softmax":
+            pool = (picked | forced).repeat_interleave(g, 0)  # what the runtime's candidate softmax sees
+            probs = torch.softmax(t.masked_fill(~pool, float("-inf")) * scale, -1)
+            mass = probs.reshape(num_kv_heads, g, n).sum(1)  # [Hkv, N]
+            value = ((mass + 1.0) / g).repeat_interleave(g, 0)
+        elif rerank_aggregation == "sum":
+            value = t - t.masked_fill(~valid[i], float("inf")).amin(-1, keepdim=True) + 1.0
+        else:
+            raise ValueError(f"the recall reference re-ranks by 'sum' or 'softmax', not {rerank_aggregation!r}")
+        picked = picked.repeat_interleave(g, 0)
+        out[:, i] = torch.where(picked, value, torch.zeros_like(t))
     return out
 
 
@@ -184,6 +195,7 @@ def recall_curve(
     methods: Sequence[str] = RECALL_METHODS,
     queries_per_sequence: int = 16,
     rerank: float = 2.0,
+    rerank_aggregation: str = "softmax",
     progress: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Mass and top-K recall per method, budget and layer (means over query heads, queries and sequences).
@@ -213,7 +225,9 @@ def recall_curve(
                     policy = adapt(SelectionPolicy(n_sink, window, budget, aggregation))  # type: ignore[arg-type]
                     approx = scores
                     if method == "a2ats" and rerank > 0 and scores is not None:
-                        approx = reranked_scores(true, scores, q_pos, policy, hkv, rerank)
+                        approx = reranked_scores(
+                            true, scores, q_pos, policy, hkv, rerank, rerank_aggregation, d**-0.5
+                        )
                     mass = mass_recall(true, approx, q_pos, policy, d**-0.5, hkv).mean().item()
                     top = topk_recall(true, approx, q_pos, policy, hkv).mean().item()
                     for metric, value in (("mass", mass), ("topk", top)):

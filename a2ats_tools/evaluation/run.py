@@ -35,10 +35,12 @@ def run_recall(
     result = recall_curve(
         captured, rt.codebooks, rt.whitening, rt.rotary, buckets, budgets,
         n_sink=settings.n_sink, window=settings.window, aggregation=settings.aggregation,
-        methods=RECALL_METHODS, queries_per_sequence=queries, rerank=settings.rerank, progress=tick,
+        methods=RECALL_METHODS, queries_per_sequence=queries, rerank=settings.rerank,
+        rerank_aggregation=settings.rerank_aggregation, progress=tick,
     )
     result.update({"length": length, "sequences": sequences, "queries_per_sequence": queries,
                    "buckets": buckets.to_config(), "rerank": settings.rerank,
+                   "rerank_aggregation": settings.rerank_aggregation,
                    "heldout": str(heldout) if heldout else "builtin:pydoc"})
     return result
 

@@ -127,13 +127,15 @@ class TokenSelector:
         return indices, keep.gather(-1, order)
 
     def _rerank(self, state, s, q_post, rows, top, length):
-        """Over-fetch ``rerank``·top-K candidates by approximate score, keep the best by exact score."""
+        """Over-fetch ``rerank``·top-K candidates by approximate score, keep the best by exact score (the group's
+        exact logits aggregated by ``rerank_aggregation``; for ``softmax``, over the candidates)."""
         extra = (top.double() * self.settings.rerank).ceil().long()
         fetch = torch.minimum(rows - top + extra, (s > NEG_INF).sum(-1).amax(-1))
         k2 = max(int(fetch.max()), int(rows.max()))
         vals, cand = torch.topk(s, k2, dim=-1, sorted=True)
         live = (torch.arange(k2, device=s.device) < fetch[:, None, None]) & (vals > NEG_INF)
-        exact = exact_group_scores(state, q_post, cand, self.num_kv_heads, self.settings.aggregation, self.scale)
+        how = self.settings.rerank_aggregation
+        exact = exact_group_scores(state, q_post, cand, self.num_kv_heads, how, self.scale, live)
         exact = exact.masked_fill(vals == POS_INF, POS_INF).masked_fill(~live, NEG_INF)
         k = int(rows.max())
         v2, pick = torch.topk(exact, k, dim=-1, sorted=True)
@@ -150,7 +152,8 @@ class TokenSelector:
         keys = gather_rows(state.keys, cand, q_post.device)  # [B, Hkv, fetch, d]
         q = q_post.reshape(b, self.num_kv_heads, self.group, d).to(keys.dtype)
         logits = (q @ keys.transpose(-1, -2)).float()  # [B, Hkv, G, fetch]
-        exact = group_aggregate(logits.reshape(b, hq, fetch), self.num_kv_heads, self.settings.aggregation, self.scale)
+        how = self.settings.rerank_aggregation
+        exact = group_aggregate(logits.reshape(b, hq, fetch), self.num_kv_heads, how, self.scale)
         exact.masked_fill_(vals == POS_INF, POS_INF)  # sinks and window stay
         pick = torch.topk(exact, k, dim=-1, sorted=False).indices
         self.exact_logits = logits.gather(-1, pick.unsqueeze(2).expand(-1, -1, self.group, -1))
@@ -169,12 +172,17 @@ def gather_rows(buffer: torch.Tensor, indices: torch.Tensor, device: torch.devic
     return rows.view(*idx.shape, d).to(device, non_blocking=True)
 
 
-def exact_group_scores(state, q_post, indices, num_kv_heads, aggregation, scale) -> torch.Tensor:
-    """Exact logits of ``q_post [B, Hq, d]`` on the rows ``indices [B, Hkv, K]``, aggregated per KV head."""
+def exact_group_scores(state, q_post, indices, num_kv_heads, aggregation, scale, live=None) -> torch.Tensor:
+    """Exact logits of ``q_post [B, Hq, d]`` on the rows ``indices [B, Hkv, K]``, aggregated per KV head.
+
+    ``live [B, Hkv, K]``: the rows that count (a ``softmax`` aggregation normalises over those only).
+    """
     b, hq, d = q_post.shape
     keys = gather_rows(state.keys, indices, q_post.device).float()  # [B, Hkv, K, d]
     q = q_post.float().reshape(b, num_kv_heads, hq // num_kv_heads, d)
     logits = q @ keys.transpose(-1, -2)  # [B, Hkv, G, K]
+    if live is not None:
+        logits = logits.masked_fill(~live[:, :, None, :], NEG_INF)
     return group_aggregate(logits.reshape(b, hq, -1), num_kv_heads, aggregation, scale)
 
 

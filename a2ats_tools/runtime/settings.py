@@ -24,7 +24,9 @@ class RuntimeSettings:
 
     ``budget``: top-K size per KV head, a fraction of the context (float <= 1) or a token count (int); sinks and
     window come on top. ``rerank``: over-fetch factor for exact re-ranking (0 = off; the default 2.0 fetches 2K
-    candidates by approximate score and keeps the K best by exact score). ``prefill_chunk``: prefill in chunks of
+    candidates by approximate score and keeps the K best by exact score). ``rerank_aggregation``: how the exact
+    logits of a GQA group's query heads rank the candidates (``softmax``, the default: each head's softmax over the
+    candidates, summed, i.e. the group's attention mass; ``sum``: summed logits; ``max``). ``prefill_chunk``: prefill in chunks of
     this many tokens (None = one pass). ``score_dtype``: precision of the per-step score table ``q_w · codebook``
     (``auto``: bfloat16 on CUDA and on CPUs with native bf16 instructions, else float32; selection only,
     attention stays exact).
@@ -38,6 +40,7 @@ class RuntimeSettings:
     selector: str = "a2ats"
     offload: str | None = None
     rerank: float = 2.0
+    rerank_aggregation: str = "softmax"
     prefill_chunk: int | None = None
     max_distance: int = 8192  # the longest distance log buckets must cover (the model's context)
     dense_layers: tuple[int, ...] = ()  # layers that decode with exact dense attention (no selection)
@@ -50,6 +53,10 @@ class RuntimeSettings:
             raise A2atsError("n_sink must be >= 0 and window >= 1")
         if self.aggregation not in AGGREGATIONS:
             raise A2atsError(f"unknown aggregation {self.aggregation!r}; choose from {', '.join(AGGREGATIONS)}")
+        if self.rerank_aggregation not in AGGREGATIONS:
+            raise A2atsError(
+                f"unknown rerank_aggregation {self.rerank_aggregation!r}; choose from {', '.join(AGGREGATIONS)}"
+            )
         if self.offload not in OFFLOADS:
             raise A2atsError(f"unknown offload {self.offload!r}; use 'cpu' or none")
         if self.rerank and self.rerank < 1.0:
