@@ -44,3 +44,26 @@ def test_generate_cli_user_errors(checkpoint, tmp_path):
     assert isinstance(result.exception, A2atsError) and "a2ats_config.json" in str(result.exception)
     result = runner.invoke(app, ["generate", str(checkpoint), "-p", "hi", "--budget", "lots"])
     assert isinstance(result.exception, A2atsError) and "budget" in str(result.exception)
+    result = runner.invoke(app, ["generate", str(checkpoint), "-p", "hi", "--rerank-aggregation", "mean"])
+    assert isinstance(result.exception, A2atsError) and "rerank_aggregation" in str(result.exception)
+
+
+def test_generate_cli_aggregation_options_reach_the_runtime(checkpoint, tmp_path, monkeypatch):
+    """--aggregation / --rerank-aggregation end up in the loaded model's settings (and the text still comes)."""
+    from a2ats_tools.runtime import loader
+
+    seen = {}
+    real = loader.load_converted
+
+    def spy(*args, **kwargs):
+        model, tok = real(*args, **kwargs)
+        seen["settings"] = model.a2ats.settings
+        return model, tok
+
+    monkeypatch.setattr(loader, "load_converted", spy)
+    prompt = "Once upon a time " * 20
+    args = ["generate", str(checkpoint), "-p", prompt, "-n", "4", "-q", "--budget", "8", "--aggregation", "softmax",
+            "--rerank-aggregation", "sum"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert seen["settings"].aggregation == "softmax" and seen["settings"].rerank_aggregation == "sum"

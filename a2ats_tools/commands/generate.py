@@ -31,6 +31,12 @@ def generate(
     buckets: str = typer.Option(None, "--buckets", help="single, single:DIST, log or log:RATIO (default: checkpoint's)."),
     selector: str = typer.Option(None, "--selector", help="a2ats (default), streaming or exact (oracle)."),
     rerank: float = typer.Option(None, "--rerank", help="Exact re-ranking of RERANK×K over-fetched candidates (default 2; 0 = off)."),
+    rerank_aggregation: str = typer.Option(
+        None, "--rerank-aggregation", help="How a GQA group's exact logits rank candidates: softmax (default: attention mass), sum or max."
+    ),
+    aggregation: str = typer.Option(
+        None, "--aggregation", help="How a GQA group shares approximate scores: sum (default, fastest), max or softmax (best quality, slower)."
+    ),
     prefill_chunk: int = typer.Option(None, "--prefill-chunk", help="Prefill in chunks of this many tokens."),
     offload: str = typer.Option(None, "--offload", help="'cpu': keep the full K/V in host memory."),
     dense_layers: str = typer.Option(None, "--dense-layers", help="Layers that decode densely, e.g. '0,1' ('none' = off)."),
@@ -70,8 +76,8 @@ def generate(
     err = Console(stderr=True)
     model, tok = load_converted(
         checkpoint, device=device, dtype=getattr(torch, dtype), budget=budget, offload=offload,
-        buckets=buckets, selector=selector, rerank=rerank, prefill_chunk=prefill_chunk, dense_layers=dense_layers,
-        score_dtype=score_dtype,
+        buckets=buckets, selector=selector, rerank=rerank, rerank_aggregation=rerank_aggregation,
+        aggregation=aggregation, prefill_chunk=prefill_chunk, dense_layers=dense_layers, score_dtype=score_dtype,
     )
     if chat:
         if not getattr(tok, "chat_template", None):
