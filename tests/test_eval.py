@@ -117,7 +117,7 @@ def test_reference_rerank_spans_a2ats_to_oracle():
     torch.testing.assert_close(everything, oracle)
 
 
-@pytest.mark.parametrize("how", ["sum", "softmax"])
+@pytest.mark.parametrize("how", ["sum", "max", "softmax"])
 def test_reference_rerank_keeps_the_rows_the_runtime_keeps(tiny_checkpoint, how):
     """The recall curve's re-ranking (its ``a2ats`` method) and the runtime's ``rerank`` setting pick the same rows,
     for each way of aggregating the group's exact logits."""

@@ -128,7 +128,8 @@ def reranked_scores(
     Per KV head, the ``ceil(factor·K)`` best non-forced tokens by group-aggregated ``approx`` are the
     candidates; every other token scores 0, and a candidate scores so that the top-K are the candidates with
     the best exact score (the same rows the runtime's ``rerank`` keeps): for ``rerank_aggregation="sum"`` its
-    exact logit shifted to be >= 1 (``policy`` then sums the group's logits); for ``"softmax"`` the group's
+    exact logit shifted to be >= 1 (``policy`` then sums the group's logits; for ``"max"`` the group's largest,
+    spread evenly over its heads); for ``"softmax"`` the group's
     summed softmax probability, each head normalised over candidates + forced tokens (``scale`` is the
     attention scale), spread evenly over the group's heads plus 1/G (so that ``policy``'s sum restores it).
     """
@@ -151,8 +152,12 @@ def reranked_scores(
             value = ((mass + 1.0) / g).repeat_interleave(g, 0)
         elif rerank_aggregation == "sum":
             value = t - t.masked_fill(~valid[i], float("inf")).amin(-1, keepdim=True) + 1.0
+        elif rerank_aggregation == "max":  # the group's largest logit, shifted by one constant per group
+            grouped = t.reshape(num_kv_heads, g, n)
+            low = grouped.masked_fill(~valid[i], float("inf")).amin((1, 2), keepdim=True)
+            value = ((grouped.amax(1, keepdim=True) - low + 1.0) / g).expand(-1, g, -1).reshape(hq, n)
         else:
-            raise ValueError(f"the recall reference re-ranks by 'sum' or 'softmax', not {rerank_aggregation!r}")
+            raise ValueError(f"unknown rerank_aggregation {rerank_aggregation!r}")
         picked = picked.repeat_interleave(g, 0)
         out[:, i] = torch.where(picked, value, torch.zeros_like(t))
     return out
