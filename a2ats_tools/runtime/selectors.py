@@ -134,8 +134,9 @@ class TokenSelector:
         k2 = max(int(fetch.max()), int(rows.max()))
         vals, cand = torch.topk(s, k2, dim=-1, sorted=True)
         live = (torch.arange(k2, device=s.device) < fetch[:, None, None]) & (vals > NEG_INF)
-        how = self.settings.rerank_aggregation
-        exact = exact_group_scores(state, q_post, cand, self.num_kv_heads, how, self.scale, live)
+        logits = candidate_logits(state, q_post, cand, self.num_kv_heads)
+        logits = logits.masked_fill(~live[:, :, None, :], NEG_INF)  # a softmax normalises over live rows only
+        exact = self._rerank_scores(logits)
         exact = exact.masked_fill(vals == POS_INF, POS_INF).masked_fill(~live, NEG_INF)
         k = int(rows.max())
         v2, pick = torch.topk(exact, k, dim=-1, sorted=True)
@@ -148,16 +149,17 @@ class TokenSelector:
         attention does not gather their keys and multiply them again."""
         fetch = min(length, k - top + math.ceil(top * self.settings.rerank))
         vals, cand = torch.topk(s, fetch, dim=-1, sorted=False)
-        b, hq, d = q_post.shape
-        keys = gather_rows(state.keys, cand, q_post.device)  # [B, Hkv, fetch, d]
-        q = q_post.reshape(b, self.num_kv_heads, self.group, d).to(keys.dtype)
-        logits = (q @ keys.transpose(-1, -2)).float()  # [B, Hkv, G, fetch]
-        how = self.settings.rerank_aggregation
-        exact = group_aggregate(logits.reshape(b, hq, fetch), self.num_kv_heads, how, self.scale)
+        logits = candidate_logits(state, q_post, cand, self.num_kv_heads)  # [B, Hkv, G, fetch]
+        exact = self._rerank_scores(logits)
         exact.masked_fill_(vals == POS_INF, POS_INF)  # sinks and window stay
         pick = torch.topk(exact, k, dim=-1, sorted=False).indices
         self.exact_logits = logits.gather(-1, pick.unsqueeze(2).expand(-1, -1, self.group, -1))
         return cand.gather(-1, pick), torch.ones_like(pick, dtype=torch.bool)
+
+    def _rerank_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Candidates' exact logits ``[B, Hkv, G, K]`` -> one score per KV head ``[B, Hkv, K]`` (``rerank_aggregation``)."""
+        b, h, g, k = logits.shape
+        return group_aggregate(logits.reshape(b, h * g, k), h, self.settings.rerank_aggregation, self.scale)
 
 
 def gather_rows(buffer: torch.Tensor, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -172,18 +174,12 @@ def gather_rows(buffer: torch.Tensor, indices: torch.Tensor, device: torch.devic
     return rows.view(*idx.shape, d).to(device, non_blocking=True)
 
 
-def exact_group_scores(state, q_post, indices, num_kv_heads, aggregation, scale, live=None) -> torch.Tensor:
-    """Exact logits of ``q_post [B, Hq, d]`` on the rows ``indices [B, Hkv, K]``, aggregated per KV head.
-
-    ``live [B, Hkv, K]``: the rows that count (a ``softmax`` aggregation normalises over those only).
-    """
+def candidate_logits(state, q_post: torch.Tensor, indices: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Exact float32 logits ``[B, Hkv, G, K]`` of ``q_post [B, Hq, d]`` on the rows ``indices [B, Hkv, K]``."""
     b, hq, d = q_post.shape
     keys = gather_rows(state.keys, indices, q_post.device).float()  # [B, Hkv, K, d]
     q = q_post.float().reshape(b, num_kv_heads, hq // num_kv_heads, d)
-    logits = q @ keys.transpose(-1, -2)  # [B, Hkv, G, K]
-    if live is not None:
-        logits = logits.masked_fill(~live[:, :, None, :], NEG_INF)
-    return group_aggregate(logits.reshape(b, hq, -1), num_kv_heads, aggregation, scale)
+    return q @ keys.transpose(-1, -2)
 
 
 class DenseSelector(TokenSelector):
