@@ -19,7 +19,7 @@ from ..scoring import group_aggregate
 from .settings import RuntimeSettings, resolve_score_dtype
 
 _STEP_MEMO: tuple | None = None  # (weakref to valid, settings key, constants) of the current decode step
-_OFFSET_MEMO: tuple | None = None  # (key, score-table offsets, buckets used) of the current decode step
+_OFFSET_MEMO: tuple | None = None  # (key, (flat offsets, per-table offsets, buckets used)) of the current decode step
 NEG_INF = float("-inf")
 POS_INF = float("inf")
 
@@ -302,26 +302,29 @@ class A2atsSelector(TokenSelector):
         b, h, n, _ = pending.shape
         self._codes_buffer(state, b, h)[:, :, start : start + n] = self.encode(pending)
 
-    def bucket_index(self, length: int, device: torch.device, batch: int) -> tuple[torch.Tensor, int]:
-        """Flat offsets into the score tables of one step and the buckets in use.
+    def bucket_index(self, length: int, device: torch.device, batch: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Offsets into the score tables of one step: ``(flat, per_table, used)``.
 
-        Offset of row ``j < length`` (t = length - 1) for sample ``b`` and KV head ``h``: ``((h * B + b) * used +
-        bucket(t - j)) * C``, int32 ``[B, Hkv, length]``, in the layout :meth:`tables` produces. The same for every
-        layer of a step, so it is computed once per step and shared (the memo holds the latest step only).
+        For row ``j < length`` (t = length - 1): ``per_table [length]`` is ``bucket(t - j) * C``, the offset inside
+        one ``[used * C]`` table; ``flat [B, Hkv, length]`` is ``((h * B + b) * used + bucket(t - j)) * C``, the
+        offset into all tables of the step in the layout :meth:`tables` produces; both int32; ``used`` is the
+        number of buckets in use. The same for every layer of a step, so they are computed once per step and
+        shared (the memo holds the latest step only).
         """
         global _OFFSET_MEMO
         key = (self.buckets, self.codes_size, self.num_kv_heads, batch, length, device)
         memo = _OFFSET_MEMO
         if memo is not None and memo[0] == key:
-            return memo[1], memo[2]
+            return memo[1]
         dist = (length - 1) - torch.arange(length, device=device)
         bucket = self.buckets.bucket_of(dist)
         used = int(bucket.max()) + 1 if length else 1
         base = torch.arange(self.num_kv_heads, device=device).view(1, -1, 1) * batch
         base = base + torch.arange(batch, device=device).view(-1, 1, 1)  # [B, Hkv, 1]: h * B + b
-        offset = ((base * used + bucket) * self.codes_size).to(torch.int32)
-        _OFFSET_MEMO = (key, offset, used)
-        return offset, used
+        flat = ((base * used + bucket) * self.codes_size).to(torch.int32)
+        per_table = (bucket * self.codes_size).to(torch.int32)
+        _OFFSET_MEMO = (key, (flat, per_table, used))
+        return flat, per_table, used
 
     def tables(self, q_pre: torch.Tensor, used: int) -> torch.Tensor:
         """``[B, Hkv, G', used * C]`` score tables (``G' = 1`` for ``sum``: the group's queries are folded), in
@@ -343,15 +346,15 @@ class A2atsSelector(TokenSelector):
     def scores(self, state, q_pre, q_post, length):
         b, h = q_pre.shape[0], self.num_kv_heads
         codes = self._codes_buffer(state, b, h)[:, :, :length]  # pending (windowed) rows read stale codes
-        offset, used = self.bucket_index(length, q_pre.device, b)
+        flat_offset, table_offset, used = self.bucket_index(length, q_pre.device, b)
         table = self.tables(q_pre, used)
         g = table.shape[2]
         if g == 1 and self._fused_scoring(table):
             return self._scores_triton(table, codes, length, used)
         if g == 1:  # one flat lookup: the tables' own memory ([Hkv, B, 1, used * C]) at offset + code
             flat = table.transpose(0, 1).reshape(-1)
-            return flat.index_select(0, (offset + codes).view(-1)).view(b, h, length)
-        index = (offset % (used * self.codes_size) + codes).long()  # per-table offsets: bucket * C + code
+            return flat.index_select(0, (flat_offset + codes).view(-1)).view(b, h, length)
+        index = (table_offset + codes).long()  # bucket * C + code, inside each head's table
         s = table.gather(-1, index.unsqueeze(2).expand(-1, -1, g, -1))  # [B, Hkv, G', N]
         return group_aggregate(s.reshape(b, self.num_heads, length), self.num_kv_heads, self.settings.aggregation, self.scale)
 
