@@ -417,18 +417,23 @@ def test_beam_search_full_budget_equals_dense(tiny_checkpoints):
     assert low.shape == ref.shape
 
 
+def prefilled_layer(path, n: int, batch: int, **settings):
+    """Layer 1's ``(selector, state)`` after a prefill of ``n`` random tokens per sample, with ``settings``."""
+    model, _ = load(path, **settings)
+    cache = model.a2ats.new_cache()
+    with torch.no_grad():
+        model(input_ids=prompt_ids(n, batch=batch), past_key_values=cache, use_cache=True)
+    return cache.layers[1].selector, cache.layers[1].state
+
+
 @pytest.mark.parametrize("how", ["sum", "softmax"])
 def test_uniform_rerank_matches_the_general_path_and_reuses_its_logits(tiny_checkpoints, how):
     """Without padding, re-ranking takes a shortcut (no ordering or masking, exact logits kept for attention):
     it keeps the same rows as the general path, and attention from its logits equals attention from the keys."""
     from a2ats_tools.runtime.attention import sparse_decode
 
-    model, _ = load(tiny_checkpoints["llama"], budget=6, n_sink=2, window=8, rerank=2.0, rerank_aggregation=how)
-    cache = model.a2ats.new_cache()
-    with torch.no_grad():
-        model(input_ids=prompt_ids(100, batch=2), past_key_values=cache, use_cache=True)
-    layer = cache.layers[1]
-    sel, state = layer.selector, layer.state
+    sel, state = prefilled_layer(tiny_checkpoints["llama"], 100, 2, budget=6, n_sink=2, window=8, rerank=2.0,
+                                 rerank_aggregation=how)
     n = state.length
     g = torch.Generator().manual_seed(6)
     q_pre = torch.randn(2, sel.num_heads, sel.head_dim, generator=g)
@@ -456,11 +461,8 @@ def test_rerank_of_a_padded_sample_ignores_its_padding(tiny_checkpoints, how):
     set never count (not even in the softmax normaliser of its candidates)."""
     from a2ats_tools.runtime.cache import LayerState
 
-    model, _ = load(tiny_checkpoints["llama"], budget=6, n_sink=2, window=8, rerank=2.0, rerank_aggregation=how)
-    cache = model.a2ats.new_cache()
-    with torch.no_grad():
-        model(input_ids=prompt_ids(100, batch=2), past_key_values=cache, use_cache=True)
-    sel, state = cache.layers[1].selector, cache.layers[1].state
+    sel, state = prefilled_layer(tiny_checkpoints["llama"], 100, 2, budget=6, n_sink=2, window=8, rerank=2.0,
+                                 rerank_aggregation=how)
     n, pad = state.length, state.length - 45  # sample 1 has 45 real rows: fewer than the 50 candidates of sample 0
     g = torch.Generator().manual_seed(9)
     q_post = torch.randn(2, sel.num_heads, sel.head_dim, generator=g)
@@ -488,12 +490,8 @@ def test_a2ats_scores_equal_a_per_token_computation(tiny_checkpoints, aggregatio
     the row's centroid (summed or maxed over the GQA group), for every sample and KV head of a batch."""
     from a2ats_tools.rope import apply_rope
 
-    model, _ = load(tiny_checkpoints["llama"], budget=6, n_sink=2, window=8, aggregation=aggregation,
-                    buckets=buckets, score_dtype="float32")
-    cache = model.a2ats.new_cache()
-    with torch.no_grad():
-        model(input_ids=prompt_ids(90, batch=3), past_key_values=cache, use_cache=True)
-    sel, state = cache.layers[1].selector, cache.layers[1].state
+    sel, state = prefilled_layer(tiny_checkpoints["llama"], 90, 3, budget=6, n_sink=2, window=8, aggregation=aggregation,
+                                 buckets=buckets, score_dtype="float32")
     n = state.length
     q_pre = torch.randn(3, sel.num_heads, sel.head_dim, generator=torch.Generator().manual_seed(8))
     got = sel.scores(state, q_pre, q_pre, n)
