@@ -417,6 +417,14 @@ def test_beam_search_full_budget_equals_dense(tiny_checkpoints):
     assert low.shape == ref.shape
 
 
+def selection_keys(s: torch.Tensor):
+    """Float scores with +inf (kept) / -inf (never kept) -> the selector's integer keys with their sentinels."""
+    from a2ats_tools.runtime.selectors import rank_keys
+
+    keys, high, low = rank_keys(s)
+    return keys.masked_fill(s == float("inf"), high).masked_fill(s == float("-inf"), low), high, low
+
+
 def prefilled_layer(path, n: int, batch: int, **settings):
     """Layer 1's ``(selector, state)`` after a prefill of ``n`` random tokens per sample, with ``settings``."""
     model, _ = load(path, **settings)
@@ -446,7 +454,7 @@ def test_uniform_rerank_matches_the_general_path_and_reuses_its_logits(tiny_chec
     s = approx.clone()
     s[..., :2] = float("inf")
     s[..., n - 8 :] = float("inf")
-    general_idx, general_keep = sel._rerank(state, s, q_post, torch.full((2,), 16), torch.full((2,), 6), n)
+    general_idx, general_keep = sel._rerank(state, *selection_keys(s), q_post, torch.full((2,), 16), torch.full((2,), 6), n)
     for b in range(2):
         for h in range(sel.num_kv_heads):
             assert set(idx[b, h].tolist()) == set(general_idx[b, h][general_keep[b, h]].tolist())
@@ -474,11 +482,11 @@ def test_rerank_of_a_padded_sample_ignores_its_padding(tiny_checkpoints, how):
     s[0, :, :2] = s[1, :, pad : pad + 2] = float("inf")
     s[..., n - 8 :] = float("inf")
     rows, top = torch.tensor([30, 30]), torch.tensor([20, 20])
-    idx, keep = sel._rerank(state, s, q_post, rows, top, n)
+    idx, keep = sel._rerank(state, *selection_keys(s), q_post, rows, top, n)
     alone = LayerState()
     alone.keys, alone.values = state.keys[1:, :, pad:n].contiguous(), state.values[1:, :, pad:n].contiguous()
     alone.length = n - pad
-    alone_idx, alone_keep = sel._rerank(alone, s[1:, :, pad:], q_post[1:], rows[1:], top[1:], n - pad)
+    alone_idx, alone_keep = sel._rerank(alone, *selection_keys(s[1:, :, pad:]), q_post[1:], rows[1:], top[1:], n - pad)
     for h in range(sel.num_kv_heads):
         assert set(idx[1, h][keep[1, h]].tolist()) == {i + pad for i in alone_idx[0, h][alone_keep[0, h]].tolist()}
 
@@ -506,3 +514,22 @@ def test_a2ats_scores_equal_a_per_token_computation(tiny_checkpoints, aggregatio
             per_head = (rotated * centroids).sum(-1)
             want[b, h] = per_head.sum(0) if aggregation == "sum" else per_head.amax(0)
     torch.testing.assert_close(got.float(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_rank_keys_order_rows_as_their_scores_do(dtype):
+    """The integer keys the top-K runs on sort exactly as the scores (negatives, zeros, infinities included) and
+    stay strictly between the kept/never-kept sentinels."""
+    from a2ats_tools.runtime.selectors import rank_keys
+
+    g = torch.Generator().manual_seed(3)
+    s = (torch.randn(4, 300, generator=g) * 50).to(dtype)
+    s[:, :4] = torch.tensor([float("inf"), float("-inf"), 0.0, -1e-3], dtype=dtype)
+    keys, high, low = rank_keys(s)
+    assert keys.dtype.itemsize == s.dtype.itemsize and keys.shape == s.shape
+    assert bool((keys < high).all()) and bool((keys > low).all())
+    by_key = s.gather(-1, keys.argsort(dim=-1, stable=True)).double()
+    assert bool((by_key[:, 1:] >= by_key[:, :-1]).all())  # ascending keys = ascending scores
+    want = torch.topk(s.double(), 40, -1).values
+    got = s.gather(-1, torch.topk(keys.long(), 40, -1).indices).double()
+    torch.testing.assert_close(got, want)
