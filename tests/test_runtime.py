@@ -533,3 +533,31 @@ def test_rank_keys_order_rows_as_their_scores_do(dtype):
     want = torch.topk(s.double(), 40, -1).values
     got = s.gather(-1, torch.topk(keys.long(), 40, -1).indices).double()
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("shift", [0.0, -100.0, 2.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unpadded_selection_is_a_true_top_k_whatever_the_scores_sign(tiny_checkpoints, shift, dtype):
+    """The top-K ranks integer keys of the scores: rows whose top scores are negative (all negative: shift -100;
+    mixed: 0; mostly positive: 2.5) get the true top-K, in float32 and bfloat16."""
+    sel, state = prefilled_layer(tiny_checkpoints["llama"], 100, 2, budget=6, n_sink=2, window=8, rerank=0)
+    n = state.length
+    g = torch.Generator().manual_seed(12)
+    approx = (torch.randn(2, sel.num_kv_heads, n, generator=g) + shift).to(dtype)
+    sel.scores = lambda *args: approx.clone()
+    q = torch.randn(2, sel.num_heads, sel.head_dim, generator=g)
+    idx, keep = sel.select(state, q, q, n, torch.ones(2, n, dtype=torch.bool))
+    assert keep.all() and idx.shape[-1] == 2 + 8 + 6
+    assert bool((idx[..., 1:] > idx[..., :-1]).all())  # ascending rows
+    middle = approx[..., 2 : n - 8].float()
+    want = torch.topk(middle, 6, dim=-1).indices + 2
+    for b in range(2):
+        for h in range(sel.num_kv_heads):
+            expected = set(range(2)) | set(range(n - 8, n)) | set(want[b, h].tolist())
+            picked = idx[b, h].tolist()
+            # bf16 scores may tie: compare the picked scores, not only the rows
+            got = sorted(approx[b, h, [i for i in picked if 2 <= i < n - 8]].float().tolist())
+            assert got == sorted(middle[b, h, want[b, h] - 2].tolist())
+            assert set(picked) >= set(range(2)) | set(range(n - 8, n))
+            if dtype == torch.float32:
+                assert set(picked) == expected
