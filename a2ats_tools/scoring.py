@@ -34,11 +34,14 @@ class SelectionPolicy:
         return int(self.budget)
 
 
-def group_aggregate(scores: torch.Tensor, num_kv_heads: int, how: Aggregation, scale: float = 1.0) -> torch.Tensor:
+def group_aggregate(
+    scores: torch.Tensor, num_kv_heads: int, how: Aggregation, scale: float = 1.0, *, finite: bool = False
+) -> torch.Tensor:
     """Aggregate per-query-head scores ``[..., Hq, N]`` into one score per KV head ``[..., Hkv, N]``.
 
     ``sum`` adds logits (linear, so it can be folded into the query); ``max`` takes the largest logit;
-    ``softmax`` adds each head's softmax probabilities (``-inf`` entries are excluded).
+    ``softmax`` adds each head's softmax probabilities (``-inf`` entries are excluded; ``finite=True`` promises
+    no row is all ``-inf``, which skips the pass that zeroes such rows' NaNs).
     """
     *lead, hq, n = scores.shape
     grouped = scores.reshape(*lead, num_kv_heads, hq // num_kv_heads, n)
@@ -47,7 +50,8 @@ def group_aggregate(scores: torch.Tensor, num_kv_heads: int, how: Aggregation, s
     if how == "max":
         return grouped.amax(-2)
     if how == "softmax":
-        return torch.softmax(grouped * scale, dim=-1).nan_to_num(0.0).sum(-2)
+        probs = torch.softmax(grouped * scale, dim=-1)
+        return (probs if finite else probs.nan_to_num(0.0)).sum(-2)
     raise ValueError(f"unknown aggregation {how!r}; choose from {AGGREGATIONS}")
 
 

@@ -93,6 +93,10 @@ def test_group_aggregation_shapes_and_sum():
     assert torch.allclose(group_aggregate(s, 2, "max"), s.reshape(2, 2, 3, 7).amax(2))
     soft = group_aggregate(s, 2, "softmax")
     assert torch.allclose(soft.sum(-1), torch.full((2, 2), 3.0))
+    assert torch.equal(group_aggregate(s, 2, "softmax", finite=True), soft)  # no masked row: same result
+    masked = s.clone()
+    masked[0, :3] = float("-inf")  # a whole KV head's group masked out: zeros, not NaN
+    assert torch.equal(group_aggregate(masked, 2, "softmax")[0, 0], torch.zeros(7))
 
 
 def test_mass_recall_full_budget_is_one(rot):

@@ -150,16 +150,18 @@ class TokenSelector:
         fetch = min(length, k - top + math.ceil(top * self.settings.rerank))
         vals, cand = torch.topk(s, fetch, dim=-1, sorted=False)
         logits = candidate_logits(state, q_post, cand, self.num_kv_heads)  # [B, Hkv, G, fetch]
-        exact = self._rerank_scores(logits)
+        exact = self._rerank_scores(logits, finite=True)
         exact.masked_fill_(vals == high, POS_INF)  # sinks and window stay
         pick = torch.topk(exact, k, dim=-1, sorted=False).indices
         self.exact_logits = logits.gather(-1, pick.unsqueeze(2).expand(-1, -1, self.group, -1))
         return cand.gather(-1, pick), torch.ones_like(pick, dtype=torch.bool)
 
-    def _rerank_scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """Candidates' exact logits ``[B, Hkv, G, K]`` -> one score per KV head ``[B, Hkv, K]`` (``rerank_aggregation``)."""
+    def _rerank_scores(self, logits: torch.Tensor, finite: bool = False) -> torch.Tensor:
+        """Candidates' exact logits ``[B, Hkv, G, K]`` -> one score per KV head ``[B, Hkv, K]`` (``rerank_aggregation``;
+        ``finite``: no candidate is masked)."""
         b, h, g, k = logits.shape
-        return group_aggregate(logits.reshape(b, h * g, k), h, self.settings.rerank_aggregation, self.scale)
+        how = self.settings.rerank_aggregation
+        return group_aggregate(logits.reshape(b, h * g, k), h, how, self.scale, finite=finite)
 
 
 _KEY_TYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -181,6 +183,21 @@ def rank_keys(scores: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return keys, info.max, info.min
 
 
+_ROW_BASE: dict[tuple, torch.Tensor] = {}
+
+
+def _row_base(b: int, h: int, cap: int, device: torch.device) -> torch.Tensor:
+    """``[B, Hkv, 1]`` offsets ``(b * Hkv + h) * cap`` of each (sample, KV head) block in a flattened buffer
+    (the same for every layer and step until the capacity grows: kept for the latest few shapes)."""
+    key = (b, h, cap, device)
+    base = _ROW_BASE.get(key)
+    if base is None:
+        if len(_ROW_BASE) > 8:
+            _ROW_BASE.clear()
+        base = _ROW_BASE[key] = torch.arange(b * h, device=device).view(b, h, 1) * cap
+    return base
+
+
 def gather_rows(buffer: torch.Tensor, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``buffer [B, Hkv, cap, d]`` rows at ``indices [B, Hkv, K]`` -> ``[B, Hkv, K, d]`` on ``device``.
 
@@ -188,8 +205,7 @@ def gather_rows(buffer: torch.Tensor, indices: torch.Tensor, device: torch.devic
     """
     b, h, cap, d = buffer.shape
     idx = indices.to(buffer.device)
-    base = torch.arange(b * h, device=buffer.device).view(b, h, 1) * cap
-    rows = buffer.view(b * h * cap, d).index_select(0, (idx + base).reshape(-1))
+    rows = buffer.view(b * h * cap, d).index_select(0, (idx + _row_base(b, h, cap, buffer.device)).reshape(-1))
     return rows.view(*idx.shape, d).to(device, non_blocking=True)
 
 
