@@ -27,7 +27,7 @@ STAGES = ("recall", "perplexity", "tasks")
 FULL = {
     "recall": ["--recall-length", "8192", "--recall-sequences", "2", "--budgets", "0.01,0.02,0.03,0.05,0.1",
                "--baselines", "streaming,quest,wrope,exact,norerank"],
-    "perplexity": ["--ppl-length", "8192", "--ppl-tokens", "256", "--budgets", "0.03",
+    "perplexity": ["--ppl-length", "8192", "--ppl-tokens", "256", "--ppl-texts", "5", "--budgets", "0.03",
                    "--baselines", "streaming,quest,wrope,exact,norerank"],
     "tasks": ["--tasks", "all", "--lengths", "1024,2048,4096,8192", "--samples", "3", "--budgets", "0.03",
               "--baselines", "streaming,quest,wrope,norerank"],
@@ -79,10 +79,19 @@ def render(eval_jsons: list[Path], bench_json: Path | None) -> str:
         if res.get("perplexity"):
             p = res["perplexity"]
             dense = p["configs"]["dense"]["perplexity"]
-            lines += [f"### Decode-mode perplexity, last {p['n_decode']} of {p['length']} tokens", "",
-                      "| configuration | perplexity | vs dense |", "|---|---|---|"]
+            texts = p.get("texts", 1)
+            per_text = texts > 1
+            lines += [f"### Decode-mode perplexity, last {p['n_decode']} of {p['length']} tokens"
+                      + (f", {texts} texts (pooled)" if per_text else ""), "",
+                      "| configuration | perplexity | vs dense |" + (" per text (min–max) |" if per_text else ""),
+                      "|---|---|---|" + ("---|" if per_text else "")]
+            dense_texts = p["configs"]["dense"].get("per_text", [])
             for name, c in p["configs"].items():
-                lines.append(f"| {name} | {c['perplexity']:.3f} | {c['perplexity'] / dense:.3f}× |")
+                line = f"| {name} | {c['perplexity']:.3f} | {c['perplexity'] / dense:.3f}× |"
+                if per_text:
+                    ratios = [a / b for a, b in zip(c["per_text"], dense_texts, strict=True)]
+                    line += f" {min(ratios):.3f}–{max(ratios):.3f}× |"
+                lines.append(line)
             lines.append("")
     if bench_json and bench_json.is_file():
         b = json.loads(bench_json.read_text())

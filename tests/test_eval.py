@@ -187,6 +187,23 @@ def test_decode_nll_matches_full_forward():
         decode_nll(model, ids[:5], 6)
 
 
+def test_perplexity_texts_are_distinct_held_out_windows(tmp_path, tokenizer):
+    """Several perplexity texts: the first is the single-text default; built-in texts differ; a user file is cut
+    into consecutive windows, and one too short for them all is an error."""
+    from a2ats_tools.evaluation.recall_curve import heldout_ids
+    from a2ats_tools.evaluation.run import perplexity_texts
+
+    tok = tokenizer
+    texts = perplexity_texts(tok, 64, 3, 5, None)
+    assert texts[0] == heldout_ids(tok, 64, 7, None) and len({tuple(x) for x in texts}) == 3
+    f = tmp_path / "heldout.txt"
+    f.write_text(" ".join(f"word{i}" for i in range(400)))
+    whole = heldout_ids(tok, 96, 0, f)
+    assert perplexity_texts(tok, 32, 3, 5, f) == [whole[:32], whole[32:64], whole[64:96]]
+    with pytest.raises(A2atsError):
+        perplexity_texts(tok, 10_000, 3, 5, f)
+
+
 def test_eval_command_end_to_end(tiny_checkpoint, tmp_path):
     from a2ats_tools.cli import app
 
@@ -194,7 +211,7 @@ def test_eval_command_end_to_end(tiny_checkpoint, tmp_path):
     args = ["eval", str(tiny_checkpoint), "--out", str(out), "--budgets", "0.05,0.5", "--baselines", "all",
             "--baseline-budget", "0.05", "--tasks", "passkey,niah_single", "--lengths", "160,9000", "--samples", "1",
             "--recall-length", "160", "--queries", "3", "--ppl-length", "120", "--ppl-tokens", "4", "--quiet",
-            "--also", "score_dtype=bfloat16"]
+            "--ppl-texts", "2", "--also", "score_dtype=bfloat16"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     data = json.loads((out / "results.json").read_text())
@@ -204,6 +221,10 @@ def test_eval_command_end_to_end(tiny_checkpoint, tmp_path):
     assert [r["length"] for r in data["tasks"]["rows"]] == [160, 160]  # 9000 is beyond the tiny model's context
     assert any("skipped" in n for n in data["notes"])
     assert set(data["perplexity"]["configs"]) == set(data["tasks"]["configs"])
+    for cell in data["perplexity"]["configs"].values():  # pooled over two texts of 4 scored tokens each
+        a, b = cell["per_text"]
+        assert cell["perplexity"] == pytest.approx((a * b) ** 0.5, rel=1e-9)
+    assert data["perplexity"]["texts"] == 2
     assert data["recall"]["overall"]["oracle"]["0.5"]["mass"] > 0.5
     assert "norerank" in data["recall"]["methods"] and data["recall"]["rerank"] == 2.0
     for png in ("recall.png", "recall_topk.png", "tasks.png"):

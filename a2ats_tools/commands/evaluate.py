@@ -35,6 +35,11 @@ def evaluate(
     heldout: Path = typer.Option(None, "--heldout", help="Held-out text file for recall and perplexity (default: built-in)."),
     ppl_length: int = typer.Option(2048, "--ppl-length", help="Length of the perplexity text (tokens)."),
     ppl_tokens: int = typer.Option(128, "--ppl-tokens", help="Last tokens scored one decode step at a time."),
+    ppl_texts: int = typer.Option(
+        1, "--ppl-texts",
+        help="Held-out texts for perplexity (pooled; per-text figures in results.json). One text of 256 tokens "
+        "moves by a few percent between texts: use 4 or more to compare configurations.",
+    ),
     seed: int = typer.Option(1234, "--seed", help="Seed of the task samples and held-out text (differs from calibration's)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
@@ -79,8 +84,8 @@ def evaluate(
     length_list = parse_int_list(lengths, "--lengths")
     base_budget = parse_budget(baseline_budget)
     baseline_list = parse_baselines(baselines)
-    if samples < 1 or recall_sequences < 1 or queries < 1 or ppl_tokens < 1:
-        raise A2atsError("--samples, --recall-sequences, --queries and --ppl-tokens must be positive")
+    if samples < 1 or recall_sequences < 1 or queries < 1 or ppl_tokens < 1 or ppl_texts < 1:
+        raise A2atsError("--samples, --recall-sequences, --queries, --ppl-tokens and --ppl-texts must be positive")
     out = prepare_output_dir(out, overwrite, "eval output directory")
 
     console = Console(stderr=True, quiet=quiet)
@@ -124,9 +129,10 @@ def evaluate(
             )
         if "perplexity" in chosen:
             plen = min(ppl_length, max_len)
-            bar = progress.add_task("perplexity", total=ppl_tokens * len(variants))
+            n_decode = min(ppl_tokens, plen - 2)
+            bar = progress.add_task("perplexity", total=n_decode * len(variants) * ppl_texts)
             results["perplexity"] = run_perplexity(
-                mut, variants, length=plen, n_decode=min(ppl_tokens, plen - 2), seed=seed, text=heldout,
+                mut, variants, length=plen, n_decode=n_decode, seed=seed, text=heldout, texts=ppl_texts,
                 tick=lambda: progress.advance(bar),
             )
     if results["recall"]:

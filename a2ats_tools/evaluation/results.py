@@ -72,15 +72,22 @@ def task_table(tasks: dict[str, Any]) -> Table:
 
 
 def perplexity_table(ppl: dict[str, Any]) -> Table:
-    table = Table(title=f"Decode-mode perplexity over the last {ppl['n_decode']} of {ppl['length']} tokens")
+    texts = ppl.get("texts", 1)
+    where = f"{texts} texts" if texts > 1 else "one text"
+    table = Table(title=f"Decode-mode perplexity over the last {ppl['n_decode']} of {ppl['length']} tokens ({where})")
     table.add_column("configuration")
     table.add_column("perplexity", justify="right")
     table.add_column("vs dense", justify="right")
-    dense = ppl["configs"].get("dense", {}).get("perplexity")
+    if texts > 1:
+        table.add_column("vs dense per text (min–max)", justify="right")
+    dense = ppl["configs"].get("dense", {})
     for name, cell in ppl["configs"].items():
         p = cell["perplexity"]
-        ratio = f"{p / dense:.3f}×" if dense else "-"
-        table.add_row(name, f"{p:.3f}", ratio)
+        row = [name, f"{p:.3f}", f"{p / dense['perplexity']:.3f}×" if dense else "-"]
+        if texts > 1:
+            ratios = [a / b for a, b in zip(cell.get("per_text", []), dense.get("per_text", []), strict=False)]
+            row.append(f"{min(ratios):.3f}–{max(ratios):.3f}×" if ratios else "-")
+        table.add_row(*row)
     return table
 
 

@@ -73,16 +73,31 @@ def run_tasks(
     return {"configs": [v.name for v in variants], "rows": rows, "samples": samples}
 
 
+def perplexity_texts(tokenizer: Any, length: int, texts: int, seed: int, path: Path | None) -> list[list[int]]:
+    """``texts`` held-out token sequences of ``length``: built-in pydoc shuffled with ``seed + 2`` (the first
+    text, as with one), ``seed + 102``, ...; or consecutive ``length``-token windows of a user file."""
+    if path is not None:
+        ids = heldout_ids(tokenizer, length * texts, seed + 2, path)
+        return [ids[i * length : (i + 1) * length] for i in range(texts)]
+    return [heldout_ids(tokenizer, length, seed + 2 + 100 * i, None) for i in range(texts)]
+
+
 def run_perplexity(
     mut: ModelUnderTest, variants: Sequence[Variant], *, length: int, n_decode: int, seed: int, text: Path | None,
-    tick: Tick | None = None,
+    texts: int = 1, tick: Tick | None = None,
 ) -> dict[str, Any]:
-    """Decode-mode perplexity of the last ``n_decode`` tokens of a ``length``-token held-out text per variant."""
-    ids = heldout_ids(mut.tokenizer, length, seed + 2, text)
+    """Decode-mode perplexity of the last ``n_decode`` tokens of ``texts`` held-out texts of ``length`` tokens per
+    variant: pooled over every scored token (``perplexity``, ``mean_nll``) and per text (``per_text``)."""
+    per_text: dict[str, list[list[float]]] = {v.name: [] for v in variants}
+    for ids in perplexity_texts(mut.tokenizer, length, texts, seed, text):
+        prefix = mut.prefill(torch.tensor([ids[: -n_decode - 1]]))  # shared dense prefill
+        for variant in variants:
+            cache = mut.cache_for(variant, prefix)
+            per_text[variant.name].append(decode_nll(mut.model, ids, n_decode, prefilled=cache, progress=tick))
     configs = {}
-    prefix = mut.prefill(torch.tensor([ids[: -n_decode - 1]]))  # shared dense prefill
-    for variant in variants:
-        cache = mut.cache_for(variant, prefix)
-        nll = decode_nll(mut.model, ids, n_decode, prefilled=cache, progress=tick)
-        configs[variant.name] = {"perplexity": perplexity(nll), "mean_nll": sum(nll) / len(nll)}
-    return {"length": length, "n_decode": n_decode, "text": str(text) if text else "builtin:pydoc", "configs": configs}
+    for name, runs in per_text.items():
+        nll = [x for run in runs for x in run]
+        configs[name] = {"perplexity": perplexity(nll), "mean_nll": sum(nll) / len(nll),
+                         "per_text": [perplexity(run) for run in runs]}
+    return {"length": length, "n_decode": n_decode, "texts": texts,
+            "text": str(text) if text else "builtin:pydoc", "configs": configs}
