@@ -533,6 +533,8 @@ def test_rank_keys_order_rows_as_their_scores_do(dtype):
     want = torch.topk(s.double(), 40, -1).values
     got = s.gather(-1, torch.topk(keys.long(), 40, -1).indices).double()
     torch.testing.assert_close(got, want)
+    ints = torch.tensor([[3, -7, 0, 12, -1]])
+    assert torch.equal(torch.topk(rank_keys(ints)[0], 2).indices, torch.tensor([[3, 0]]))  # integer scores too
 
 
 @pytest.mark.parametrize("shift", [0.0, -100.0, 2.5])

@@ -175,6 +175,8 @@ def rank_keys(scores: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     keeps 16-bit keys: ~0.2 ms instead of ~0.35 ms for 12 rows of 8K on this CPU). ``-inf`` and ``+inf``
     scores stay strictly between the sentinels.
     """
+    if not scores.is_floating_point():  # a selector's integer or boolean scores
+        scores = scores.float()
     int_type = _KEY_TYPES[scores.element_size()]
     bits = scores.contiguous().view(int_type)
     width = 8 * scores.element_size()
