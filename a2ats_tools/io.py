@@ -65,12 +65,20 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
         raise A2atsError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
-def prepare_output_dir(path: str | os.PathLike, overwrite: bool, what: str = "output directory") -> Path:
-    """Create an empty output directory; refuse an existing non-empty one unless ``overwrite``."""
+def check_output_dir(path: str | os.PathLike, overwrite: bool, what: str = "output directory") -> bool:
+    """Refuse an existing non-empty ``path`` unless ``overwrite`` (touches nothing); True if it must be replaced."""
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         if not overwrite:
             raise A2atsError(f"{what} {path} already exists; pass --overwrite to replace it")
+        return True
+    return False
+
+
+def prepare_output_dir(path: str | os.PathLike, overwrite: bool, what: str = "output directory") -> Path:
+    """Create an empty output directory; refuse an existing non-empty one unless ``overwrite``."""
+    path = Path(path)
+    if check_output_dir(path, overwrite, what):
         if path.is_dir():
             shutil.rmtree(path)
         else:

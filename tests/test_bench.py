@@ -67,6 +67,7 @@ def test_bench_command_end_to_end(tiny_checkpoint, tmp_path):  # noqa: F811
     assert isinstance(bad.exception, A2atsError)
     bad = CliRunner().invoke(app, ["bench", str(tiny_checkpoint), "--out", str(tmp_path / "c"), "--also", "score_dtype=fp8"])
     assert isinstance(bad.exception, A2atsError) and "score_dtype" in str(bad.exception)
+    assert not (tmp_path / "c").exists()  # the output directory is created only once every option checked out
 
 
 def test_parse_overrides_keeps_commas_inside_values():

@@ -240,3 +240,4 @@ def test_eval_command_rejects_bad_options(tiny_checkpoint, tmp_path, bad):
 
     result = CliRunner().invoke(app, ["eval", str(tiny_checkpoint), "--out", str(tmp_path / "x"), *bad])
     assert isinstance(result.exception, A2atsError)
+    assert not (tmp_path / "x").exists()  # nothing written for a rejected command

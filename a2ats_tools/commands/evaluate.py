@@ -72,7 +72,7 @@ def evaluate(
     from ..evaluation.results import new_results, print_results, write_results
     from ..evaluation.run import run_perplexity, run_recall, run_tasks
     from ..evaluation.tasks import parse_tasks
-    from ..io import prepare_output_dir
+    from ..io import check_output_dir, prepare_output_dir
     from ..runtime.settings import parse_budget, parse_overrides
 
     chosen = [s.strip() for s in stages.split(",") if s.strip()]
@@ -86,7 +86,7 @@ def evaluate(
     baseline_list = parse_baselines(baselines)
     if samples < 1 or recall_sequences < 1 or queries < 1 or ppl_tokens < 1 or ppl_texts < 1:
         raise A2atsError("--samples, --recall-sequences, --queries, --ppl-tokens and --ppl-texts must be positive")
-    out = prepare_output_dir(out, overwrite, "eval output directory")
+    check_output_dir(out, overwrite, "eval output directory")  # fail fast; created once every option has checked out
 
     console = Console(stderr=True, quiet=quiet)
     mut = ModelUnderTest(checkpoint, device=device, dtype=dtype)
@@ -101,6 +101,7 @@ def evaluate(
         mut.base_settings.with_overrides(**extra)  # a bad key or value fails before any work
         variants.append(Variant(f"a2ats[{spec}]", extra))
     haystack_text = Haystack.from_file(haystack, mut.tokenizer) if haystack else Haystack.noise(mut.tokenizer)
+    out = prepare_output_dir(out, overwrite, "eval output directory")
 
     settings = {
         "budgets": budget_list, "baselines": baseline_list, "baseline_budget": base_budget, "stages": chosen,
