@@ -178,10 +178,9 @@ def rank_keys(scores: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     if not scores.is_floating_point():  # a selector's integer or boolean scores
         scores = scores.float()
     int_type = _KEY_TYPES[scores.element_size()]
-    bits = scores.contiguous().view(int_type)
-    width = 8 * scores.element_size()
-    keys = bits ^ ((bits >> (width - 1)) & torch.iinfo(int_type).max)  # negative floats: reverse their order
     info = torch.iinfo(int_type)
+    bits = scores.contiguous().view(int_type)
+    keys = bits ^ ((bits >> (info.bits - 1)) & info.max)  # negative floats: reverse their order
     return keys, info.max, info.min
 
 
