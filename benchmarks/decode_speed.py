@@ -156,7 +156,7 @@ def main() -> None:
 
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 time_steps(ours, acache, feed[:, :4], 4, args.context + args.steps + 1)
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     d, a, s = med(d_times), med(a_times), med(s_times)
     b = args.batch

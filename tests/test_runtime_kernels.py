@@ -100,3 +100,31 @@ def test_bfloat16_score_table_stays_close_to_float32():
     assert out["bfloat16"].dtype == torch.bfloat16
     err = (out["bfloat16"].float() - out["float32"]).abs()
     assert 0 < err.max() <= 0.02 * out["float32"].abs().max()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_table_without_native_bf16_matches_the_bf16_product(monkeypatch, native):
+    """On a CPU without bf16 instructions the bf16 table is a float32 product of bf16-rounded operands (a native
+    bf16 product there is ~100x slower); either way the table equals torch's own bf16 product."""
+    from a2ats_tools.models import rotary
+    from a2ats_tools.rope import DistanceBuckets, apply_rope
+    from a2ats_tools.runtime import selectors
+
+    from .conftest import build_tiny_model
+
+    monkeypatch.setattr(selectors, "cpu_has_native_bf16", lambda: native)
+    g = torch.Generator().manual_seed(4)
+    b, hq, hkv, c, d = 3, 4, 2, 64, 16
+    codebook = torch.randn(hkv, c, d, generator=g)
+    settings = RuntimeSettings(buckets=DistanceBuckets.log_spaced(1024), score_dtype="bfloat16")
+    sel = A2atsSelector(settings, 0, hq, hkv, d, codebook=codebook, whitening=torch.eye(d).expand(hkv, d, d),
+                        rotary=rotary(build_tiny_model("llama")))
+    q = torch.randn(b, hq, d, generator=g)
+    used = sel.buckets.count
+    table = sel.tables(q, used)
+    assert table.dtype == torch.bfloat16 and table.shape == (b, hkv, 1, used * c)
+    folded = q.reshape(b, hkv, hq // hkv, d).sum(2, keepdim=True)
+    rows = apply_rope(folded.unsqueeze(3), sel.cos[:used], sel.sin[:used])  # [B, Hkv, 1, P, d]
+    reference = torch.einsum("bhgpd,hcd->bhgpc", rows.bfloat16(), codebook.bfloat16())
+    # the same rounded operands and float32 accumulation: equal up to one bf16 rounding of the output
+    torch.testing.assert_close(table.float(), reference.reshape(b, hkv, 1, used * c).float(), atol=1e-2, rtol=2**-7)

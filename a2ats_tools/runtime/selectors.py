@@ -16,7 +16,7 @@ import torch
 
 from ..rope import DistanceBuckets, Rotary, apply_rope
 from ..scoring import group_aggregate
-from .settings import RuntimeSettings, resolve_score_dtype
+from .settings import RuntimeSettings, cpu_has_native_bf16, resolve_score_dtype
 
 _STEP_MEMO: tuple | None = None  # (weakref to valid, settings key, constants) of the current decode step
 _OFFSET_MEMO: tuple | None = None  # (key, (flat offsets, per-table offsets, buckets used)) of the current decode step
@@ -373,10 +373,15 @@ class A2atsSelector(TokenSelector):
         qw = apply_rope(q.unsqueeze(3), self.cos[:used], self.sin[:used])  # [B, Hkv, G', P, d]
         qw = qw.permute(1, 0, 2, 3, 4).reshape(self.num_kv_heads, b * g * used, d)
         dtype = resolve_score_dtype(self.settings.score_dtype, qw.device)
+        emulate = dtype == torch.bfloat16 and qw.device.type == "cpu" and not cpu_has_native_bf16()
         codebook = self._scoring_codebooks.get(dtype)
         if codebook is None or codebook.device != qw.device:
-            codebook = self._scoring_codebooks[dtype] = self.codebook_t.to(qw.device, dtype)
-        table = torch.bmm(qw.to(dtype), codebook)  # [Hkv, B*G'*P, C]
+            codebook = self.codebook_t.to(qw.device, dtype)
+            self._scoring_codebooks[dtype] = codebook = codebook.float() if emulate else codebook
+        if emulate:  # bf16 operands, float32 product, bf16 table: what a native bf16 product computes, ~100x faster
+            table = torch.bmm(qw.to(dtype).float(), codebook).to(dtype)
+        else:
+            table = torch.bmm(qw.to(dtype), codebook)  # [Hkv, B*G'*P, C]
         return table.reshape(self.num_kv_heads, b, g, used * self.codes_size).transpose(0, 1)
 
     def scores(self, state, q_pre, q_post, length):
