@@ -241,3 +241,24 @@ def test_eval_command_rejects_bad_options(tiny_checkpoint, tmp_path, bad):
     result = CliRunner().invoke(app, ["eval", str(tiny_checkpoint), "--out", str(tmp_path / "x"), *bad])
     assert isinstance(result.exception, A2atsError)
     assert not (tmp_path / "x").exists()  # nothing written for a rejected command
+
+
+def test_result_tables_show_bracketed_configuration_names():
+    """Labels such as ``a2ats[buckets=log:4]`` are text, not rich markup: the terminal tables print them whole."""
+    from rich.console import Console
+
+    from a2ats_tools.commands.bench import bench_table
+    from a2ats_tools.evaluation.results import perplexity_table, task_table
+
+    name = "a2ats[buckets=log:4]"
+    ppl = {"n_decode": 8, "length": 64, "texts": 2, "configs": {
+        "dense": {"perplexity": 10.0, "per_text": [9.0, 11.0]}, name: {"perplexity": 10.5, "per_text": [9.5, 11.5]}}}
+    tasks = {"configs": ["dense", name], "rows": [{"task": "passkey", "length": 64,
+                                                  "scores": {"dense": {"mean": 1.0, "n": 2}, name: {"mean": 0.5, "n": 2}}}]}
+    speed = {"tokens_per_s": {"median": 2.0}, "prefill_s": 1.0, "kv_device_bytes": 2**20,
+             "speedup_vs_dense": {"min": 1.0, "median": 1.5, "max": 2.0}}
+    points = [{"context": 64, "batch": 1, "contenders": {"dense": speed, name: speed}}]
+    for table in (perplexity_table(ppl), task_table(tasks), bench_table(points)):
+        console = Console(record=True, width=400)
+        console.print(table)
+        assert name in console.export_text()

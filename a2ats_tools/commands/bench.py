@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -120,7 +121,7 @@ def bench(
     if not quiet:
         Console().print(bench_table(points))
         for n in notes:
-            console.print(f"[yellow]note:[/] {n}")
+            console.print(f"[yellow]note:[/] {escape(n)}")
         console.print(f"wrote {out / 'bench.json'}", highlight=False)
 
 
@@ -145,11 +146,11 @@ def bench_table(points: list[dict]) -> Table:
     for col in ("context", "batch"):
         table.add_column(col, justify="right")
     for n in names:
-        table.add_column(f"{n} tok/s", justify="right")
-        table.add_column(f"{n} prefill s", justify="right")
+        table.add_column(escape(f"{n} tok/s"), justify="right")  # names such as a2ats[rerank=4] are not markup
+        table.add_column(escape(f"{n} prefill s"), justify="right")
     for n in names[1:]:
-        table.add_column(f"{n} speed-up", justify="right")
-        table.add_column(f"{n} KV MiB", justify="right")
+        table.add_column(escape(f"{n} speed-up"), justify="right")
+        table.add_column(escape(f"{n} KV MiB"), justify="right")
     table.add_column("dense KV MiB", justify="right")
     for p in points:
         c = p["contenders"]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .. import __version__
@@ -46,7 +47,7 @@ def recall_table(recall: dict[str, Any]) -> Table:
     for b in recall["budgets"]:
         table.add_column(f"budget {b}", justify="right")
     for method in recall["methods"]:
-        row = [method]
+        row = [escape(method)]
         for b in recall["budgets"]:
             cell = recall["overall"].get(method, {}).get(b, {})
             row.append(f"{_pct(cell.get('mass'))} ({_pct(cell.get('topk'))})")
@@ -61,7 +62,7 @@ def task_table(tasks: dict[str, Any]) -> Table:
     table.add_column("task")
     table.add_column("length", justify="right")
     for c in configs:
-        table.add_column(c, justify="right")
+        table.add_column(escape(c), justify="right")  # labels such as a2ats[rerank=4] are not markup
     for row in tasks["rows"]:
         cells = [row["task"], str(row["length"])]
         for c in configs:
@@ -83,7 +84,7 @@ def perplexity_table(ppl: dict[str, Any]) -> Table:
     dense = ppl["configs"].get("dense", {})
     for name, cell in ppl["configs"].items():
         p = cell["perplexity"]
-        row = [name, f"{p:.3f}", f"{p / dense['perplexity']:.3f}×" if dense else "-"]
+        row = [escape(name), f"{p:.3f}", f"{p / dense['perplexity']:.3f}×" if dense else "-"]
         if texts > 1:
             ratios = [a / b for a, b in zip(cell.get("per_text", []), dense.get("per_text", []), strict=False)]
             row.append(f"{min(ratios):.3f}–{max(ratios):.3f}×" if ratios else "-")
@@ -99,4 +100,4 @@ def print_results(results: dict[str, Any], console: Console) -> None:
     if results.get("perplexity"):
         console.print(perplexity_table(results["perplexity"]))
     for note in results.get("notes", []):
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}")
