@@ -268,12 +268,13 @@ def test_rerank_is_default_for_a2ats_only(tiny_checkpoints):
         assert set(idx[0, h][keep[0, h]].tolist()) == set(range(2)) | set(range(n - 8 - 6, n))
 
 
-def test_score_dtype_auto_follows_the_hardware():
+def test_score_dtype_auto_is_bf16_and_explicit_choices_stand():
     from a2ats_tools.errors import A2atsError
-    from a2ats_tools.runtime.settings import RuntimeSettings, cpu_has_native_bf16, resolve_score_dtype
+    from a2ats_tools.runtime.settings import RuntimeSettings, resolve_score_dtype
 
     cpu = torch.device("cpu")
-    assert resolve_score_dtype("auto", cpu) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert resolve_score_dtype("auto", cpu) == torch.bfloat16  # emulated where the CPU lacks bf16 instructions
+    assert resolve_score_dtype("float32", cpu) == torch.float32
     assert resolve_score_dtype("auto", torch.device("cuda")) == torch.bfloat16
     assert resolve_score_dtype("float32", torch.device("cuda")) == torch.float32
     with pytest.raises(A2atsError, match="score_dtype"):

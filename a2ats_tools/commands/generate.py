@@ -40,7 +40,7 @@ def generate(
     prefill_chunk: int = typer.Option(None, "--prefill-chunk", help="Prefill in chunks of this many tokens."),
     offload: str = typer.Option(None, "--offload", help="'cpu': keep the full K/V in host memory."),
     dense_layers: str = typer.Option(None, "--dense-layers", help="Layers that decode densely, e.g. '0,1' ('none' = off)."),
-    score_dtype: str = typer.Option(None, "--score-dtype", help="Score-table precision: auto (bf16 where native), float32 or bfloat16."),
+    score_dtype: str = typer.Option(None, "--score-dtype", help="Score-table precision: auto (bf16), float32 or bfloat16."),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy; > 0 samples."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
