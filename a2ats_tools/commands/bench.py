@@ -141,25 +141,17 @@ def _kernel_microbench(notes: list[str]) -> str | None:
 
 
 def bench_table(points: list[dict]) -> Table:
-    table = Table(title="Decode: tokens/s (median) and speed-up vs dense (min / median / max)")
-    names = list(points[0]["contenders"]) if points else []
-    for col in ("context", "batch"):
-        table.add_column(col, justify="right")
-    for n in names:
-        table.add_column(escape(f"{n} tok/s"), justify="right")  # names such as a2ats[rerank=4] are not markup
-        table.add_column(escape(f"{n} prefill s"), justify="right")
-    for n in names[1:]:
-        table.add_column(escape(f"{n} speed-up"), justify="right")
-        table.add_column(escape(f"{n} KV MiB"), justify="right")
-    table.add_column("dense KV MiB", justify="right")
+    """One row per (context, batch, contender), so any number of ``--also`` contenders stays readable."""
+    table = Table(title="Decode throughput and speed-up vs dense: median (min–max over repeats)")
+    for col in ("context", "batch", "contender", "tok/s", "speed-up", "prefill s", "KV MiB"):
+        table.add_column(col, justify="left" if col == "contender" else "right", overflow="fold",
+                         no_wrap=col != "contender")
     for p in points:
-        c = p["contenders"]
-        row = [str(p["context"]), str(p["batch"])]
-        for n in names:
-            row += [f"{c[n]['tokens_per_s']['median']:.1f}", f"{c[n]['prefill_s']:.2f}"]
-        for n in names[1:]:
-            s = c[n]["speedup_vs_dense"]
-            row += [f"{s['min']:.2f} / {s['median']:.2f} / {s['max']:.2f}", f"{c[n]['kv_device_bytes'] / 2**20:.1f}"]
-        row.append(f"{c['dense']['kv_device_bytes'] / 2**20:.1f}")
-        table.add_row(*row)
+        for i, (name, c) in enumerate(p["contenders"].items()):
+            s = c.get("speedup_vs_dense")
+            speedup = f"{s['median']:.2f}× ({s['min']:.2f}–{s['max']:.2f})" if s else "-"
+            where = (str(p["context"]), str(p["batch"])) if i == 0 else ("", "")
+            table.add_row(*where, escape(name), f"{c['tokens_per_s']['median']:.1f}", speedup,
+                          f"{c['prefill_s']:.1f}", f"{c['kv_device_bytes'] / 2**20:.1f}",
+                          end_section=i == len(p["contenders"]) - 1)
     return table
