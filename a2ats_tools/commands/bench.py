@@ -23,7 +23,7 @@ def bench(
     repeats: int = typer.Option(3, "--repeats", help="Alternating blocks per contender (min/median/max over them)."),
     offload: bool = typer.Option(False, "--offload", help="Also run A²ATS with the KV cache offloaded to CPU."),
     also: list[str] = typer.Option(
-        None, "--also", help="Another A²ATS contender with runtime overrides, e.g. 'score_dtype=bfloat16' (repeatable)."
+        None, "--also", help="Another A²ATS contender with runtime overrides, e.g. 'score_dtype=float32' (repeatable)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the random prompt tokens."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),

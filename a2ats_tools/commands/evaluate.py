@@ -21,7 +21,7 @@ def evaluate(
     baseline_budget: str = typer.Option("0.03", "--baseline-budget", help="Per-KV-head budget of the baselines."),
     also: list[str] = typer.Option(
         None, "--also",
-        help="Another A²ATS configuration at --baseline-budget, as runtime overrides, e.g. 'score_dtype=bfloat16' "
+        help="Another A²ATS configuration at --baseline-budget, as runtime overrides, e.g. 'score_dtype=float32' "
         "(repeatable; tasks and perplexity).",
     ),
     stages: str = typer.Option("recall,tasks,perplexity", "--stages", help="Which stages to run (comma list)."),
