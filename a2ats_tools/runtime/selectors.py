@@ -372,7 +372,7 @@ class A2atsSelector(TokenSelector):
         g = q.shape[2]
         qw = apply_rope(q.unsqueeze(3), self.cos[:used], self.sin[:used])  # [B, Hkv, G', P, d]
         qw = qw.permute(1, 0, 2, 3, 4).reshape(self.num_kv_heads, b * g * used, d)
-        dtype = resolve_score_dtype(self.settings.score_dtype, qw.device)
+        dtype = resolve_score_dtype(self.settings.score_dtype)
         emulate = dtype == torch.bfloat16 and qw.device.type == "cpu" and not cpu_has_native_bf16()
         codebook = self._scoring_codebooks.get(dtype)
         if codebook is None or codebook.device != qw.device:

@@ -116,10 +116,10 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
-def resolve_score_dtype(score_dtype: str, device: torch.device) -> torch.dtype:
-    """The score table's dtype on ``device`` (``auto``: bf16 on every device; on a CPU without bf16
-    instructions the table's product runs in float32 on bf16-rounded operands, which is faster there than a
-    float32 table: half the bytes to gather and 16-bit top-K keys)."""
+def resolve_score_dtype(score_dtype: str) -> torch.dtype:
+    """The score table's dtype (``auto``: bf16 on every device; on a CPU without bf16 instructions the selector
+    computes it as a float32 product of bf16-rounded operands, which is faster there than a float32 table:
+    half the bytes to gather and 16-bit top-K keys)."""
     if score_dtype == "auto":
         return torch.bfloat16
     return getattr(torch, score_dtype)
