@@ -18,6 +18,7 @@ demo: venv
 	$(BIN)/a2ats calibrate --out $(RUNS)/calib --overwrite
 	$(BIN)/a2ats convert $(RUNS)/calib --out $(RUNS)/smollm2-a2ats --overwrite
 	$(BIN)/a2ats generate $(RUNS)/smollm2-a2ats --prompt "$(DEMO_PROMPT)" --max-new-tokens 24 --compare-dense
+	$(BIN)/a2ats generate $(RUNS)/smollm2-a2ats --task niah_single --task-length 4096 --compare-dense
 
 test: venv
 	$(BIN)/ruff check a2ats_tools tests benchmarks

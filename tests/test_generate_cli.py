@@ -67,3 +67,34 @@ def test_generate_cli_aggregation_options_reach_the_runtime(checkpoint, tmp_path
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert seen["settings"].aggregation == "softmax" and seen["settings"].rerank_aggregation == "sum"
+
+
+def test_generate_cli_task_checks_the_answer_and_reports_retrieval(checkpoint):
+    """--task builds an eval sample (same numbering as a2ats eval), checks its answer and says what decode read."""
+    args = ["generate", str(checkpoint), "--task", "niah_single", "--task-length", "300", "-n", "3", "--budget", "8",
+            "--compare-dense"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("expected ") == 2  # A²ATS and dense, each checked
+    assert "found" in result.output or "missed" in result.output
+    assert "cached rows attended per KV head" in result.output and "in 2 of 2 layers" in result.output
+
+
+def test_generate_cli_task_errors(checkpoint):
+    from a2ats_tools.errors import A2atsError
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["generate", str(checkpoint), "--task", "riddles"])
+    assert isinstance(result.exception, A2atsError) and "passkey" in str(result.exception)
+    result = runner.invoke(app, ["generate", str(checkpoint), "--task", "passkey", "-p", "hi"])
+    assert isinstance(result.exception, A2atsError) and "exactly one" in str(result.exception)
+    result = runner.invoke(app, ["generate", str(checkpoint), "--task", "passkey", "--task-length", "50"])
+    assert isinstance(result.exception, A2atsError) and "--task-length" in str(result.exception)
+
+
+def test_retrieval_summary_says_when_no_step_retrieved(checkpoint):
+    from a2ats_tools.commands.generate import retrieval_summary
+    from a2ats_tools.runtime.loader import load_converted
+
+    model, _ = load_converted(checkpoint)
+    assert "never outgrew" in retrieval_summary(model.a2ats.new_cache())

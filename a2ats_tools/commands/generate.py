@@ -7,26 +7,64 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import A2atsError
 
 
-def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
-    if (prompt is None) == (prompt_file is None):
-        raise A2atsError("give exactly one of --prompt or --prompt-file")
+def _read_prompt(prompt: str | None, prompt_file: Path | None, task: str | None) -> str | None:
+    """The prompt text from ``--prompt`` or ``--prompt-file`` (None for ``--task``: the task builds it)."""
+    if sum(x is not None for x in (prompt, prompt_file, task)) != 1:
+        raise A2atsError("give exactly one of --prompt, --prompt-file or --task")
     if prompt_file is not None:
         if not prompt_file.is_file():
             raise A2atsError(f"prompt file {prompt_file} does not exist")
         return prompt_file.read_text(encoding="utf-8")
-    return prompt  # type: ignore[return-value]
+    return prompt
+
+
+def _task_sample(task: str, tokenizer, length: int, index: int, seed: int, haystack: Path | None):
+    """Sample ``index`` of an eval task at ``length`` tokens, the same as ``a2ats eval --seed SEED`` builds (its
+    prompt already carries the chat template)."""
+    from ..evaluation.haystack import Haystack
+    from ..evaluation.tasks import TASKS, make_sample
+
+    if task not in TASKS:
+        raise A2atsError(f"unknown --task {task!r}; choose from {', '.join(TASKS)}")
+    if length < 128:
+        raise A2atsError("--task-length must be at least 128 tokens")
+    if index < 0:
+        raise A2atsError("--task-sample must be >= 0")
+    hay = Haystack.from_file(haystack, tokenizer) if haystack is not None else Haystack.noise(tokenizer)
+    return make_sample(task, tokenizer, hay, length, index, seed)
+
+
+def retrieval_summary(cache) -> str:
+    """What the last decode step read: rows attended per KV head against the cached rows, over all layers."""
+    picked = [layer.last_selection for layer in cache.layers if layer.last_selection is not None]
+    length = cache.get_seq_length()
+    if not picked:
+        return (f"every decode step attended all {length} cached rows: the cache never outgrew sinks + window + "
+                "budget (give a longer prompt to see retrieval)")
+    rows = sum(float(keep.sum(-1).float().mean()) for _, keep in picked) / len(picked)
+    return (f"last step: {rows:.0f} of {length} cached rows attended per KV head ({100 * rows / length:.1f}%) "
+            f"in {len(picked)} of {len(cache.layers)} layers")
 
 
 def generate(
     checkpoint: Path = typer.Argument(..., help="Converted checkpoint directory (from a2ats convert)."),
     prompt: str = typer.Option(None, "--prompt", "-p", help="Prompt text."),
     prompt_file: Path = typer.Option(None, "--prompt-file", "-f", help="Read the prompt from this UTF-8 file."),
+    task: str = typer.Option(
+        None, "--task", help="Instead of a prompt, a seeded long-context task from a2ats eval (passkey, niah_single, "
+        "niah_multikey, niah_multivalue, variable_tracking); its expected answer is checked."
+    ),
+    task_length: int = typer.Option(4096, "--task-length", help="Context length of the --task prompt, in tokens."),
+    task_sample: int = typer.Option(0, "--task-sample", help="Which --task sample (numbered as a2ats eval numbers them)."),
+    task_seed: int = typer.Option(1234, "--task-seed", help="Seed of the --task samples (a2ats eval's --seed)."),
+    haystack: Path = typer.Option(None, "--haystack", help="Text file for the --task filler (default: built-in noise)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the tokenizer's chat template (instruct models)."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens to generate."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", "-n", help="Tokens to generate (default 64; a --task's own)."),
     budget: str = typer.Option(None, "--budget", "-b", help="Top-K per KV head: fraction (0.03), percent (3%) or tokens (256)."),
     buckets: str = typer.Option(None, "--buckets", help="single, single:DIST, log or log:RATIO (default: checkpoint's)."),
     selector: str = typer.Option(None, "--selector", help="a2ats (default), streaming or exact (oracle)."),
@@ -60,14 +98,16 @@ def generate(
       a2ats generate runs/ckpt -f long_report.txt --budget 5% --prefill-chunk 2048 --compare-dense
 
       a2ats generate runs/ckpt -f book.txt --buckets log --offload cpu --device cuda
+
+      a2ats generate runs/ckpt --task niah_single --task-length 4096 --compare-dense
     """
     import torch
     from transformers import DynamicCache, TextStreamer
 
     from ..runtime.loader import load_converted
 
-    text = _read_prompt(prompt, prompt_file)
-    if max_new_tokens < 1:
+    text = _read_prompt(prompt, prompt_file, task)
+    if max_new_tokens is not None and max_new_tokens < 1:
         raise A2atsError("--max-new-tokens must be at least 1")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise A2atsError(f"unknown --dtype {dtype!r}; use float32, bfloat16 or float16")
@@ -79,7 +119,12 @@ def generate(
         buckets=buckets, selector=selector, rerank=rerank, rerank_aggregation=rerank_aggregation,
         aggregation=aggregation, prefill_chunk=prefill_chunk, dense_layers=dense_layers, score_dtype=score_dtype,
     )
-    if chat:
+    sample = None
+    if task is not None:
+        sample = _task_sample(task, tok, task_length, task_sample, task_seed, haystack)
+        ids = tok(sample.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        max_new_tokens = max_new_tokens or sample.max_new_tokens
+    elif chat:
         if not getattr(tok, "chat_template", None):
             raise A2atsError("this tokenizer has no chat template; drop --chat")
         ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt")
@@ -87,6 +132,7 @@ def generate(
     else:
         ids = tok(text, return_tensors="pt")["input_ids"]
     ids = ids.to(device)
+    max_new_tokens = max_new_tokens or 64
     limit = model.config.max_position_embeddings
     if ids.shape[1] + max_new_tokens > limit:
         raise A2atsError(f"prompt ({ids.shape[1]} tokens) + {max_new_tokens} new tokens exceeds the model's context of {limit}")
@@ -109,10 +155,18 @@ def generate(
             print(tok.decode(new, skip_special_tokens=True))
         else:
             err.print(f"[dim]{len(new)} tokens in {seconds:.2f} s (prompt {ids.shape[1]} tokens)[/]", highlight=False)
+        if sample is not None and not quiet:
+            found = sample.score(tok.decode(new, skip_special_tokens=True))
+            verdict = "[green]found[/]" if found == 1 else "[yellow]partly found[/]" if found else "[red]missed[/]"
+            err.print(f"expected {escape(', '.join(sample.answers))}: {verdict}", highlight=False)
         return new
 
     s = model.a2ats.settings
-    ours = run(f"A²ATS ({s.selector}, budget {s.budget}, buckets {s.buckets.mode}):")
+    cache = model.a2ats.new_cache()
+    ours = run(f"A²ATS ({s.selector}, budget {s.budget}, buckets {s.buckets.mode}):", past_key_values=cache)
+    if not quiet:
+        err.print(f"[dim]{retrieval_summary(cache)}[/]", highlight=False)
+    del cache
     if compare_dense:
         dense = run("dense attention:", past_key_values=DynamicCache(config=model.config))
         same = ours.tolist() == dense.tolist()

@@ -258,7 +258,8 @@ class A2atsSelector(TokenSelector):
 
     name = "a2ats"
     reranks = True
-    ENCODE_ROWS = 4096  # rows per encode matmul (bounds the [rows, C] temporary)
+    ENCODE_TEMP_BYTES = 24 << 20  # bounds the [Hkv, rows, C] distance temporary of one encode matmul: kept near
+    # cache-sized, encoding 16K keys took 0.55 s instead of 0.77 s with 4096-row chunks (2-core AVX2 CPU)
     ENCODE_BLOCK = 32  # decode steps: keys encoded together (at most the window, so pending keys are always kept)
     kernel_backend = "auto"  # score gather: Triton on CUDA; "torch" or "triton" force one (tests)
 
@@ -295,9 +296,10 @@ class A2atsSelector(TokenSelector):
         b, h, n, d = keys_pre.shape
         flat = keys_pre.float().transpose(0, 1).reshape(h, b * n, d)
         out = torch.empty(h, b * n, dtype=torch.int16, device=keys_pre.device)
-        for i in range(0, b * n, self.ENCODE_ROWS):
-            part = torch.baddbmm(self.encode_bias, flat[:, i : i + self.ENCODE_ROWS], self.encode_weight)
-            out[:, i : i + self.ENCODE_ROWS] = part.argmax(-1).to(torch.int16)
+        rows = max(64, self.ENCODE_TEMP_BYTES // (4 * h * self.codes_size))
+        for i in range(0, b * n, rows):
+            part = torch.baddbmm(self.encode_bias, flat[:, i : i + rows], self.encode_weight)
+            out[:, i : i + rows] = part.argmax(-1).to(torch.int16)
         return out.reshape(h, b, n).transpose(0, 1)
 
     def _codes_buffer(self, state, b: int, h: int) -> torch.Tensor:

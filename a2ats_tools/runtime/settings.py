@@ -28,8 +28,8 @@ class RuntimeSettings:
     logits of a GQA group's query heads rank the candidates (``softmax``, the default: each head's softmax over the
     candidates, summed, i.e. the group's attention mass; ``sum``: summed logits; ``max``). ``prefill_chunk``: prefill in chunks of
     this many tokens (None = one pass). ``score_dtype``: precision of the per-step score table ``q_w · codebook``
-    (``auto``: bfloat16 on CUDA and on CPUs with native bf16 instructions, else float32; selection only,
-    attention stays exact).
+    (``auto``: bfloat16 on every device, computed as a float32 product of bf16-rounded operands on CPUs without
+    bf16 instructions; selection only, attention stays exact).
     """
 
     budget: float | int = 0.03
