@@ -19,7 +19,7 @@ from ..scoring import group_aggregate
 from .settings import RuntimeSettings, cpu_has_native_bf16, resolve_score_dtype
 
 _STEP_MEMO: tuple | None = None  # (weakref to valid, settings key, constants) of the current decode step
-_OFFSET_MEMO: tuple | None = None  # (key, (flat offsets, per-table offsets, buckets used)) of the current decode step
+_OFFSET_MEMO: tuple | None = None  # (key, (per-table offsets, buckets used)) of the current decode step
 NEG_INF = float("-inf")
 POS_INF = float("inf")
 
@@ -340,29 +340,25 @@ class A2atsSelector(TokenSelector):
         b, h, n, _ = pending.shape
         self._codes_buffer(state, b, h)[:, :, start : start + n] = self.encode(pending)
 
-    def bucket_index(self, length: int, device: torch.device, batch: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Offsets into the score tables of one step: ``(flat, per_table, used)``.
+    def bucket_index(self, length: int, device: torch.device) -> tuple[torch.Tensor, int]:
+        """Offsets into one (sample, KV head)'s score table for this step: ``(offsets, used)``.
 
-        For row ``j < length`` (t = length - 1): ``per_table [length]`` is ``bucket(t - j) * C``, the offset inside
-        one ``[used * C]`` table; ``flat [B, Hkv, length]`` is ``((h * B + b) * used + bucket(t - j)) * C``, the
-        offset into all tables of the step in the layout :meth:`tables` produces; both int32; ``used`` is the
-        number of buckets in use. The same for every layer of a step, so they are computed once per step and
-        shared (the memo holds the latest step only).
+        For row ``j < length`` (t = length - 1), ``offsets [length]`` (int64, what ``gather`` takes) is
+        ``bucket(t - j) * C``, the start of row ``j``'s bucket inside a ``[used * C]`` table; ``used`` is the
+        number of buckets in use. The same for every layer of a step, so computed once per step and shared (the
+        memo holds the latest step only).
         """
         global _OFFSET_MEMO
-        key = (self.buckets, self.codes_size, self.num_kv_heads, batch, length, device)
+        key = (self.buckets, self.codes_size, length, device)
         memo = _OFFSET_MEMO
         if memo is not None and memo[0] == key:
             return memo[1]
         dist = (length - 1) - torch.arange(length, device=device)
         bucket = self.buckets.bucket_of(dist)
         used = int(bucket.max()) + 1 if length else 1
-        base = torch.arange(self.num_kv_heads, device=device).view(1, -1, 1) * batch
-        base = base + torch.arange(batch, device=device).view(-1, 1, 1)  # [B, Hkv, 1]: h * B + b
-        flat = ((base * used + bucket) * self.codes_size).to(torch.int32)
-        per_table = (bucket * self.codes_size).to(torch.int32)
-        _OFFSET_MEMO = (key, (flat, per_table, used))
-        return flat, per_table, used
+        out = (bucket.long() * self.codes_size, used)
+        _OFFSET_MEMO = (key, out)
+        return out
 
     def tables(self, q_pre: torch.Tensor, used: int) -> torch.Tensor:
         """``[B, Hkv, G', used * C]`` score tables (``G' = 1`` for ``sum``: the group's queries are folded), in
@@ -389,15 +385,15 @@ class A2atsSelector(TokenSelector):
     def scores(self, state, q_pre, q_post, length):
         b, h = q_pre.shape[0], self.num_kv_heads
         codes = self._codes_buffer(state, b, h)[:, :, :length]  # pending (windowed) rows read stale codes
-        flat_offset, table_offset, used = self.bucket_index(length, q_pre.device, b)
+        offsets, used = self.bucket_index(length, q_pre.device)
         table = self.tables(q_pre, used)
         g = table.shape[2]
         if g == 1 and self._fused_scoring(table):
             return self._scores_triton(table, codes, length, used)
-        if g == 1:  # one flat lookup: the tables' own memory ([Hkv, B, 1, used * C]) at offset + code
-            flat = table.transpose(0, 1).reshape(-1)
-            return flat.index_select(0, (flat_offset + codes).view(-1)).view(b, h, length)
-        index = (table_offset + codes).long()  # bucket * C + code, inside each head's table
+        index = offsets + codes  # [B, Hkv, N] int64: bucket * C + code, inside each (sample, KV head)'s table
+        if g == 1:  # gather the scores' bits (integer gather: ~2x faster than index_select or a bf16 gather here)
+            bits = table[:, :, 0].view(_KEY_TYPES[table.element_size()])
+            return bits.gather(-1, index).view(table.dtype)
         s = table.gather(-1, index.unsqueeze(2).expand(-1, -1, g, -1))  # [B, Hkv, G', N]
         return group_aggregate(s.reshape(b, self.num_heads, length), self.num_kv_heads, self.settings.aggregation, self.scale)
 
