@@ -70,9 +70,8 @@ def test_selector_scores_match_score_kernel(buckets, score_dtype):
     state.capacity, state.device = length, torch.device("cpu")
     sel.on_prefill(state, torch.randn(b, hkv, length, d, generator=g), None, 0)
     q = torch.randn(b, hq, d, generator=g)
-    sel.kernel_backend = "torch"
     ours = sel.scores(state, q, q, length)
-    sel.kernel_backend = "triton"
+    sel.settings = settings.with_overrides(kernels="triton")
     fused = sel.scores(state, q, q, length)
     assert ours.shape == fused.shape == (b, hkv, length)
     torch.testing.assert_close(fused, ours.float(), atol=1e-5, rtol=1e-5)
@@ -130,3 +129,58 @@ def test_bfloat16_table_without_native_bf16_matches_the_bf16_product(monkeypatch
     reference = torch.einsum("bhgpd,hcd->bhgpc", rows.bfloat16(), codebook.bfloat16())
     # the same rounded operands and float32 accumulation: equal up to one bf16 rounding of the output
     torch.testing.assert_close(table.float(), reference.reshape(b, hkv, 1, used * c).float(), atol=1e-2, rtol=2**-7)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_checkpoint(tmp_path_factory, tokenizer):
+    from .conftest import build_tiny_model
+    from .test_runtime import make_checkpoint
+
+    return make_checkpoint(build_tiny_model("llama"), tmp_path_factory.mktemp("kernels-ckpt"), tokenizer)
+
+
+@pytest.mark.parametrize("budget", [1.0, 6])
+def test_runtime_with_triton_kernels_matches_its_torch_paths(tiny_llama_checkpoint, budget, monkeypatch):
+    """The whole runtime with kernels=triton (encode, score gather and sparse attention in the interpreter: the
+    path CUDA takes) decodes the same logits as with kernels=torch, at a full and at a small budget."""
+    import importlib
+
+    from a2ats_tools import load_converted
+
+    from .test_runtime import decode_logits, prompt_ids
+
+    calls: dict[str, int] = {}
+    for module, name in (("encode", "encode_triton"), ("score_select", "score_triton"),
+                         ("sparse_attention", "sparse_decode_triton")):
+        mod = importlib.import_module(f"a2ats_tools.kernels.{module}")
+
+        def spy(*args, _real=getattr(mod, name), _name=name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(mod, name, spy)
+
+    model, _ = load_converted(tiny_llama_checkpoint, budget=budget, n_sink=2, window=8)
+    ids = prompt_ids(90, batch=2)
+    out, caches = {}, {}
+    with torch.no_grad():
+        for kernels in ("torch", "triton"):
+            caches[kernels] = model.a2ats.new_cache(kernels=kernels)
+            out[kernels] = decode_logits(model, ids, 3, cache=caches[kernels])
+    assert set(calls) == {"encode_triton", "score_triton", "sparse_decode_triton"}  # every kernel ran, once per layer+step
+    assert calls["sparse_decode_triton"] == 2 * 3
+    torch.testing.assert_close(out["triton"], out["torch"], atol=1e-4, rtol=1e-4)
+    for a, b in zip(caches["torch"].layers, caches["triton"].layers, strict=True):
+        assert torch.equal(a.state.meta["codes"], b.state.meta["codes"])  # the Triton encode gave the same codes
+        assert torch.equal(a.last_selection[0].sort(-1).values, b.last_selection[0].sort(-1).values)
+
+
+def test_kernels_setting_is_checked(monkeypatch):
+    from a2ats_tools.errors import A2atsError
+    from a2ats_tools.kernels._dispatch import resolve_backend
+
+    with pytest.raises(A2atsError, match="kernels"):
+        RuntimeSettings(kernels="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        resolve_backend("triton", torch.zeros(1))

@@ -79,6 +79,9 @@ def generate(
     offload: str = typer.Option(None, "--offload", help="'cpu': keep the full K/V in host memory."),
     dense_layers: str = typer.Option(None, "--dense-layers", help="Layers that decode densely, e.g. '0,1' ('none' = off)."),
     score_dtype: str = typer.Option(None, "--score-dtype", help="Score-table precision: auto (bf16), float32 or bfloat16."),
+    kernels: str = typer.Option(
+        None, "--kernels", help="auto (default: Triton kernels on CUDA, torch paths elsewhere), torch or triton."
+    ),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy; > 0 samples."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
@@ -118,6 +121,7 @@ def generate(
         checkpoint, device=device, dtype=getattr(torch, dtype), budget=budget, offload=offload,
         buckets=buckets, selector=selector, rerank=rerank, rerank_aggregation=rerank_aggregation,
         aggregation=aggregation, prefill_chunk=prefill_chunk, dense_layers=dense_layers, score_dtype=score_dtype,
+        kernels=kernels,
     )
     sample = None
     if task is not None:

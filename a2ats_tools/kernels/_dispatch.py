@@ -42,4 +42,8 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
         return "triton" if on_cuda and triton_available() else "torch"
     if backend == "triton" and not triton_available():
         raise RuntimeError("the triton backend was requested but triton is not installed")
+    if backend == "triton" and not interpreting() and not all(t.is_cuda for t in tensors):
+        raise RuntimeError(
+            "the triton backend needs CUDA tensors (or TRITON_INTERPRET=1, set before import, for the CPU interpreter)"
+        )
     return backend

@@ -16,6 +16,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from ..rope import undo_rope
 from .cache import A2atsCache
 from .selectors import gather_rows
+from .settings import use_triton
 
 NAME = "a2ats"
 
@@ -36,16 +37,18 @@ def sparse_decode(
     keep: torch.Tensor,
     scale: float,
     logits: torch.Tensor | None = None,
+    kernels: str = "auto",
 ) -> torch.Tensor:
     """Exact attention of ``q [B, Hq, d]`` over the selected rows ``indices/keep [B, Hkv, K]`` -> ``[B, Hq, d]``.
 
     ``logits`` ``[B, Hkv, G, K]`` (unscaled ``q · k`` of those rows, e.g. left by exact re-ranking) spares the
-    key gather and product; the result is the same.
+    key gather and product; the result is the same. ``kernels``: the runtime setting (``auto``: the fused Triton
+    kernel when everything is on CUDA).
     """
-    if q.is_cuda and keys.is_cuda:  # fused Triton kernel (same semantics, tested against this code)
+    if use_triton(kernels, q, keys, values):  # fused Triton kernel (same semantics, tested against this code)
         from ..kernels.sparse_attention import sparse_decode as kernel
 
-        return kernel(q, keys, values, indices, keep, scale)
+        return kernel(q, keys, values, indices, keep, scale, backend="triton").to(q.dtype)
     b, hq, d = q.shape
     hkv = indices.shape[1]
     v = gather_rows(values, indices, q.device)
@@ -102,7 +105,8 @@ def a2ats_attention_forward(module, query, key, value, attention_mask, scaling=N
     indices, keep = layer.selector.select(st, q_pre, q_post, st.length, valid)
     layer.last_selection = (indices, keep)
     logits = layer.selector.exact_logits
-    out = sparse_decode(q_post, st.keys, st.values, indices, keep, scale, logits).to(query.dtype)
+    kernels = layer.selector.settings.kernels
+    out = sparse_decode(q_post, st.keys, st.values, indices, keep, scale, logits, kernels).to(query.dtype)
     return out.unsqueeze(1), None  # [B, 1, Hq, d]
 
 

@@ -165,7 +165,7 @@ def load_converted(
 
     ``budget`` (fraction of the context or tokens), ``offload`` ("cpu" or None) and ``overrides`` (n_sink,
     window, buckets, aggregation, selector, rerank, rerank_aggregation, prefill_chunk, dense_layers,
-    score_dtype) replace the settings of ``a2ats_config.json``. Then ``model.generate(...)`` decodes with A²ATS.
+    score_dtype, kernels) replace the settings of ``a2ats_config.json``. Then ``model.generate(...)`` decodes with A²ATS.
     """
     directory = checkpoint_dir(path_or_id)
     config = read_config(directory)

@@ -16,7 +16,7 @@ import torch
 
 from ..rope import DistanceBuckets, Rotary, apply_rope
 from ..scoring import group_aggregate
-from .settings import RuntimeSettings, cpu_has_native_bf16, resolve_score_dtype
+from .settings import RuntimeSettings, cpu_has_native_bf16, resolve_score_dtype, use_triton
 
 _STEP_MEMO: tuple | None = None  # (weakref to valid, settings key, constants) of the current decode step
 _OFFSET_MEMO: tuple | None = None  # (key, (per-table offsets, buckets used)) of the current decode step
@@ -261,7 +261,6 @@ class A2atsSelector(TokenSelector):
     ENCODE_TEMP_BYTES = 24 << 20  # bounds the [Hkv, rows, C] distance temporary of one encode matmul: kept near
     # cache-sized, encoding 16K keys took 0.55 s instead of 0.77 s with 4096-row chunks (2-core AVX2 CPU)
     ENCODE_BLOCK = 32  # decode steps: keys encoded together (at most the window, so pending keys are always kept)
-    kernel_backend = "auto"  # score gather: Triton on CUDA; "torch" or "triton" force one (tests)
 
     def __init__(self, settings, layer_idx, num_heads, num_kv_heads, head_dim, *, codebook, whitening, rotary: Rotary):
         super().__init__(settings, layer_idx, num_heads, num_kv_heads, head_dim)
@@ -286,13 +285,13 @@ class A2atsSelector(TokenSelector):
 
     def encode(self, keys_pre: torch.Tensor) -> torch.Tensor:
         """Nearest centroid (whitened metric) of ``keys_pre [B, Hkv, n, d]`` -> codes ``[B, Hkv, n]`` int16."""
-        if keys_pre.is_cuda:  # fused Triton encode (same codes, tested against this code)
+        if use_triton(self.settings.kernels, keys_pre, self.codebook_t):  # fused encode (same codes, tested)
             import importlib
 
             kernel = importlib.import_module("a2ats_tools.kernels.encode")
             if getattr(self, "_encode_tables", None) is None:
                 self._encode_tables = kernel.prepare_codebook(self.codebook_t.transpose(1, 2), self._whitening)
-            return kernel.encode(keys_pre, self._encode_tables)
+            return kernel.encode(keys_pre, self._encode_tables, backend="triton")
         b, h, n, d = keys_pre.shape
         flat = keys_pre.float().transpose(0, 1).reshape(h, b * n, d)
         out = torch.empty(h, b * n, dtype=torch.int16, device=keys_pre.device)
@@ -388,7 +387,7 @@ class A2atsSelector(TokenSelector):
         offsets, used = self.bucket_index(length, q_pre.device)
         table = self.tables(q_pre, used)
         g = table.shape[2]
-        if g == 1 and self._fused_scoring(table):
+        if g == 1 and use_triton(self.settings.kernels, table, codes):
             return self._scores_triton(table, codes, length, used)
         index = offsets + codes  # [B, Hkv, N] int64: bucket * C + code, inside each (sample, KV head)'s table
         if g == 1:  # gather the scores' bits (integer gather: ~2x faster than index_select or a bf16 gather here)
@@ -396,14 +395,6 @@ class A2atsSelector(TokenSelector):
             return bits.gather(-1, index).view(table.dtype)
         s = table.gather(-1, index.unsqueeze(2).expand(-1, -1, g, -1))  # [B, Hkv, G', N]
         return group_aggregate(s.reshape(b, self.num_heads, length), self.num_kv_heads, self.settings.aggregation, self.scale)
-
-    def _fused_scoring(self, table: torch.Tensor) -> bool:
-        """Whether to gather scores with the Triton kernel: on CUDA (``kernel_backend="auto"``) or when forced."""
-        if self.kernel_backend == "torch" or (self.kernel_backend == "auto" and not table.is_cuda):
-            return False
-        from ..kernels._dispatch import resolve_backend
-
-        return resolve_backend(self.kernel_backend, table) == "triton"
 
     def _scores_triton(self, table: torch.Tensor, codes: torch.Tensor, length: int, used: int) -> torch.Tensor:
         """The same scores as the torch gather, from the fused Triton gather (one program per token block)."""

@@ -16,6 +16,7 @@ from ..scoring import AGGREGATIONS, SelectionPolicy
 
 OFFLOADS = (None, "cpu")
 SCORE_DTYPES = ("auto", "float32", "bfloat16")
+KERNELS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,10 @@ class RuntimeSettings:
     candidates, summed, i.e. the group's attention mass; ``sum``: summed logits; ``max``). ``prefill_chunk``: prefill in chunks of
     this many tokens (None = one pass). ``score_dtype``: precision of the per-step score table ``q_w · codebook``
     (``auto``: bfloat16 on every device, computed as a float32 product of bf16-rounded operands on CPUs without
-    bf16 instructions; selection only, attention stays exact).
+    bf16 instructions; selection only, attention stays exact). ``kernels``: who runs encode, the score gather
+    and sparse attention (``auto``: the Triton kernels on CUDA, the torch paths elsewhere; ``torch``: always the
+    torch paths, e.g. to rule a kernel out; ``triton``: always the kernels, which on CPU tensors needs
+    ``TRITON_INTERPRET=1`` and is for tests).
     """
 
     budget: float | int = 0.03
@@ -45,6 +49,7 @@ class RuntimeSettings:
     max_distance: int = 8192  # the longest distance log buckets must cover (the model's context)
     dense_layers: tuple[int, ...] = ()  # layers that decode with exact dense attention (no selection)
     score_dtype: str = "auto"
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or self.budget < 0:
@@ -65,6 +70,8 @@ class RuntimeSettings:
             raise A2atsError("prefill_chunk must be a positive number of tokens")
         if self.score_dtype not in SCORE_DTYPES:
             raise A2atsError(f"unknown score_dtype {self.score_dtype!r}; choose from {', '.join(SCORE_DTYPES)}")
+        if self.kernels not in KERNELS:
+            raise A2atsError(f"unknown kernels {self.kernels!r}; choose from {', '.join(KERNELS)}")
         if any(i < 0 for i in self.dense_layers):
             raise A2atsError(f"dense_layers are layer indices >= 0, got {self.dense_layers}")
 
@@ -114,6 +121,16 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         pass
     return False
+
+
+def use_triton(kernels: str, *tensors: torch.Tensor) -> bool:
+    """Whether the ``kernels`` setting sends work on ``tensors`` to a Triton kernel (``auto``: all on CUDA and
+    Triton installed). Imports Triton only when it may be used."""
+    if kernels == "torch" or (kernels == "auto" and not all(t.is_cuda for t in tensors)):
+        return False
+    from ..kernels._dispatch import resolve_backend
+
+    return resolve_backend(kernels, *tensors) == "triton"
 
 
 def resolve_score_dtype(score_dtype: str) -> torch.dtype:
