@@ -76,8 +76,18 @@ def test_generate_cli_task_checks_the_answer_and_reports_retrieval(checkpoint):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert result.output.count("expected ") == 2  # A²ATS and dense, each checked
-    assert "found" in result.output or "missed" in result.output
     assert "cached rows attended per KV head" in result.output and "in 2 of 2 layers" in result.output
+
+
+def test_answer_verdict_says_found_partly_or_missed():
+    from a2ats_tools.commands.generate import answer_verdict
+    from a2ats_tools.evaluation.tasks import TaskSample
+
+    one = TaskSample("passkey", 300, 0, "prompt", ["12345"])
+    assert "found" in answer_verdict(one, " 12345.") and "12345" in answer_verdict(one, "")
+    assert "missed" in answer_verdict(one, " 123456")
+    two = TaskSample("niah_multivalue", 300, 0, "prompt", ["111", "222"])
+    assert "partly found" in answer_verdict(two, "111 and 333")
 
 
 def test_generate_cli_task_errors(checkpoint):
@@ -90,6 +100,12 @@ def test_generate_cli_task_errors(checkpoint):
     assert isinstance(result.exception, A2atsError) and "exactly one" in str(result.exception)
     result = runner.invoke(app, ["generate", str(checkpoint), "--task", "passkey", "--task-length", "50"])
     assert isinstance(result.exception, A2atsError) and "--task-length" in str(result.exception)
+    result = runner.invoke(app, ["generate", str(checkpoint), "--task", "passkey", "--chat"])
+    assert isinstance(result.exception, A2atsError) and "--chat" in str(result.exception)
+    result = runner.invoke(app, ["generate", str(checkpoint), "-p", "hi", "--haystack", "x.txt"])
+    assert isinstance(result.exception, A2atsError) and "--haystack" in str(result.exception)
+    result = runner.invoke(app, ["generate", str(checkpoint), "-p", "hi", "--kernels", "cuda"])
+    assert isinstance(result.exception, A2atsError) and "kernels" in str(result.exception)
 
 
 def test_retrieval_summary_says_when_no_step_retrieved(checkpoint):

@@ -77,9 +77,15 @@ def prompt_ids(n: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 49152, (batch, n), generator=g)
 
 
-def decode_logits(model, ids: torch.Tensor, steps: int, cache=None, attention_mask=None) -> torch.Tensor:
-    """Prefill ``ids`` then feed ``steps`` fixed tokens one by one; stack the last-position logits ``[B, steps, V]``."""
-    out = model(input_ids=ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+def decode_logits(model, ids: torch.Tensor, steps: int, cache=None, attention_mask=None, chunk: int = 0) -> torch.Tensor:
+    """Prefill ``ids`` (in ``chunk``-token pieces if given, no padding) then feed ``steps`` fixed tokens one by
+    one; stack the last-position logits ``[B, steps, V]``."""
+    if chunk:
+        for start in range(0, ids.shape[1], chunk):
+            out = model(input_ids=ids[:, start : start + chunk], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+    else:
+        out = model(input_ids=ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
     cache = out.past_key_values
     feed = prompt_ids(steps, ids.shape[0], seed=7)
     logits = []
@@ -189,6 +195,44 @@ def test_chunked_prefill_equals_unchunked(tiny_checkpoints, budget):
         scores_a = model(input_ids=ids, attention_mask=mask).logits
     assert whole.tolist() == chunked.tolist()
     assert torch.isfinite(scores_a).all()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_unpadded_chunked_prefill_full_budget_equals_dense(tiny_checkpoints, arch):
+    """Unpadded prompt: the first chunk has no mask (SDPA is_causal), later chunks the explicit offset mask; a
+    one-pass prefill is the is_causal case alone. Both decode the dense model's logits at a full budget."""
+    model, _ = load(tiny_checkpoints[arch], budget=1.0)
+    dense = dense_model(arch)
+    ids = prompt_ids(100, batch=2)
+    with torch.no_grad():
+        ref = decode_logits(dense, ids, 3)
+        whole = decode_logits(model, ids, 3, cache=model.a2ats.new_cache())
+        chunked = decode_logits(model, ids, 3, cache=model.a2ats.new_cache(), chunk=32)
+    torch.testing.assert_close(whole, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(chunked, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_mask_is_left_out_only_for_aligned_unpadded_queries(tiny_checkpoints):
+    """What the registered mask function gives the attention function: None (is_causal) for an unpadded prefill
+    from row 0, an explicit mask for a later chunk or any padding."""
+    model, _ = load(tiny_checkpoints["llama"], budget=1.0)
+    seen = []
+    real = model.model.layers[0].self_attn.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("attention_mask"))
+        return real(*args, **kwargs)
+
+    model.model.layers[0].self_attn.forward = spy
+    ids = prompt_ids(40, batch=2)
+    with torch.no_grad():
+        cache = model.a2ats.new_cache()
+        model(input_ids=ids[:, :24], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, 24:], past_key_values=cache, use_cache=True)
+        mask = torch.ones(2, 40, dtype=torch.long)
+        mask[1, :5] = 0
+        model(input_ids=ids, attention_mask=mask, past_key_values=model.a2ats.new_cache(), use_cache=True)
+    assert seen[0] is None and seen[1] is not None and seen[2] is not None
 
 
 def test_sampling_with_seed_is_reproducible(tiny_checkpoints):

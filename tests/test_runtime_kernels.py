@@ -10,9 +10,11 @@ from a2ats_tools.runtime.selectors import A2atsSelector
 from a2ats_tools.runtime.settings import RuntimeSettings
 
 kernels = pytest.importorskip("a2ats_tools.kernels.sparse_attention")
+needs_triton = pytest.mark.skipif(kernels.triton is None, reason="triton is not installed")
+BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_sparse_decode_matches_kernel(backend):
     g = torch.Generator().manual_seed(0)
     b, hq, hkv, cap, d, k = 2, 4, 2, 40, 16, 9
@@ -26,7 +28,7 @@ def test_sparse_decode_matches_kernel(backend):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_encode_matches_kernel(backend):
     import importlib
 
@@ -50,6 +52,7 @@ def test_encode_matches_kernel(backend):
     assert torch.equal(sel.encode(keys), ours)
 
 
+@needs_triton
 @pytest.mark.parametrize(("buckets", "score_dtype"), [("single", "float32"), ("log", "float32"), ("log", "bfloat16")])
 def test_selector_scores_match_score_kernel(buckets, score_dtype):
     """The selector's fused (Triton) score gather equals its torch gather, bucket by bucket (bf16 tables too)."""
@@ -139,6 +142,7 @@ def tiny_llama_checkpoint(tmp_path_factory, tokenizer):
     return make_checkpoint(build_tiny_model("llama"), tmp_path_factory.mktemp("kernels-ckpt"), tokenizer)
 
 
+@needs_triton
 @pytest.mark.parametrize("budget", [1.0, 6])
 def test_runtime_with_triton_kernels_matches_its_torch_paths(tiny_llama_checkpoint, budget, monkeypatch):
     """The whole runtime with kernels=triton (encode, score gather and sparse attention in the interpreter: the
@@ -177,10 +181,29 @@ def test_runtime_with_triton_kernels_matches_its_torch_paths(tiny_llama_checkpoi
 
 def test_kernels_setting_is_checked(monkeypatch):
     from a2ats_tools.errors import A2atsError
-    from a2ats_tools.kernels._dispatch import resolve_backend
+    from a2ats_tools.kernels import _dispatch
+    from a2ats_tools.runtime.settings import use_triton
 
     with pytest.raises(A2atsError, match="kernels"):
         RuntimeSettings(kernels="cuda")
+    with pytest.raises(A2atsError, match="offload"):
+        RuntimeSettings(kernels="triton", offload="cpu")
+    assert not use_triton("auto", torch.zeros(1)) and not use_triton("torch", torch.zeros(1))
+    monkeypatch.setattr(_dispatch, "triton", None)  # as on a machine without triton
+    assert not use_triton("auto", torch.zeros(1))
+    with pytest.raises(A2atsError, match="not installed"):
+        use_triton("triton", torch.zeros(1))
+
+
+@needs_triton
+def test_triton_kernels_on_cpu_tensors_need_the_interpreter(monkeypatch):
+    from a2ats_tools.errors import A2atsError
+    from a2ats_tools.kernels._dispatch import resolve_backend
+    from a2ats_tools.runtime.settings import use_triton
+
+    assert use_triton("triton", torch.zeros(1))  # the tests run with TRITON_INTERPRET=1
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(A2atsError, match="on the CPU"):
+        use_triton("triton", torch.zeros(1))
     with pytest.raises(RuntimeError, match="CUDA tensors"):
         resolve_backend("triton", torch.zeros(1))

@@ -23,20 +23,41 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None, task: str | None)
     return prompt
 
 
-def _task_sample(task: str, tokenizer, length: int, index: int, seed: int, haystack: Path | None):
-    """Sample ``index`` of an eval task at ``length`` tokens, the same as ``a2ats eval --seed SEED`` builds (its
-    prompt already carries the chat template)."""
-    from ..evaluation.haystack import Haystack
-    from ..evaluation.tasks import TASKS, make_sample
+def _check_task_options(task: str | None, length: int, index: int, haystack: Path | None, chat: bool) -> None:
+    """Refuse bad or inapplicable --task options before any model is loaded."""
+    from ..evaluation.tasks import TASKS
 
+    if task is None:
+        if haystack is not None:
+            raise A2atsError("--haystack applies to --task only")
+        return
     if task not in TASKS:
         raise A2atsError(f"unknown --task {task!r}; choose from {', '.join(TASKS)}")
     if length < 128:
         raise A2atsError("--task-length must be at least 128 tokens")
     if index < 0:
         raise A2atsError("--task-sample must be >= 0")
+    if chat:
+        raise A2atsError("--task prompts carry the chat template already; drop --chat")
+    if haystack is not None and not haystack.is_file():
+        raise A2atsError(f"haystack file {haystack} does not exist")
+
+
+def _task_sample(task: str, tokenizer, length: int, index: int, seed: int, haystack: Path | None):
+    """Sample ``index`` of an eval task at ``length`` tokens, the same as ``a2ats eval --seed SEED`` builds (its
+    prompt already carries the chat template)."""
+    from ..evaluation.haystack import Haystack
+    from ..evaluation.tasks import make_sample
+
     hay = Haystack.from_file(haystack, tokenizer) if haystack is not None else Haystack.noise(tokenizer)
     return make_sample(task, tokenizer, hay, length, index, seed)
+
+
+def answer_verdict(sample, text: str) -> str:
+    """Rich markup saying whether ``text`` holds the task sample's expected answer(s)."""
+    found = sample.score(text)
+    verdict = "[green]found[/]" if found == 1 else "[yellow]partly found[/]" if found else "[red]missed[/]"
+    return f"expected {escape(', '.join(sample.answers))}: {verdict}"
 
 
 def retrieval_summary(cache) -> str:
@@ -44,8 +65,8 @@ def retrieval_summary(cache) -> str:
     picked = [layer.last_selection for layer in cache.layers if layer.last_selection is not None]
     length = cache.get_seq_length()
     if not picked:
-        return (f"every decode step attended all {length} cached rows: the cache never outgrew sinks + window + "
-                "budget (give a longer prompt to see retrieval)")
+        return (f"no decode step selected rows: all {length} cached rows were attended (the cache never outgrew "
+                "sinks + window + budget, every layer is dense, or nothing was decoded after the prefill)")
     rows = sum(float(keep.sum(-1).float().mean()) for _, keep in picked) / len(picked)
     return (f"last step: {rows:.0f} of {length} cached rows attended per KV head ({100 * rows / length:.1f}%) "
             f"in {len(picked)} of {len(cache.layers)} layers")
@@ -57,7 +78,7 @@ def generate(
     prompt_file: Path = typer.Option(None, "--prompt-file", "-f", help="Read the prompt from this UTF-8 file."),
     task: str = typer.Option(
         None, "--task", help="Instead of a prompt, a seeded long-context task from a2ats eval (passkey, niah_single, "
-        "niah_multikey, niah_multivalue, variable_tracking); its expected answer is checked."
+        "niah_multikey, niah_multivalue, variable_tracking); its expected answer is checked (not with --quiet)."
     ),
     task_length: int = typer.Option(4096, "--task-length", help="Context length of the --task prompt, in tokens."),
     task_sample: int = typer.Option(0, "--task-sample", help="Which --task sample (numbered as a2ats eval numbers them)."),
@@ -110,6 +131,7 @@ def generate(
     from ..runtime.loader import load_converted
 
     text = _read_prompt(prompt, prompt_file, task)
+    _check_task_options(task, task_length, task_sample, haystack, chat)
     if max_new_tokens is not None and max_new_tokens < 1:
         raise A2atsError("--max-new-tokens must be at least 1")
     if dtype not in ("float32", "bfloat16", "float16"):
@@ -160,9 +182,7 @@ def generate(
         else:
             err.print(f"[dim]{len(new)} tokens in {seconds:.2f} s (prompt {ids.shape[1]} tokens)[/]", highlight=False)
         if sample is not None and not quiet:
-            found = sample.score(tok.decode(new, skip_special_tokens=True))
-            verdict = "[green]found[/]" if found == 1 else "[yellow]partly found[/]" if found else "[red]missed[/]"
-            err.print(f"expected {escape(', '.join(sample.answers))}: {verdict}", highlight=False)
+            err.print(answer_verdict(sample, tok.decode(new, skip_special_tokens=True)), highlight=False)
         return new
 
     s = model.a2ats.settings

@@ -280,7 +280,7 @@ class A2atsSelector(TokenSelector):
     def to(self, device: torch.device) -> A2atsSelector:
         for name in ("codebook_t", "encode_weight", "encode_bias", "cos", "sin", "_whitening"):
             setattr(self, name, getattr(self, name).to(device))
-        self._scoring_codebooks = {}
+        self._scoring_codebooks, self._encode_tables = {}, None
         return self
 
     def encode(self, keys_pre: torch.Tensor) -> torch.Tensor:

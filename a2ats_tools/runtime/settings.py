@@ -33,7 +33,7 @@ class RuntimeSettings:
     bf16 instructions; selection only, attention stays exact). ``kernels``: who runs encode, the score gather
     and sparse attention (``auto``: the Triton kernels on CUDA, the torch paths elsewhere; ``torch``: always the
     torch paths, e.g. to rule a kernel out; ``triton``: always the kernels, which on CPU tensors needs
-    ``TRITON_INTERPRET=1`` and is for tests).
+    ``TRITON_INTERPRET=1`` and is for tests; the score gather has a kernel for ``aggregation=sum`` only).
     """
 
     budget: float | int = 0.03
@@ -72,6 +72,8 @@ class RuntimeSettings:
             raise A2atsError(f"unknown score_dtype {self.score_dtype!r}; choose from {', '.join(SCORE_DTYPES)}")
         if self.kernels not in KERNELS:
             raise A2atsError(f"unknown kernels {self.kernels!r}; choose from {', '.join(KERNELS)}")
+        if self.kernels == "triton" and self.offload == "cpu":
+            raise A2atsError("kernels=triton cannot read K/V offloaded to the host; use kernels=auto with offload=cpu")
         if any(i < 0 for i in self.dense_layers):
             raise A2atsError(f"dense_layers are layer indices >= 0, got {self.dense_layers}")
 
@@ -125,12 +127,23 @@ def cpu_has_native_bf16() -> bool:
 
 def use_triton(kernels: str, *tensors: torch.Tensor) -> bool:
     """Whether the ``kernels`` setting sends work on ``tensors`` to a Triton kernel (``auto``: all on CUDA and
-    Triton installed). Imports Triton only when it may be used."""
-    if kernels == "torch" or (kernels == "auto" and not all(t.is_cuda for t in tensors)):
+    Triton installed). Imports Triton only when it may be used; ``triton`` where it cannot run is a user error."""
+    on_cuda = all(t.is_cuda for t in tensors)
+    if kernels == "torch" or (kernels == "auto" and not on_cuda):
         return False
-    from ..kernels._dispatch import resolve_backend
+    from ..kernels._dispatch import interpreting, triton_available
 
-    return resolve_backend(kernels, *tensors) == "triton"
+    if not triton_available():
+        if kernels == "auto":
+            return False
+        raise A2atsError("kernels=triton, but triton is not installed here; use kernels=auto or torch")
+    if kernels == "triton" and not on_cuda and not interpreting():
+        where = "on the host (offload=cpu)" if any(t.is_cuda for t in tensors) else "on the CPU"
+        raise A2atsError(
+            f"kernels=triton needs every tensor on CUDA, but some are {where}; use kernels=auto "
+            "(TRITON_INTERPRET=1 runs the kernels on CPU tensors, for tests)"
+        )
+    return True
 
 
 def resolve_score_dtype(score_dtype: str) -> torch.dtype:
