@@ -235,6 +235,25 @@ def test_mask_is_left_out_only_for_aligned_unpadded_queries(tiny_checkpoints):
     assert seen[0] is None and seen[1] is not None and seen[2] is not None
 
 
+def test_generate_reserves_exactly_prompt_plus_new_tokens(tiny_checkpoints):
+    """generate knows the final length: the cache allocates it once (no 1/8 headroom, no doubling); a reserve
+    too small for the prompt falls back to headroom, and decoding past a reserve still grows the cache."""
+    model, _ = load(tiny_checkpoints["llama"], budget=0.2)
+    ids = prompt_ids(90, batch=2)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=7, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+        capacities = {layer.state.capacity for layer in out.past_key_values.layers}
+        assert capacities == {90 + 7}
+        small = model.a2ats.new_cache(reserve=10)
+        model(input_ids=ids, past_key_values=small, use_cache=True)
+        assert small.layers[0].state.capacity == 192  # 90 + 64 headroom, rounded up to 64 rows
+        exact = model.a2ats.new_cache(reserve=91)
+        ref = decode_logits(model, ids, 4, cache=model.a2ats.new_cache())
+        grown = decode_logits(model, ids, 4, cache=exact)  # the 2nd decode step outgrows the reserve: doubling
+    assert exact.layers[0].state.capacity == 182
+    torch.testing.assert_close(grown, ref)
+
+
 def test_sampling_with_seed_is_reproducible(tiny_checkpoints):
     model, _ = load(tiny_checkpoints["llama"], budget=0.2)
     ids = prompt_ids(80)

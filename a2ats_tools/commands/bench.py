@@ -80,7 +80,8 @@ def bench(
         def prepare() -> None:
             holder["make"] = mut.use(Variant(name, extra) if extra is not None else Variant("dense"))
 
-        fill = None if extra is None else (lambda prefix: mut.runtime.cache_from(prefix))
+        decode = 2 + repeats * steps + 2  # warm-up + timed steps (+2 spare): the cache's final length is known
+        fill = None if extra is None else (lambda prefix: mut.runtime.cache_from(prefix, reserve=prefix.get_seq_length() + decode))
         return Contender(name, prepare, lambda: holder["make"](), fill)
 
     contenders = [variant("dense", None), variant("a2ats", {**overrides, "selector": "a2ats"})]

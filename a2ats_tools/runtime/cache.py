@@ -1,6 +1,7 @@
 """A preallocated KV cache whose layers feed a token selector as keys arrive.
 
-Capacity starts at the prompt plus 1/8 headroom and then doubles (no concatenation per step). Keys are stored post-RoPE (what exact attention
+Capacity starts at the prompt plus 1/8 headroom, or at exactly what the caller reserved (``generate`` reserves
+prompt + ``max_new_tokens``), and then doubles (no concatenation per step). Keys are stored post-RoPE (what exact attention
 needs); the selector sees each new key once in pre-RoPE form (RoPE undone with the step's cos/sin, stashed by
 the attention pre-hook) to encode it. With ``offload="cpu"`` the full K/V live in host memory (pinned when CUDA
 is present); the selector's metadata (codes) stays on the compute device and decode moves only selected rows.
@@ -39,10 +40,11 @@ class A2atsLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, selector: TokenSelector, offload: str | None = None):
+    def __init__(self, selector: TokenSelector, offload: str | None = None, reserve: int | None = None):
         super().__init__()
         self.selector = selector
         self.offload_to = offload
+        self.reserve = reserve  # rows for the first allocation (None: the prompt plus headroom)
         self.state = LayerState()
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's (cos, sin), set by the pre-hook
         self.last_selection: tuple[torch.Tensor, torch.Tensor] | None = None  # (indices, keep), for inspection
@@ -66,7 +68,9 @@ class A2atsLayer(CacheLayerMixin):
         st = self.state
         if needed <= st.capacity:
             return
-        if st.capacity == 0:  # first fill (the prompt): a little headroom for decoding, then doubling
+        if st.capacity == 0 and self.reserve is not None and self.reserve >= needed:
+            capacity = self.reserve  # the caller knows how long this cache gets (prompt + new tokens)
+        elif st.capacity == 0:  # first fill (the prompt): a little headroom for decoding, then doubling
             capacity = -(-(needed + max(HEADROOM, needed // 8)) // HEADROOM) * HEADROOM
         else:
             capacity = st.capacity * 2
@@ -147,8 +151,9 @@ class A2atsLayer(CacheLayerMixin):
 class A2atsCache(Cache):
     """A transformers ``Cache`` of :class:`A2atsLayer` s; pass it as ``past_key_values=`` (``generate`` does)."""
 
-    def __init__(self, selectors: list[TokenSelector], offload: str | None = None):
-        super().__init__(layers=[A2atsLayer(sel, offload) for sel in selectors])
+    def __init__(self, selectors: list[TokenSelector], offload: str | None = None, reserve: int | None = None):
+        """``reserve``: rows to allocate at the first update when they suffice (the final length, if known)."""
+        super().__init__(layers=[A2atsLayer(sel, offload, reserve) for sel in selectors])
         self.valid_memo: tuple[Any, torch.Tensor] | None = None
 
     def set_rope(self, layer_idx: int, cos: torch.Tensor, sin: torch.Tensor) -> None:

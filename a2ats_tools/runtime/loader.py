@@ -67,17 +67,18 @@ class A2atsRuntime:
         self._selector_memo = (settings, device, out)
         return out
 
-    def new_cache(self, **overrides: Any) -> A2atsCache:
-        """A fresh :class:`A2atsCache` with the current settings (plus ``overrides`` for this cache only)."""
+    def new_cache(self, reserve: int | None = None, **overrides: Any) -> A2atsCache:
+        """A fresh :class:`A2atsCache` with the current settings (plus ``overrides`` for this cache only);
+        ``reserve``: the length it will reach, if known (allocated at once instead of prompt + 1/8 headroom)."""
         settings = self.settings.with_overrides(**overrides) if overrides else self.settings
-        return A2atsCache(self.selectors(settings), offload=settings.offload)
+        return A2atsCache(self.selectors(settings), offload=settings.offload, reserve=reserve)
 
     @torch.no_grad()
-    def cache_from(self, dense_cache: Any, chunk: int = 4096, **overrides: Any) -> A2atsCache:
+    def cache_from(self, dense_cache: Any, chunk: int = 4096, reserve: int | None = None, **overrides: Any) -> A2atsCache:
         """An :class:`A2atsCache` holding what a dense prefill left in ``dense_cache`` (a transformers cache of
         post-RoPE keys at positions ``0..n-1``, unpadded), fed in chunks as a prefill would: each key encoded
         once. Lets several configurations share one dense prefill (prefill is dense and exact either way)."""
-        cache = self.new_cache(**overrides)
+        cache = self.new_cache(reserve=reserve, **overrides)
         n = dense_cache.get_seq_length()
         first = dense_cache.layers[0].keys
         device = next(self.model.parameters()).device
@@ -91,12 +92,24 @@ class A2atsRuntime:
         return cache
 
 
+def _final_length(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> int | None:
+    """Prompt + new tokens of a ``generate`` call, when both are known up front (else None)."""
+    ids = kwargs.get("input_ids", args[0] if args else kwargs.get("inputs"))
+    new = kwargs.get("max_new_tokens")
+    if new is None:
+        config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+        new = getattr(config, "max_new_tokens", None)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or not isinstance(new, int):
+        return None
+    return ids.shape[1] + new
+
+
 def _generate(model: nn.Module, original, *args, a2ats: dict[str, Any] | None = None, **kwargs):
     """``generate`` that brings its own :class:`A2atsCache` unless the caller passes ``past_key_values``."""
     runtime: A2atsRuntime = model.a2ats
     overrides = dict(a2ats or {})
     if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
-        kwargs["past_key_values"] = runtime.new_cache(**overrides)
+        kwargs["past_key_values"] = runtime.new_cache(reserve=_final_length(model, args, kwargs), **overrides)
     chunk = overrides.get("prefill_chunk", runtime.settings.prefill_chunk)
     if chunk and "prefill_chunk_size" not in kwargs:
         kwargs["prefill_chunk_size"] = int(chunk)
