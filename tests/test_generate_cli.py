@@ -90,22 +90,22 @@ def test_answer_verdict_says_found_partly_or_missed():
     assert "partly found" in answer_verdict(two, "111 and 333")
 
 
-def test_generate_cli_task_errors(checkpoint):
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--task", "riddles"], "passkey"),
+        (["--task", "passkey", "-p", "hi"], "exactly one"),
+        (["--task", "passkey", "--task-length", "50"], "--task-length"),
+        (["--task", "passkey", "--chat"], "--chat"),
+        (["-p", "hi", "--haystack", "x.txt"], "--haystack"),
+        (["-p", "hi", "--kernels", "cuda"], "kernels"),
+    ],
+)
+def test_generate_cli_task_and_kernel_errors(checkpoint, args, message):
     from a2ats_tools.errors import A2atsError
 
-    runner = CliRunner()
-    result = runner.invoke(app, ["generate", str(checkpoint), "--task", "riddles"])
-    assert isinstance(result.exception, A2atsError) and "passkey" in str(result.exception)
-    result = runner.invoke(app, ["generate", str(checkpoint), "--task", "passkey", "-p", "hi"])
-    assert isinstance(result.exception, A2atsError) and "exactly one" in str(result.exception)
-    result = runner.invoke(app, ["generate", str(checkpoint), "--task", "passkey", "--task-length", "50"])
-    assert isinstance(result.exception, A2atsError) and "--task-length" in str(result.exception)
-    result = runner.invoke(app, ["generate", str(checkpoint), "--task", "passkey", "--chat"])
-    assert isinstance(result.exception, A2atsError) and "--chat" in str(result.exception)
-    result = runner.invoke(app, ["generate", str(checkpoint), "-p", "hi", "--haystack", "x.txt"])
-    assert isinstance(result.exception, A2atsError) and "--haystack" in str(result.exception)
-    result = runner.invoke(app, ["generate", str(checkpoint), "-p", "hi", "--kernels", "cuda"])
-    assert isinstance(result.exception, A2atsError) and "kernels" in str(result.exception)
+    result = CliRunner().invoke(app, ["generate", str(checkpoint), *args])
+    assert isinstance(result.exception, A2atsError) and message in str(result.exception)
 
 
 def test_retrieval_summary_says_when_no_step_retrieved(checkpoint):
