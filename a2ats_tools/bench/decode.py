@@ -26,6 +26,9 @@ class Contender:
     from_prefix: Callable[[Any], Any] | None = None
 
 
+WARMUP_STEPS = 2  # untimed decode steps per contender before the timed blocks
+
+
 def prefill_tokens_per_chunk(batch: int) -> int:
     """Prefill chunk so a chunk's attention scores stay about 1 GiB per 8K of context (``batch * chunk <= 4096``)."""
     return max(128, 4096 // max(1, batch))
@@ -48,7 +51,7 @@ def bench_point(
     *,
     steps: int,
     repeats: int,
-    warmup: int = 2,
+    warmup: int = WARMUP_STEPS,
     tick: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """One (context, batch) grid point: prefill time, per-step latency and tokens/s per contender, memory, and

@@ -51,7 +51,7 @@ def bench(
     """
     import torch
 
-    from ..bench.decode import Contender, bench_point
+    from ..bench.decode import WARMUP_STEPS, Contender, bench_point
     from ..bench.plots import plot_throughput
     from ..errors import A2atsError
     from ..evaluation.harness import ModelUnderTest, Variant
@@ -80,7 +80,7 @@ def bench(
         def prepare() -> None:
             holder["make"] = mut.use(Variant(name, extra) if extra is not None else Variant("dense"))
 
-        decode = 2 + repeats * steps + 2  # warm-up + timed steps (+2 spare): the cache's final length is known
+        decode = WARMUP_STEPS + repeats * steps + 2  # warm-up + timed steps (+2 spare): the final length is known
         fill = None if extra is None else (lambda prefix: mut.runtime.cache_from(prefix, reserve=prefix.get_seq_length() + decode))
         return Contender(name, prepare, lambda: holder["make"](), fill)
 

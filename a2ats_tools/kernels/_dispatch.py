@@ -44,6 +44,7 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
         raise RuntimeError("the triton backend was requested but triton is not installed")
     if backend == "triton" and not interpreting() and not all(t.is_cuda for t in tensors):
         raise RuntimeError(
-            "the triton backend needs CUDA tensors (or TRITON_INTERPRET=1, set before import, for the CPU interpreter)"
+            "the triton backend needs CUDA tensors, but some are on the CPU (or set TRITON_INTERPRET=1, before "
+            "import, for the CPU interpreter)"
         )
     return backend

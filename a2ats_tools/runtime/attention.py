@@ -48,7 +48,7 @@ def sparse_decode(
     if use_triton(kernels, q, keys, values):  # fused Triton kernel (same semantics, tested against this code)
         from ..kernels.sparse_attention import sparse_decode as kernel
 
-        return kernel(q, keys, values, indices, keep, scale, backend="triton").to(q.dtype)
+        return kernel(q, keys, values, indices, keep, scale, backend="triton")
     b, hq, d = q.shape
     hkv = indices.shape[1]
     v = gather_rows(values, indices, q.device)

@@ -128,22 +128,14 @@ def cpu_has_native_bf16() -> bool:
 def use_triton(kernels: str, *tensors: torch.Tensor) -> bool:
     """Whether the ``kernels`` setting sends work on ``tensors`` to a Triton kernel (``auto``: all on CUDA and
     Triton installed). Imports Triton only when it may be used; ``triton`` where it cannot run is a user error."""
-    on_cuda = all(t.is_cuda for t in tensors)
-    if kernels == "torch" or (kernels == "auto" and not on_cuda):
+    if kernels == "torch" or (kernels == "auto" and not all(t.is_cuda for t in tensors)):
         return False
-    from ..kernels._dispatch import interpreting, triton_available
+    from ..kernels._dispatch import resolve_backend
 
-    if not triton_available():
-        if kernels == "auto":
-            return False
-        raise A2atsError("kernels=triton, but triton is not installed here; use kernels=auto or torch")
-    if kernels == "triton" and not on_cuda and not interpreting():
-        where = "on the host (offload=cpu)" if any(t.is_cuda for t in tensors) else "on the CPU"
-        raise A2atsError(
-            f"kernels=triton needs every tensor on CUDA, but some are {where}; use kernels=auto "
-            "(TRITON_INTERPRET=1 runs the kernels on CPU tensors, for tests)"
-        )
-    return True
+    try:
+        return resolve_backend(kernels, *tensors) == "triton"
+    except RuntimeError as err:  # triton missing, or CPU tensors outside the interpreter
+        raise A2atsError(f"kernels={kernels}: {err}; use kernels=auto or torch") from None
 
 
 def resolve_score_dtype(score_dtype: str) -> torch.dtype:
