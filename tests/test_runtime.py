@@ -331,13 +331,15 @@ def test_rerank_is_default_for_a2ats_only(tiny_checkpoints):
         assert set(idx[0, h][keep[0, h]].tolist()) == set(range(2)) | set(range(n - 8 - 6, n))
 
 
-def test_score_dtype_auto_is_bf16_and_explicit_choices_stand():
+def test_score_dtype_auto_is_float32_on_cpu_bf16_elsewhere_and_explicit_choices_stand():
     from a2ats_tools.errors import A2atsError
     from a2ats_tools.runtime.settings import RuntimeSettings, resolve_score_dtype
 
-    assert resolve_score_dtype("auto") == torch.bfloat16  # on every device; emulated where a CPU lacks bf16
-    assert resolve_score_dtype("float32") == torch.float32
-    assert resolve_score_dtype("bfloat16") == torch.bfloat16
+    assert resolve_score_dtype("auto") == resolve_score_dtype("auto", "cpu") == torch.float32
+    assert resolve_score_dtype("auto", "cuda") == torch.bfloat16
+    for device in ("cpu", "cuda"):
+        assert resolve_score_dtype("float32", device) == torch.float32
+        assert resolve_score_dtype("bfloat16", device) == torch.bfloat16
     with pytest.raises(A2atsError, match="score_dtype"):
         RuntimeSettings(score_dtype="fp8")
 

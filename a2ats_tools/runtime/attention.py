@@ -102,6 +102,11 @@ def a2ats_attention_forward(module, query, key, value, attention_mask, scaling=N
     cos, sin = layer.rope
     q_post = query[:, :, 0]  # [B, Hq, d]
     q_pre = undo_rope(q_post.float(), cos[:, -1:].float(), sin[:, -1:].float())
+    fused = layer.selector.fused_decode(st, q_pre, q_post, st.length, valid, scale)
+    if fused is not None:
+        out, indices = fused
+        layer.last_selection = (indices, torch.ones_like(indices, dtype=torch.bool))
+        return out.to(query.dtype).unsqueeze(1), None
     indices, keep = layer.selector.select(st, q_pre, q_post, st.length, valid)
     layer.last_selection = (indices, keep)
     logits = layer.selector.exact_logits

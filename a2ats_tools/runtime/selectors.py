@@ -16,7 +16,7 @@ import torch
 
 from ..rope import DistanceBuckets, Rotary, apply_rope
 from ..scoring import group_aggregate
-from .settings import RuntimeSettings, cpu_has_native_bf16, resolve_score_dtype, use_triton
+from .settings import RuntimeSettings, cpu_has_native_bf16, resolve_score_dtype, use_cpu_kernel, use_triton
 
 _STEP_MEMO: tuple | None = None  # (weakref to valid, settings key, constants) of the current decode step
 _OFFSET_MEMO: tuple | None = None  # (key, (per-table offsets, buckets used)) of the current decode step
@@ -57,6 +57,14 @@ class TokenSelector:
     def scores(self, state: Any, q_pre: torch.Tensor, q_post: torch.Tensor, length: int) -> torch.Tensor:
         """Approximate importance ``[B, Hkv, length]`` of every cached row (higher is better)."""
         raise NotImplementedError
+
+    def fused_decode(
+        self, state: Any, q_pre: torch.Tensor, q_post: torch.Tensor, length: int, valid: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Selection and attention in one fused kernel, where this selector has one that applies to this step:
+        ``(out [B, Hq, d] float32, rows attended [B, Hkv, K])``; None: the caller runs :meth:`select` and the
+        sparse attention."""
+        return None
 
     def budgets(self, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample ``(rows kept, top-K part)`` from the number of valid tokens ``[B]``."""
@@ -276,11 +284,12 @@ class A2atsSelector(TokenSelector):
         cos, sin = rotary.cos_sin(torch.tensor(buckets.centres))
         self.cos, self.sin = cos, sin  # [P, d]
         self._scoring_codebooks: dict[torch.dtype, torch.Tensor] = {}  # the table's right operand, per dtype
+        self._codebook_tiles: torch.Tensor | None = None  # the fused CPU kernel's layout, made on first use
 
     def to(self, device: torch.device) -> A2atsSelector:
         for name in ("codebook_t", "encode_weight", "encode_bias", "cos", "sin", "_whitening"):
             setattr(self, name, getattr(self, name).to(device))
-        self._scoring_codebooks, self._encode_tables = {}, None
+        self._scoring_codebooks, self._encode_tables, self._codebook_tiles = {}, None, None
         return self
 
     def encode(self, keys_pre: torch.Tensor) -> torch.Tensor:
@@ -359,17 +368,23 @@ class A2atsSelector(TokenSelector):
         _OFFSET_MEMO = (key, out)
         return out
 
-    def tables(self, q_pre: torch.Tensor, used: int) -> torch.Tensor:
-        """``[B, Hkv, G', used * C]`` score tables (``G' = 1`` for ``sum``: the group's queries are folded), in
-        ``score_dtype``."""
+    def rotated_queries(self, q_pre: torch.Tensor, used: int) -> torch.Tensor:
+        """``[Hkv, B, G', used, d]`` float32: each query rotated to the first ``used`` bucket centres (``G' = 1``
+        for ``sum``: the group's queries are folded first, since scores are linear in the query)."""
         b, hq, d = q_pre.shape
         q = q_pre.float().reshape(b, self.num_kv_heads, self.group, d)
         if self.settings.aggregation == "sum":
             q = q.sum(2, keepdim=True)
-        g = q.shape[2]
         qw = apply_rope(q.unsqueeze(3), self.cos[:used], self.sin[:used])  # [B, Hkv, G', P, d]
-        qw = qw.permute(1, 0, 2, 3, 4).reshape(self.num_kv_heads, b * g * used, d)
-        dtype = resolve_score_dtype(self.settings.score_dtype)
+        return qw.transpose(0, 1)
+
+    def tables(self, q_pre: torch.Tensor, used: int) -> torch.Tensor:
+        """``[B, Hkv, G', used * C]`` score tables (``G' = 1`` for ``sum``), in ``score_dtype``."""
+        b = q_pre.shape[0]
+        rotated = self.rotated_queries(q_pre, used)
+        g = rotated.shape[2]
+        qw = rotated.reshape(self.num_kv_heads, b * g * used, -1)
+        dtype = resolve_score_dtype(self.settings.score_dtype, qw.device)
         emulate = dtype == torch.bfloat16 and qw.device.type == "cpu" and not cpu_has_native_bf16()
         codebook = self._scoring_codebooks.get(dtype)
         if codebook is None or codebook.device != qw.device:
@@ -395,6 +410,33 @@ class A2atsSelector(TokenSelector):
             return bits.gather(-1, index).view(table.dtype)
         s = table.gather(-1, index.unsqueeze(2).expand(-1, -1, g, -1))  # [B, Hkv, G', N]
         return group_aggregate(s.reshape(b, self.num_heads, length), self.num_kv_heads, self.settings.aggregation, self.scale)
+
+    def fused_decode(self, state, q_pre, q_post, length, valid, scale):
+        """The fused CPU kernel (``kernels/cpu_decode``: tables, scores, top-K, re-rank and attention in one call)
+        where it applies: ``kernels`` auto or cpu with everything on the CPU (:func:`use_cpu_kernel`), float32
+        K/V and score tables, an unpadded batch (one budget), ``aggregation=sum``, a codebook size divisible by 16."""
+        if not use_cpu_kernel(self.settings.kernels, state.keys, q_post):
+            return None
+        uniform_top = self._step_constants(valid, length)[4]
+        if (
+            uniform_top is None
+            or self.settings.aggregation != "sum"
+            or state.keys.dtype != torch.float32
+            or self.codes_size % 16
+            or resolve_score_dtype(self.settings.score_dtype, q_post.device) != torch.float32
+        ):
+            return None
+        from ..kernels import cpu_decode
+
+        b, h = q_pre.shape[0], self.num_kv_heads
+        offsets, used = self.bucket_index(length, q_pre.device)
+        if self._codebook_tiles is None:
+            self._codebook_tiles = cpu_decode.codebook_tiles(self.codebook_t.transpose(1, 2))
+        return cpu_decode.decode_step(
+            self.rotated_queries(q_pre, used)[:, :, 0], self._codebook_tiles, self._codes_buffer(state, b, h), offsets,
+            q_post.float(), state.keys, state.values, length, self.settings.n_sink, self.settings.window,
+            uniform_top, self.settings.rerank, self.settings.rerank_aggregation, scale,
+        )
 
     def _scores_triton(self, table: torch.Tensor, codes: torch.Tensor, length: int, used: int) -> torch.Tensor:
         """The same scores as the torch gather, from the fused Triton gather (one program per token block)."""

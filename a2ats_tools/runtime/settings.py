@@ -16,7 +16,7 @@ from ..scoring import AGGREGATIONS, SelectionPolicy
 
 OFFLOADS = (None, "cpu")
 SCORE_DTYPES = ("auto", "float32", "bfloat16")
-KERNELS = ("auto", "torch", "triton")
+KERNELS = ("auto", "torch", "triton", "cpu")
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def cpu_has_native_bf16() -> bool:
 def use_triton(kernels: str, *tensors: torch.Tensor) -> bool:
     """Whether the ``kernels`` setting sends work on ``tensors`` to a Triton kernel (``auto``: all on CUDA and
     Triton installed). Imports Triton only when it may be used; ``triton`` where it cannot run is a user error."""
-    if kernels == "torch" or (kernels == "auto" and not all(t.is_cuda for t in tensors)):
+    if kernels in ("torch", "cpu") or (kernels == "auto" and not all(t.is_cuda for t in tensors)):
         return False
     from ..kernels._dispatch import resolve_backend
 
@@ -138,12 +138,29 @@ def use_triton(kernels: str, *tensors: torch.Tensor) -> bool:
         raise A2atsError(f"kernels={kernels}: {err}; use kernels=auto or torch") from None
 
 
-def resolve_score_dtype(score_dtype: str) -> torch.dtype:
-    """The score table's dtype (``auto``: bf16 on every device; on a CPU without bf16 instructions the selector
-    computes it as a float32 product of bf16-rounded operands, which is faster there than a float32 table:
-    half the bytes to gather and 16-bit top-K keys)."""
+def use_cpu_kernel(kernels: str, *tensors: torch.Tensor) -> bool:
+    """Whether the ``kernels`` setting sends a decode step on ``tensors`` to the fused CPU kernel (``auto``: all on
+    the CPU and the kernel builds here; ``cpu``: required, so a missing compiler is a user error)."""
+    if kernels not in ("auto", "cpu") or not all(t.device.type == "cpu" for t in tensors):
+        if kernels == "cpu":
+            raise A2atsError("kernels=cpu needs the cache and the model on the CPU; use kernels=auto")
+        return False
+    from ..kernels import cpu_decode
+
+    if cpu_decode.available():
+        return True
+    if kernels == "cpu":
+        raise A2atsError(f"kernels=cpu: {cpu_decode.unavailable_reason()}; use kernels=auto or torch")
+    return False
+
+
+def resolve_score_dtype(score_dtype: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """The score table's dtype on ``device``. ``auto``: float32 on the CPU, where the fused CPU kernel builds its
+    tables in float32 (and where the torch fallback's bf16 table would be a float32 product of bf16-rounded
+    operands on CPUs without bf16 instructions); bfloat16 on accelerators (half the bytes to gather, 16-bit
+    top-K keys)."""
     if score_dtype == "auto":
-        return torch.bfloat16
+        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
     return getattr(torch, score_dtype)
 
 

@@ -1,0 +1,287 @@
+// A²ATS decode step for one layer on the CPU, fused: score every cached row from the step's lookup table,
+// keep sinks + window + the best rows by approximate score, optionally re-rank an over-fetched candidate set by
+// exact logits, then attend exactly over the kept rows. One call per layer; rows (sample, KV head) are split
+// over threads. The torch reference is A2atsSelector.select + runtime.attention.sparse_decode (unpadded batch,
+// one budget for every sample); kernels/cpu_decode.py builds, loads and checks this file.
+//
+// Built with: g++ -O3 -march=native -fopenmp -shared -fPIC. Rows run on OpenMP threads: loaded into a process
+// where torch already loaded its libgomp.so.1, the library shares torch's OpenMP runtime and thread pool.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// Order-preserving map of a float32 to uint32: a > b (as floats) iff key(a) > key(b).
+inline uint32_t order_key(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Rows read at random from K/V (DRAM-sized buffers) are requested this many rows ahead of their use, so
+// that several misses are in flight at once instead of one.
+constexpr int64_t kAhead = 8;
+
+inline void prefetch_row(const float* row, int64_t d) {
+  for (int64_t i = 0; i < d; i += 16) __builtin_prefetch(row + i);
+}
+
+inline float dot(const float* a, const float* b, int64_t d) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < d; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+// Where a top-m selection cuts: keep every key above `key` and the first `ties` keys equal to it.
+struct Cut {
+  uint32_t key;
+  int64_t ties;
+  bool keeps(uint32_t k, int64_t& ties_left) const { return k > key || (k == key && ties_left-- > 0); }
+};
+
+// The cut keeping the m largest of `keys[0..n)`, whose values lie in [lo, hi], by radix select: each pass
+// histograms the live range in at most 2048 bins (no data-dependent branches, unlike nth_element's
+// partitioning) and narrows it to the bin holding the m-th largest; scores share their exponent, so
+// bins follow the range actually used and two passes usually do.
+Cut top_m_cut(const uint32_t* keys, int64_t n, int64_t m, uint32_t lo, uint32_t hi, std::vector<uint32_t>& scratch) {
+  if (m <= 0) return {UINT32_MAX, 0};
+  if (m >= n) return {0, n};
+  const uint32_t* cur = keys;
+  int64_t count = n;
+  int64_t hist[2048];
+  for (;;) {
+    const uint32_t span = hi - lo;
+    const int bits = span == 0 ? 0 : 32 - __builtin_clz(span);
+    const int shift = std::max(0, bits - 11);
+    const uint32_t bins = (span >> shift) + 1;
+    std::fill(hist, hist + bins, 0);
+    for (int64_t i = 0; i < count; ++i) hist[(cur[i] - lo) >> shift]++;
+    uint32_t bin = bins - 1;
+    for (; hist[bin] < m; --bin) m -= hist[bin];  // from the top: the bin holding the m-th largest
+    if (shift == 0) return {lo + bin, m};
+    const uint32_t new_lo = lo + (bin << shift);
+    const uint32_t new_hi = std::min<uint64_t>(hi, static_cast<uint64_t>(new_lo) + ((1u << shift) - 1));
+    scratch.resize(std::max<size_t>(scratch.size(), static_cast<size_t>(hist[bin])));
+    int64_t kept = 0;  // keys of that bin, compacted (in place after the first pass)
+    for (int64_t i = 0; i < count; ++i)
+      if (cur[i] >= new_lo && cur[i] <= new_hi) scratch[kept++] = cur[i];
+    cur = scratch.data();
+    count = kept;
+    lo = new_lo;
+    hi = new_hi;
+  }
+}
+
+typedef float v8 __attribute__((vector_size(32)));  // GCC/Clang vector: AVX registers where the CPU has them
+
+inline v8 load8(const float* p) {
+  v8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// out[r, c..c+16) = rows[r] . codebook[c..c+16) for RB rows. `tiles` is the codebook in 16-code tiles,
+// [C/16, d, 16]: a tile is 4 KB read front to back (a [d, C] layout would stride 16 KB per dimension, every
+// load landing in the same L1 set: half the speed, measured).
+template <int RB>
+inline void table_tile(const float* rows, const float* tiles, float* out, int64_t d, int64_t c_count, int64_t c) {
+  v8 acc[RB][2] = {};
+  const float* tile = tiles + c * d;
+  for (int64_t i = 0; i < d; ++i) {
+    const v8 lo = load8(tile + i * 16), hi = load8(tile + i * 16 + 8);
+    for (int r = 0; r < RB; ++r) {
+      const float x = rows[r * d + i];
+      acc[r][0] += lo * x;
+      acc[r][1] += hi * x;
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    std::memcpy(out + r * c_count + c, &acc[r][0], sizeof(v8));
+    std::memcpy(out + r * c_count + c + 8, &acc[r][1], sizeof(v8));
+  }
+}
+
+// Score tables of one KV head for codes [c0, c1) (multiples of 16): table[r, c] = rows[r] . codebook[c], where
+// rows [R, d] are the step's queries rotated to each bucket centre (R = B * P) and tiles the codebook in
+// 16-code tiles. Six rows at a time keep 12 accumulators in registers: each codebook load feeds 6 FMAs.
+void score_tables(const float* rows, const float* tiles, float* table, int64_t r_count, int64_t d, int64_t c_count,
+                  int64_t c0, int64_t c1) {
+  for (int64_t c = c0; c < c1; c += 16) {
+    int64_t r = 0;
+    for (; r + 6 <= r_count; r += 6) table_tile<6>(rows + r * d, tiles, table + r * c_count, d, c_count, c);
+    switch (r_count - r) {
+      case 5: table_tile<5>(rows + r * d, tiles, table + r * c_count, d, c_count, c); break;
+      case 4: table_tile<4>(rows + r * d, tiles, table + r * c_count, d, c_count, c); break;
+      case 3: table_tile<3>(rows + r * d, tiles, table + r * c_count, d, c_count, c); break;
+      case 2: table_tile<2>(rows + r * d, tiles, table + r * c_count, d, c_count, c); break;
+      case 1: table_tile<1>(rows + r * d, tiles, table + r * c_count, d, c_count, c); break;
+      default: break;
+    }
+  }
+}
+
+struct Problem {
+  int64_t hkv;  // KV heads: row r is sample r / hkv, KV head r % hkv
+  const float* table;  // [Hkv, B, P, C]: this step's score tables (written by score_tables)
+  int64_t table_sb, table_sh;  // strides (elements) of the sample and KV-head dimensions
+  const int16_t* codes;
+  int64_t codes_sb, codes_sh;
+  const int64_t* offsets;  // [N]: bucket(t - j) * C
+  const float* q;          // [B*Hkv, G, d]
+  const float* keys;       // [B, Hkv, cap, d] with strides kv_sb, kv_sh (values likewise)
+  const float* values;
+  int64_t kv_sb, kv_sh;
+  int64_t group, d, n, n_sink, window, top, fetch;
+  int aggregation;  // 0 sum, 1 max, 2 softmax
+  float scale;
+  float* out;        // [B*Hkv, G, d]
+  int64_t* picked;   // [B*Hkv, k]
+  int64_t k;
+};
+
+void solve_row(const Problem& p, int64_t row) {
+  const int64_t n = p.n, g_count = p.group, d = p.d;
+  const int64_t sb = row / p.hkv, sh = row % p.hkv;
+  const int64_t table_base = sb * p.table_sb + sh * p.table_sh;
+  const int16_t* codes = p.codes + sb * p.codes_sb + sh * p.codes_sh;
+  const float* q = p.q + row * g_count * d;
+  const float* keys = p.keys + sb * p.kv_sb + sh * p.kv_sh;
+  const float* values = p.values + sb * p.kv_sb + sh * p.kv_sh;
+  const int64_t win_start = std::max(n - p.window, std::min(p.n_sink, n));
+  const int64_t sink_end = std::min(p.n_sink, n);
+
+  // 1. approximate scores of the rows between the sinks and the window, and where the top ones end
+  const int64_t mid = win_start - sink_end;
+  const bool rerank = p.fetch > 0;
+  std::vector<uint32_t> approx(mid), scratch;
+  uint32_t lo = UINT32_MAX, hi = 0;
+  for (int64_t j = 0; j < mid; ++j) {
+    const int64_t r = sink_end + j;
+    const uint32_t key = order_key(p.table[table_base + p.offsets[r] + codes[r]]);
+    approx[j] = key;
+    lo = std::min(lo, key);
+    hi = std::max(hi, key);
+  }
+  const Cut cut = top_m_cut(approx.data(), mid, std::min(rerank ? p.fetch : p.top, mid), lo, hi, scratch);
+
+  // 2. candidates in ascending row order: sinks, chosen middle rows, window
+  std::vector<int64_t> cand;
+  std::vector<char> is_forced;
+  cand.reserve(n - mid + std::min(mid, rerank ? p.fetch : p.top));
+  for (int64_t r = 0; r < sink_end; ++r) cand.push_back(r), is_forced.push_back(1);
+  int64_t ties = cut.ties;
+  for (int64_t j = 0; j < mid; ++j)
+    if (cut.keeps(approx[j], ties)) cand.push_back(sink_end + j), is_forced.push_back(0);
+  for (int64_t r = win_start; r < n; ++r) cand.push_back(r), is_forced.push_back(1);
+  const int64_t nc = static_cast<int64_t>(cand.size());
+  const int64_t forced = n - mid;
+
+  // 3. exact logits of every candidate for each query head of the group
+  std::vector<float> logits(g_count * nc);
+  for (int64_t c = 0; c < nc; ++c) {
+    if (c + kAhead < nc) prefetch_row(keys + cand[c + kAhead] * d, d);
+    const float* key = keys + cand[c] * d;
+    for (int64_t g = 0; g < g_count; ++g) logits[g * nc + c] = dot(q + g * d, key, d);
+  }
+
+  // 4. re-rank: keep the forced rows and the `top` best middle candidates by the aggregated exact score
+  std::vector<int64_t> keep_pos;  // positions into cand
+  keep_pos.reserve(p.k);
+  if (rerank && nc - forced > p.top) {
+    std::vector<float> agg(nc, 0.0f);
+    if (p.aggregation == 2) {
+      for (int64_t g = 0; g < g_count; ++g) {
+        const float* lg = logits.data() + g * nc;
+        float mx = -INFINITY;
+        for (int64_t c = 0; c < nc; ++c) mx = std::max(mx, lg[c] * p.scale);
+        float total = 0.0f;
+        std::vector<float> e(nc);
+        for (int64_t c = 0; c < nc; ++c) total += (e[c] = std::exp(lg[c] * p.scale - mx));
+        for (int64_t c = 0; c < nc; ++c) agg[c] += e[c] / total;
+      }
+    } else {
+      for (int64_t c = 0; c < nc; ++c) {
+        float a = p.aggregation == 1 ? -INFINITY : 0.0f;
+        for (int64_t g = 0; g < g_count; ++g) {
+          const float v = logits[g * nc + c];
+          a = p.aggregation == 1 ? std::max(a, v) : a + v;
+        }
+        agg[c] = a;
+      }
+    }
+    std::vector<uint32_t> middle;
+    uint32_t mlo = UINT32_MAX, mhi = 0;
+    for (int64_t c = 0; c < nc; ++c) {
+      if (is_forced[c]) continue;
+      const uint32_t key = order_key(agg[c]);
+      middle.push_back(key);
+      mlo = std::min(mlo, key);
+      mhi = std::max(mhi, key);
+    }
+    const Cut best = top_m_cut(middle.data(), static_cast<int64_t>(middle.size()), p.top, mlo, mhi, scratch);
+    int64_t m = 0, left = best.ties;
+    for (int64_t c = 0; c < nc; ++c)
+      if (is_forced[c] || best.keeps(middle[m++], left)) keep_pos.push_back(c);
+  } else {
+    for (int64_t c = 0; c < nc; ++c) keep_pos.push_back(c);
+  }
+  const int64_t kept = static_cast<int64_t>(keep_pos.size());
+  int64_t* picked = p.picked + row * p.k;
+  for (int64_t i = 0; i < p.k; ++i) picked[i] = i < kept ? cand[keep_pos[i]] : -1;
+
+  // 5. exact attention of each query head over the kept rows
+  std::vector<float> w(kept);
+  for (int64_t g = 0; g < g_count; ++g) {
+    const float* lg = logits.data() + g * nc;
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < kept; ++i) mx = std::max(mx, lg[keep_pos[i]] * p.scale);
+    float total = 0.0f;
+    for (int64_t i = 0; i < kept; ++i) total += (w[i] = std::exp(lg[keep_pos[i]] * p.scale - mx));
+    float* o = p.out + (row * g_count + g) * d;
+    std::fill(o, o + d, 0.0f);
+    const float inv = 1.0f / total;
+    for (int64_t i = 0; i < kept; ++i) {
+      if (g == 0 && i + kAhead < kept) prefetch_row(values + cand[keep_pos[i + kAhead]] * d, d);
+      const float wi = w[i] * inv;
+      const float* v = values + cand[keep_pos[i]] * d;
+#pragma omp simd
+      for (int64_t e = 0; e < d; ++e) o[e] += wi * v[e];
+    }
+  }
+}
+
+}  // namespace
+
+// One layer's decode step. rows [Hkv, B*P, d]: each sample's folded query rotated to each bucket centre;
+// tiles [Hkv, C/16, d, 16]: the codebooks in 16-code tiles; table [Hkv, B*P, C]: scratch for the tables.
+extern "C" int a2ats_cpu_decode(int64_t batch, int64_t hkv, int64_t buckets, int64_t c_count, const float* rows,
+                                const float* tiles, float* table, const int16_t* codes, int64_t codes_sb,
+                                int64_t codes_sh, const int64_t* offsets, const float* q, const float* keys,
+                                const float* values, int64_t kv_sb, int64_t kv_sh, int64_t group, int64_t d,
+                                int64_t n, int64_t n_sink, int64_t window, int64_t top, int64_t fetch, int aggregation,
+                                float scale, float* out, int64_t* picked, int64_t k, int threads) {
+  const int64_t r_count = batch * buckets;
+  Problem p{hkv, table, buckets * c_count, r_count * c_count, codes, codes_sb, codes_sh, offsets, q, keys, values,
+            kv_sb, kv_sh, group, d, n, n_sink, window, top, fetch, aggregation, scale, out, picked, k};
+  const int64_t rows_total = batch * hkv;
+  threads = static_cast<int>(std::max<int64_t>(1, threads));
+  constexpr int64_t kCodeBlock = 256;  // codes per table work item
+  const int64_t blocks = (c_count + kCodeBlock - 1) / kCodeBlock;
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < hkv * blocks; ++item) {
+      const int64_t h = item / blocks, c0 = (item % blocks) * kCodeBlock;
+      score_tables(rows + h * r_count * d, tiles + h * d * c_count, table + h * r_count * c_count, r_count, d, c_count,
+                   c0, std::min(c_count, c0 + kCodeBlock));
+    }
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows_total; ++r) solve_row(p, r);
+  }
+  return 0;
+}

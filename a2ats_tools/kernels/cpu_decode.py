@@ -1,0 +1,188 @@
+"""The fused CPU decode step (``cpu_decode.cpp``): score, select, re-rank and attend for one layer in one call.
+
+On the CPU the torch path of a decode step is a chain of small ops (gather, top-K, gathers, re-rank, softmax),
+each a pass over memory with its own dispatch; this kernel does the same work per (sample, KV head) row in one
+pass, on ``torch.get_num_threads()`` threads. It is built on first use with the system C++ compiler (``g++`` or
+``$CXX``) into a per-user cache and loaded with ``ctypes``; where no compiler works, :func:`available` is False
+and the runtime keeps the torch path. Its reference is the torch path itself
+(``A2atsSelector.select`` + ``sparse_decode``), and ``tests/test_cpu_decode.py`` compares the two.
+
+Scope: float32 tables, queries and K/V on the CPU, an unpadded batch (every sample the same length and budget).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu++17", "-shared", "-fPIC")
+AGGREGATION_CODES = {"sum": 0, "max": 1, "softmax": 2}
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_ARGTYPES = (
+    [_I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _I64]
+    + [_I64] * 7
+    + [ctypes.c_int, ctypes.c_float, _PTR, _PTR, _I64, ctypes.c_int]
+)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("A2ATS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "a2ats_tools"
+    )
+    return Path(root) / "kernels"
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` depends on: the CPU's feature flags (a cached build is never run on another CPU)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """Build (once per source, compiler and CPU) and load the kernel: ``(library, "")`` or ``(None, why not)``."""
+    if os.environ.get("A2ATS_CPU_KERNEL", "1") == "0":
+        return None, "the fused CPU kernel is turned off (A2ATS_CPU_KERNEL=0)"
+    cxx = _compiler()
+    if cxx is None:
+        return None, "no C++ compiler found to build the fused CPU kernel (install g++ or set CXX)"
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + cxx.encode() + " ".join(FLAGS).encode() + _cpu_signature().encode())
+    target = _cache_dir() / f"cpu_decode-{digest.hexdigest()[:16]}.so"
+    if not target.exists():
+        tmp = None
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+            os.close(fd)
+            subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, timeout=300)
+            os.replace(tmp, target)  # atomic: a half-written library is never loaded
+        except subprocess.CalledProcessError as err:
+            detail = err.stderr.decode(errors="replace").strip().splitlines()
+            return None, f"building the fused CPU kernel with {cxx} failed: {detail[0] if detail else err}"
+        except (OSError, subprocess.SubprocessError) as err:
+            return None, f"building the fused CPU kernel failed: {err}"
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as err:
+        return None, f"loading the fused CPU kernel failed: {err}"
+    fn = lib.a2ats_cpu_decode
+    fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
+    return lib, ""
+
+
+def available() -> bool:
+    """Whether the fused CPU kernel could be built and loaded on this machine (built on the first call)."""
+    return _load()[0] is not None
+
+
+def unavailable_reason() -> str:
+    """Why :func:`available` is False (empty when it is True)."""
+    return _load()[1]
+
+
+def decode_step(
+    rotated: torch.Tensor,
+    tiles: torch.Tensor,
+    codes: torch.Tensor,
+    offsets: torch.Tensor,
+    q_post: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    length: int,
+    n_sink: int,
+    window: int,
+    top: int,
+    rerank: float,
+    rerank_aggregation: str,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's decode attention: ``(out [B, Hq, d] float32, picked rows [B, Hkv, k] int64, ascending)``.
+
+    ``rotated [Hkv, B, P, d]``: each sample's query summed over its group (``aggregation=sum``) and rotated to
+    each of the ``P`` bucket centres in use; ``tiles``: the codebook from :func:`codebook_tiles`. The kernel
+    builds the float32 tables ``rotated · codebook`` and scores row ``j`` by ``table[bucket, codes[j]]`` through
+    ``offsets [length]`` (int64, ``bucket(t - j) * C``); ``codes [B, Hkv, >= length]`` int16; ``q_post
+    [B, Hq, d]``, ``keys``/``values [B, Hkv, cap, d]`` float32. It keeps the first ``n_sink`` and last
+    ``window`` rows and ``top`` more: the best by approximate score, or with ``rerank`` > 0 the best of
+    ``ceil(top * rerank)`` candidates by exact score aggregated over the group (``rerank_aggregation``).
+    """
+    lib = _load()[0]
+    if lib is None:
+        raise RuntimeError(unavailable_reason())
+    b, hkv, cap, d = keys.shape
+    hq = q_post.shape[1]
+    c = tiles.shape[1] * 16
+    for name, t in (("rotated", rotated), ("tiles", tiles), ("q_post", q_post), ("keys", keys),
+                    ("values", values)):
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    if codes.dtype != torch.int16 or offsets.dtype != torch.int64:
+        raise ValueError("codes must be int16 and offsets int64")
+    if tiles.shape != (hkv, c // 16, d, 16) or not tiles.is_contiguous() or rotated.shape[:2] != (hkv, b):
+        raise ValueError(f"unexpected shapes: rotated {tuple(rotated.shape)}, tiles {tuple(tiles.shape)}")
+    buckets = rotated.shape[2]
+    rotated = rotated.contiguous()
+    codes = _rows_contiguous(codes)
+    keys, values = _rows_contiguous(keys, 2), _rows_contiguous(values, 2)
+    if keys.stride() != values.stride():
+        keys, values = keys.contiguous(), values.contiguous()
+    q, offsets = q_post.contiguous(), offsets.contiguous()
+    sink_end = min(n_sink, length)
+    middle = max(length - window, sink_end) - sink_end  # rows neither sink nor window
+    k = length - middle + min(top, middle)
+    fetch = math.ceil(top * rerank) if rerank else 0
+    table = torch.empty(hkv, b * buckets, c, dtype=torch.float32)
+    out = torch.empty(b, hq, d, dtype=torch.float32)
+    picked = torch.empty(b, hkv, k, dtype=torch.int64)
+    lib.a2ats_cpu_decode(
+        b, hkv, buckets, c, rotated.data_ptr(), tiles.data_ptr(), table.data_ptr(), codes.data_ptr(),
+        codes.stride(0), codes.stride(1), offsets.data_ptr(), q.data_ptr(), keys.data_ptr(), values.data_ptr(),
+        keys.stride(0), keys.stride(1), hq // hkv, d, length, n_sink, window, top, fetch,
+        AGGREGATION_CODES[rerank_aggregation], scale, out.data_ptr(), picked.data_ptr(), k, torch.get_num_threads(),
+    )
+    return out, picked
+
+
+def codebook_tiles(codebook: torch.Tensor) -> torch.Tensor:
+    """``codebook [Hkv, C, d]`` -> ``[Hkv, C/16, d, 16]`` float32: 16 codes side by side per dimension, the
+    layout the kernel's table product reads front to back (``C`` must be a multiple of 16)."""
+    h, c, d = codebook.shape
+    if c % 16:
+        raise ValueError(f"the fused CPU kernel needs a codebook size divisible by 16, got {c}")
+    return codebook.float().reshape(h, c // 16, 16, d).transpose(2, 3).contiguous()
+
+
+def _rows_contiguous(t: torch.Tensor, inner: int = 1) -> torch.Tensor:
+    """``t`` itself when its last ``inner`` dimensions are packed (any strides for sample and head), else a copy."""
+    expected = 1
+    for dim in range(t.dim() - 1, t.dim() - 1 - inner, -1):
+        if t.shape[dim] > 1 and t.stride(dim) != expected:
+            return t.contiguous()
+        expected *= t.shape[dim]
+    return t

@@ -1,0 +1,190 @@
+"""The fused CPU decode kernel (kernels/cpu_decode.cpp) against its torch reference: the selector's ``select``
+followed by ``sparse_decode``, i.e. what the runtime runs with ``kernels=torch``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from a2ats_tools.errors import A2atsError
+from a2ats_tools.kernels import cpu_decode
+from a2ats_tools.rope import DistanceBuckets
+from a2ats_tools.runtime.attention import sparse_decode
+from a2ats_tools.runtime.cache import LayerState
+from a2ats_tools.runtime.selectors import A2atsSelector
+from a2ats_tools.runtime.settings import RuntimeSettings, use_cpu_kernel
+
+needs_kernel = pytest.mark.skipif(not cpu_decode.available(), reason=cpu_decode.unavailable_reason() or "built")
+
+
+def make_step(length: int, *, seed: int = 0, distinct_codes: bool = True, **settings):
+    """A selector with a random codebook over a random cache of ``length`` rows, and one step's queries."""
+    from a2ats_tools.models import rotary
+
+    from .conftest import build_tiny_model
+
+    g = torch.Generator().manual_seed(seed)
+    b, hq, hkv, d, c = 2, 6, 2, 16, 2048
+    settings.setdefault("buckets", DistanceBuckets.log_spaced(2048))
+    rs = RuntimeSettings(n_sink=4, window=16, **settings)
+    sel = A2atsSelector(rs, 0, hq, hkv, d, codebook=torch.randn(hkv, c, d, generator=g),
+                        whitening=torch.eye(d).expand(hkv, d, d), rotary=rotary(build_tiny_model("llama")))
+    state = LayerState()
+    state.capacity, state.length, state.device = length + 5, length, torch.device("cpu")
+    state.keys = torch.randn(b, hkv, state.capacity, d, generator=g)
+    state.values = torch.randn(b, hkv, state.capacity, d, generator=g)
+    if distinct_codes:  # every row its own code: no two rows share a table entry, so no score ties
+        codes = torch.stack([torch.randperm(c, generator=g)[: state.capacity] for _ in range(b * hkv)])
+    else:
+        codes = torch.randint(0, 8, (b * hkv, state.capacity), generator=g)
+    state.meta["codes"] = codes.view(b, hkv, -1).to(torch.int16)
+    q_pre, q_post = torch.randn(b, hq, d, generator=g) * 2, torch.randn(b, hq, d, generator=g) * 2
+    return sel, state, q_pre, q_post, torch.ones(b, length, dtype=torch.bool)
+
+
+def reference(sel, state, q_pre, q_post, valid):
+    indices, keep = sel.select(state, q_pre, q_post, state.length, valid)
+    out = sparse_decode(q_post, state.keys, state.values, indices, keep, sel.scale, sel.exact_logits, "torch")
+    return out, indices.masked_fill(~keep, -1).sort(-1).values
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("rerank", "how", "buckets", "budget"),
+    [
+        (2.0, "softmax", "log", 0.05),
+        (2.0, "sum", "log", 0.05),
+        (1.5, "max", "single", 0.1),
+        (0.0, "softmax", "log", 0.05),
+        (0.0, "softmax", "single", 30),
+        (3.0, "softmax", "log", 200),  # the candidates outnumber the middle rows: every row is kept
+    ],
+)
+def test_fused_step_matches_select_and_sparse_decode(rerank, how, buckets, budget):
+    bucket_spec = DistanceBuckets.log_spaced(2048) if buckets == "log" else DistanceBuckets.single(512)
+    sel, state, q_pre, q_post, valid = make_step(
+        700, rerank=rerank, rerank_aggregation=how, buckets=bucket_spec, budget=budget, score_dtype="float32"
+    )
+    ref_out, ref_rows = reference(sel, state, q_pre, q_post, valid)
+    out, rows = sel.fused_decode(state, q_pre, q_post, state.length, valid, sel.scale)
+    assert rows.shape == ref_rows.shape
+    assert torch.equal(rows, ref_rows)  # the same rows, listed in ascending order
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_ties_keep_the_earliest_rows_and_every_forced_row():
+    sel, state, q_pre, q_post, valid = make_step(
+        300, distinct_codes=False, rerank=0.0, budget=10, buckets=DistanceBuckets.single(512)
+    )
+    state.meta["codes"].zero_()  # every row the same code, one bucket: every middle row ties
+    _, rows = sel.fused_decode(state, q_pre, q_post, state.length, valid, sel.scale)
+    n_sink, window = sel.settings.n_sink, sel.settings.window
+    expected = torch.cat([torch.arange(n_sink + 10), torch.arange(300 - window, 300)])
+    assert torch.equal(rows, expected.expand_as(rows))
+
+
+@needs_kernel
+@pytest.mark.parametrize("length", [3, 20, 24])
+def test_short_caches_keep_every_row(length):
+    """Sinks and window overlapping or covering the cache: every row is attended, the output is dense attention."""
+    sel, state, q_pre, q_post, valid = make_step(length, budget=5)
+    out, rows = sel.fused_decode(state, q_pre, q_post, length, valid, sel.scale)
+    assert torch.equal(rows, torch.arange(length).expand_as(rows))
+    b, hq, d = q_post.shape
+    k = state.keys[:, :, :length].repeat_interleave(sel.group, 1)
+    v = state.values[:, :, :length].repeat_interleave(sel.group, 1)
+    dense = torch.softmax((q_post.unsqueeze(2) @ k.transpose(-1, -2)) * sel.scale, -1) @ v
+    torch.testing.assert_close(out, dense.squeeze(2), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_padded_batches_other_aggregations_and_bf16_tables_take_the_torch_path():
+    sel, state, q_pre, q_post, valid = make_step(200, budget=10)
+    padded = valid.clone()
+    padded[0, :5] = False
+    assert sel.fused_decode(state, q_pre, q_post, 200, padded, sel.scale) is None
+    sel.settings = sel.settings.with_overrides(aggregation="max")
+    assert sel.fused_decode(state, q_pre, q_post, 200, valid, sel.scale) is None
+    sel.settings = sel.settings.with_overrides(aggregation="sum", score_dtype="bfloat16")  # the kernel's are float32
+    assert sel.fused_decode(state, q_pre, q_post, 200, valid, sel.scale) is None
+    sel.settings = sel.settings.with_overrides(score_dtype="auto", kernels="torch")
+    assert sel.fused_decode(state, q_pre, q_post, 200, valid, sel.scale) is None
+    sel.settings = sel.settings.with_overrides(kernels="cpu")
+    assert sel.fused_decode(state, q_pre, q_post, 200, valid, sel.scale) is not None
+
+
+def test_kernels_cpu_without_a_compiler_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("A2ATS_CPU_KERNEL", "0")
+    cpu_decode._load.cache_clear()
+    try:
+        assert not cpu_decode.available()
+        assert not use_cpu_kernel("auto", torch.zeros(1))  # auto falls back to the torch path
+        with pytest.raises(A2atsError, match="A2ATS_CPU_KERNEL=0"):
+            use_cpu_kernel("cpu", torch.zeros(1))
+    finally:
+        cpu_decode._load.cache_clear()
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    monkeypatch.setenv("A2ATS_CACHE", str(tmp_path))
+    monkeypatch.delenv("A2ATS_CPU_KERNEL")
+    try:
+        assert not cpu_decode.available() and "failed" in cpu_decode.unavailable_reason()
+    finally:
+        cpu_decode._load.cache_clear()
+
+
+@needs_kernel
+def test_the_library_is_built_once_per_cache_and_atomically(tmp_path, monkeypatch):
+    monkeypatch.setenv("A2ATS_CACHE", str(tmp_path))
+    cpu_decode._load.cache_clear()
+    try:
+        assert cpu_decode.available()
+        built = list((tmp_path / "kernels").iterdir())
+        assert len(built) == 1 and built[0].suffix == ".so"  # no temporary left beside it
+    finally:
+        cpu_decode._load.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, tokenizer):
+    from .conftest import build_tiny_model
+    from .test_runtime import make_checkpoint
+
+    return make_checkpoint(
+        build_tiny_model("qwen3"), tmp_path_factory.mktemp("cpu-kernel-ckpt"), tokenizer, codebook_size=128
+    )
+
+
+@needs_kernel
+@pytest.mark.parametrize("budget", [1.0, 6])
+def test_runtime_with_the_cpu_kernel_matches_its_torch_path(tiny_checkpoint, budget, monkeypatch):
+    """Decoding a tiny model with kernels=cpu gives the logits and rows of kernels=torch, the kernel running in
+    every layer of every step (the dense shortcut off, so at a full budget too). After the prefill each row gets
+    its own code, so no two approximate scores tie: tied rows are the one place the two may differ (the kernel
+    keeps the earliest, torch's top-K any)."""
+    from a2ats_tools import load_converted
+    from a2ats_tools.runtime.selectors import TokenSelector
+
+    from .test_runtime import prompt_ids
+
+    calls = []
+    real = cpu_decode.decode_step
+    monkeypatch.setattr(cpu_decode, "decode_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(TokenSelector, "full_keep_shortcut", False)
+    model, _ = load_converted(tiny_checkpoint, budget=budget, n_sink=2, window=8)
+    ids, feed = prompt_ids(90, batch=2), prompt_ids(3, batch=2, seed=7)
+    distinct = torch.randperm(128, generator=torch.Generator().manual_seed(0))[:90].to(torch.int16)
+    out, caches = {}, {}
+    with torch.no_grad():
+        for kernels in ("torch", "cpu"):
+            cache = caches[kernels] = model.a2ats.new_cache(kernels=kernels)
+            model(input_ids=ids, past_key_values=cache, use_cache=True)
+            for layer in cache.layers:
+                layer.state.meta["codes"][:, :, :90] = distinct
+            steps = [model(input_ids=feed[:, i : i + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+                     for i in range(feed.shape[1])]
+            out[kernels] = torch.stack(steps, 1)
+    assert len(calls) == model.config.num_hidden_layers * 3
+    torch.testing.assert_close(out["cpu"], out["torch"], atol=1e-4, rtol=1e-4)
+    for a, b in zip(caches["torch"].layers, caches["cpu"].layers, strict=True):
+        assert torch.equal(a.last_selection[0].sort(-1).values, b.last_selection[0])
