@@ -8,7 +8,7 @@ import torch
 
 from a2ats_tools.errors import A2atsError
 from a2ats_tools.kernels import cpu_decode
-from a2ats_tools.rope import DistanceBuckets
+from a2ats_tools.rope import DistanceBuckets, undo_rope
 from a2ats_tools.runtime.attention import sparse_decode
 from a2ats_tools.runtime.cache import LayerState
 from a2ats_tools.runtime.selectors import A2atsSelector
@@ -27,8 +27,9 @@ def make_step(length: int, *, seed: int = 0, distinct_codes: bool = True, **sett
     b, hq, hkv, d, c = 2, 6, 2, 16, 2048
     settings.setdefault("buckets", DistanceBuckets.log_spaced(2048))
     rs = RuntimeSettings(n_sink=4, window=16, **settings)
+    rot = rotary(build_tiny_model("llama"))
     sel = A2atsSelector(rs, 0, hq, hkv, d, codebook=torch.randn(hkv, c, d, generator=g),
-                        whitening=torch.eye(d).expand(hkv, d, d), rotary=rotary(build_tiny_model("llama")))
+                        whitening=torch.eye(d).expand(hkv, d, d), rotary=rot)
     state = LayerState()
     state.capacity, state.length, state.device = length + 5, length, torch.device("cpu")
     state.keys = torch.randn(b, hkv, state.capacity, d, generator=g)
@@ -38,11 +39,14 @@ def make_step(length: int, *, seed: int = 0, distinct_codes: bool = True, **sett
     else:
         codes = torch.randint(0, 8, (b * hkv, state.capacity), generator=g)
     state.meta["codes"] = codes.view(b, hkv, -1).to(torch.int16)
-    q_pre, q_post = torch.randn(b, hq, d, generator=g) * 2, torch.randn(b, hq, d, generator=g) * 2
-    return sel, state, q_pre, q_post, torch.ones(b, length, dtype=torch.bool)
+    q_post = torch.randn(b, hq, d, generator=g) * 2
+    cos, sin = rot.cos_sin(torch.tensor([[length - 1], [length + 40]]))  # [B, 1, d]: each sample its position
+    return sel, state, q_post, (cos[:, 0], sin[:, 0]), torch.ones(b, length, dtype=torch.bool)
 
 
-def reference(sel, state, q_pre, q_post, valid):
+def reference(sel, state, q_post, rope, valid):
+    """What the attention function runs on the torch path: undo RoPE, select, sparse attention."""
+    q_pre = undo_rope(q_post, rope[0][:, None], rope[1][:, None])
     indices, keep = sel.select(state, q_pre, q_post, state.length, valid)
     out = sparse_decode(q_post, state.keys, state.values, indices, keep, sel.scale, sel.exact_logits, "torch")
     return out, indices.masked_fill(~keep, -1).sort(-1).values
@@ -62,11 +66,11 @@ def reference(sel, state, q_pre, q_post, valid):
 )
 def test_fused_step_matches_select_and_sparse_decode(rerank, how, buckets, budget):
     bucket_spec = DistanceBuckets.log_spaced(2048) if buckets == "log" else DistanceBuckets.single(512)
-    sel, state, q_pre, q_post, valid = make_step(
+    sel, state, q_post, rope, valid = make_step(
         700, rerank=rerank, rerank_aggregation=how, buckets=bucket_spec, budget=budget, score_dtype="float32"
     )
-    ref_out, ref_rows = reference(sel, state, q_pre, q_post, valid)
-    out, rows = sel.fused_decode(state, q_pre, q_post, state.length, valid, sel.scale)
+    ref_out, ref_rows = reference(sel, state, q_post, rope, valid)
+    out, rows = sel.fused_decode(state, q_post, rope, state.length, valid, sel.scale)
     assert rows.shape == ref_rows.shape
     assert torch.equal(rows, ref_rows)  # the same rows, listed in ascending order
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
@@ -74,11 +78,11 @@ def test_fused_step_matches_select_and_sparse_decode(rerank, how, buckets, budge
 
 @needs_kernel
 def test_ties_keep_the_earliest_rows_and_every_forced_row():
-    sel, state, q_pre, q_post, valid = make_step(
+    sel, state, q_post, rope, valid = make_step(
         300, distinct_codes=False, rerank=0.0, budget=10, buckets=DistanceBuckets.single(512)
     )
     state.meta["codes"].zero_()  # every row the same code, one bucket: every middle row ties
-    _, rows = sel.fused_decode(state, q_pre, q_post, state.length, valid, sel.scale)
+    _, rows = sel.fused_decode(state, q_post, rope, state.length, valid, sel.scale)
     n_sink, window = sel.settings.n_sink, sel.settings.window
     expected = torch.cat([torch.arange(n_sink + 10), torch.arange(300 - window, 300)])
     assert torch.equal(rows, expected.expand_as(rows))
@@ -88,8 +92,8 @@ def test_ties_keep_the_earliest_rows_and_every_forced_row():
 @pytest.mark.parametrize("length", [3, 20, 24])
 def test_short_caches_keep_every_row(length):
     """Sinks and window overlapping or covering the cache: every row is attended, the output is dense attention."""
-    sel, state, q_pre, q_post, valid = make_step(length, budget=5)
-    out, rows = sel.fused_decode(state, q_pre, q_post, length, valid, sel.scale)
+    sel, state, q_post, rope, valid = make_step(length, budget=5)
+    out, rows = sel.fused_decode(state, q_post, rope, length, valid, sel.scale)
     assert torch.equal(rows, torch.arange(length).expand_as(rows))
     b, hq, d = q_post.shape
     k = state.keys[:, :, :length].repeat_interleave(sel.group, 1)
@@ -100,18 +104,18 @@ def test_short_caches_keep_every_row(length):
 
 @needs_kernel
 def test_padded_batches_other_aggregations_and_bf16_tables_take_the_torch_path():
-    sel, state, q_pre, q_post, valid = make_step(200, budget=10)
+    sel, state, q_post, rope, valid = make_step(200, budget=10)
     padded = valid.clone()
     padded[0, :5] = False
-    assert sel.fused_decode(state, q_pre, q_post, 200, padded, sel.scale) is None
+    assert sel.fused_decode(state, q_post, rope, 200, padded, sel.scale) is None
     sel.settings = sel.settings.with_overrides(aggregation="max")
-    assert sel.fused_decode(state, q_pre, q_post, 200, valid, sel.scale) is None
+    assert sel.fused_decode(state, q_post, rope, 200, valid, sel.scale) is None
     sel.settings = sel.settings.with_overrides(aggregation="sum", score_dtype="bfloat16")  # the kernel's are float32
-    assert sel.fused_decode(state, q_pre, q_post, 200, valid, sel.scale) is None
+    assert sel.fused_decode(state, q_post, rope, 200, valid, sel.scale) is None
     sel.settings = sel.settings.with_overrides(score_dtype="auto", kernels="torch")
-    assert sel.fused_decode(state, q_pre, q_post, 200, valid, sel.scale) is None
+    assert sel.fused_decode(state, q_post, rope, 200, valid, sel.scale) is None
     sel.settings = sel.settings.with_overrides(kernels="cpu")
-    assert sel.fused_decode(state, q_pre, q_post, 200, valid, sel.scale) is not None
+    assert sel.fused_decode(state, q_post, rope, 200, valid, sel.scale) is not None
 
 
 def test_kernels_cpu_without_a_compiler_is_a_clear_error(monkeypatch, tmp_path):

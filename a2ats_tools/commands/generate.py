@@ -99,9 +99,12 @@ def generate(
     prefill_chunk: int = typer.Option(None, "--prefill-chunk", help="Prefill in chunks of this many tokens."),
     offload: str = typer.Option(None, "--offload", help="'cpu': keep the full K/V in host memory."),
     dense_layers: str = typer.Option(None, "--dense-layers", help="Layers that decode densely, e.g. '0,1' ('none' = off)."),
-    score_dtype: str = typer.Option(None, "--score-dtype", help="Score-table precision: auto (bf16), float32 or bfloat16."),
+    score_dtype: str = typer.Option(None, "--score-dtype", help="Score-table precision: auto (float32 on CPU, bf16 on GPU), float32 or bfloat16."),
     kernels: str = typer.Option(
-        None, "--kernels", help="auto (default: Triton kernels on CUDA, torch paths elsewhere), torch or triton."
+        None,
+        "--kernels",
+        help="auto (default: on CPU the fused C++ decode kernel, built on first use where a compiler is found; "
+        "Triton kernels on CUDA; torch paths otherwise), torch, cpu or triton.",
     ),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy; > 0 samples."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),

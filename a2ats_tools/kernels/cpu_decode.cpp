@@ -255,11 +255,43 @@ void solve_row(const Problem& p, int64_t row) {
   }
 }
 
+// The scoring queries of sample b, KV head h: the group's RoPE'd queries q [G, d] taken back to pre-RoPE form
+// with this step's cos/sin, summed over the group, then rotated to each bucket centre (bucket_cos/sin [P, d])
+// -> rows [P, d]. The same operations, in the same order and without fused multiply-adds, as the torch path
+// (rope.undo_rope, sum, rope.apply_rope), so both score with the same tables.
+__attribute__((optimize("fp-contract=off"))) void scoring_queries(const float* q, const float* cos, const float* sin,
+                                                                   const float* bucket_cos, const float* bucket_sin,
+                                                                   int64_t group, int64_t buckets, int64_t d,
+                                                                   float* rows) {
+  const int64_t half = d / 2;
+  std::vector<float> folded(d, 0.0f);
+  for (int64_t g = 0; g < group; ++g) {
+    const float* x = q + g * d;
+    for (int64_t i = 0; i < d; ++i) {
+      const float rotated_half = i < half ? -x[i + half] : x[i - half];
+      float scale2 = cos[i] * cos[i] + sin[i] * sin[i];
+      scale2 = std::max(scale2, 1e-12f);
+      const float pre = (x[i] * cos[i] - rotated_half * sin[i]) / scale2;
+      folded[i] = g == 0 ? pre : folded[i] + pre;
+    }
+  }
+  for (int64_t b = 0; b < buckets; ++b) {
+    const float* c = bucket_cos + b * d;
+    const float* s = bucket_sin + b * d;
+    for (int64_t i = 0; i < d; ++i) {
+      const float rotated_half = i < half ? -folded[i + half] : folded[i - half];
+      rows[b * d + i] = folded[i] * c[i] + rotated_half * s[i];
+    }
+  }
+}
+
 }  // namespace
 
-// One layer's decode step. rows [Hkv, B*P, d]: each sample's folded query rotated to each bucket centre;
-// tiles [Hkv, C/16, d, 16]: the codebooks in 16-code tiles; table [Hkv, B*P, C]: scratch for the tables.
-extern "C" int a2ats_cpu_decode(int64_t batch, int64_t hkv, int64_t buckets, int64_t c_count, const float* rows,
+// One layer's decode step. q [B, Hq, d]: the step's RoPE'd queries; cos/sin [B, d]: the step's rotary
+// factors; bucket_cos/sin [P, d]: those of the bucket centres in use; tiles [Hkv, C/16, d, 16]: the codebooks
+// in 16-code tiles; rows [Hkv, B*P, d] and table [Hkv, B*P, C]: scratch for the scoring queries and tables.
+extern "C" int a2ats_cpu_decode(int64_t batch, int64_t hkv, int64_t buckets, int64_t c_count, const float* cos,
+                                const float* sin, const float* bucket_cos, const float* bucket_sin, float* rows,
                                 const float* tiles, float* table, const int16_t* codes, int64_t codes_sb,
                                 int64_t codes_sh, const int64_t* offsets, const float* q, const float* keys,
                                 const float* values, int64_t kv_sb, int64_t kv_sh, int64_t group, int64_t d,
@@ -274,6 +306,12 @@ extern "C" int a2ats_cpu_decode(int64_t batch, int64_t hkv, int64_t buckets, int
   const int64_t blocks = (c_count + kCodeBlock - 1) / kCodeBlock;
 #pragma omp parallel num_threads(threads)
   {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows_total; ++r) {
+      const int64_t b = r / hkv, h = r % hkv;
+      scoring_queries(q + r * group * d, cos + b * d, sin + b * d, bucket_cos, bucket_sin, group, buckets, d,
+                      rows + (h * batch + b) * buckets * d);
+    }
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < hkv * blocks; ++item) {
       const int64_t h = item / blocks, c0 = (item % blocks) * kCodeBlock;

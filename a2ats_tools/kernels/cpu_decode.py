@@ -29,7 +29,8 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu++17", "-shared", "-fPIC")
 AGGREGATION_CODES = {"sum": 0, "max": 1, "softmax": 2}
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ARGTYPES = (
-    [_I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _I64]
+    [_I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR]
+    + [_I64, _I64]
     + [_I64] * 7
     + [ctypes.c_int, ctypes.c_float, _PTR, _PTR, _I64, ctypes.c_int]
 )
@@ -107,11 +108,14 @@ def unavailable_reason() -> str:
 
 
 def decode_step(
-    rotated: torch.Tensor,
+    q_post: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    bucket_cos: torch.Tensor,
+    bucket_sin: torch.Tensor,
     tiles: torch.Tensor,
     codes: torch.Tensor,
     offsets: torch.Tensor,
-    q_post: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
     length: int,
@@ -124,12 +128,13 @@ def decode_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's decode attention: ``(out [B, Hq, d] float32, picked rows [B, Hkv, k] int64, ascending)``.
 
-    ``rotated [Hkv, B, P, d]``: each sample's query summed over its group (``aggregation=sum``) and rotated to
-    each of the ``P`` bucket centres in use; ``tiles``: the codebook from :func:`codebook_tiles`. The kernel
-    builds the float32 tables ``rotated · codebook`` and scores row ``j`` by ``table[bucket, codes[j]]`` through
-    ``offsets [length]`` (int64, ``bucket(t - j) * C``); ``codes [B, Hkv, >= length]`` int16; ``q_post
-    [B, Hq, d]``, ``keys``/``values [B, Hkv, cap, d]`` float32. It keeps the first ``n_sink`` and last
-    ``window`` rows and ``top`` more: the best by approximate score, or with ``rerank`` > 0 the best of
+    ``q_post [B, Hq, d]``: the step's RoPE'd queries, ``cos``/``sin [B, d]`` their rotary factors;
+    ``bucket_cos``/``bucket_sin [P, d]``: those of the ``P`` bucket centres in use. The kernel takes each
+    query back to pre-RoPE form, sums it over its group (``aggregation=sum``), rotates it to each bucket centre,
+    builds the float32 tables ``rotated · codebook`` (``tiles``: from :func:`codebook_tiles`) and scores row
+    ``j`` by ``table[bucket, codes[j]]`` through ``offsets [length]`` (int64, ``bucket(t - j) * C``); ``codes
+    [B, Hkv, >= length]`` int16; ``keys``/``values [B, Hkv, cap, d]`` float32. It keeps the first ``n_sink``
+    and last ``window`` rows and ``top`` more: the best by approximate score, or with ``rerank`` > 0 the best of
     ``ceil(top * rerank)`` candidates by exact score aggregated over the group (``rerank_aggregation``).
     """
     lib = _load()[0]
@@ -137,34 +142,34 @@ def decode_step(
         raise RuntimeError(unavailable_reason())
     b, hkv, cap, d = keys.shape
     hq = q_post.shape[1]
-    c = tiles.shape[1] * 16
-    for name, t in (("rotated", rotated), ("tiles", tiles), ("q_post", q_post), ("keys", keys),
-                    ("values", values)):
-        if t.dtype != torch.float32 or t.device.type != "cpu":
-            raise ValueError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    c, buckets = tiles.shape[1] * 16, bucket_cos.shape[0]
+    tensors = (q_post, cos, sin, bucket_cos, bucket_sin, tiles, keys, values)
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        raise ValueError("q_post, cos/sin, bucket cos/sin, tiles, keys and values must be float32 CPU tensors")
     if codes.dtype != torch.int16 or offsets.dtype != torch.int64:
         raise ValueError("codes must be int16 and offsets int64")
-    if tiles.shape != (hkv, c // 16, d, 16) or not tiles.is_contiguous() or rotated.shape[:2] != (hkv, b):
-        raise ValueError(f"unexpected shapes: rotated {tuple(rotated.shape)}, tiles {tuple(tiles.shape)}")
-    buckets = rotated.shape[2]
-    rotated = rotated.contiguous()
+    if tiles.shape != (hkv, c // 16, d, 16) or not tiles.is_contiguous() or cos.shape != (b, d):
+        raise ValueError(f"unexpected shapes: tiles {tuple(tiles.shape)}, cos {tuple(cos.shape)}")
+    q, cos, sin = q_post.contiguous(), cos.contiguous(), sin.contiguous()
+    bucket_cos, bucket_sin, offsets = bucket_cos.contiguous(), bucket_sin.contiguous(), offsets.contiguous()
     codes = _rows_contiguous(codes)
     keys, values = _rows_contiguous(keys, 2), _rows_contiguous(values, 2)
     if keys.stride() != values.stride():
         keys, values = keys.contiguous(), values.contiguous()
-    q, offsets = q_post.contiguous(), offsets.contiguous()
     sink_end = min(n_sink, length)
     middle = max(length - window, sink_end) - sink_end  # rows neither sink nor window
     k = length - middle + min(top, middle)
     fetch = math.ceil(top * rerank) if rerank else 0
+    rows = torch.empty(hkv, b * buckets, d, dtype=torch.float32)
     table = torch.empty(hkv, b * buckets, c, dtype=torch.float32)
     out = torch.empty(b, hq, d, dtype=torch.float32)
     picked = torch.empty(b, hkv, k, dtype=torch.int64)
     lib.a2ats_cpu_decode(
-        b, hkv, buckets, c, rotated.data_ptr(), tiles.data_ptr(), table.data_ptr(), codes.data_ptr(),
-        codes.stride(0), codes.stride(1), offsets.data_ptr(), q.data_ptr(), keys.data_ptr(), values.data_ptr(),
-        keys.stride(0), keys.stride(1), hq // hkv, d, length, n_sink, window, top, fetch,
-        AGGREGATION_CODES[rerank_aggregation], scale, out.data_ptr(), picked.data_ptr(), k, torch.get_num_threads(),
+        b, hkv, buckets, c, cos.data_ptr(), sin.data_ptr(), bucket_cos.data_ptr(), bucket_sin.data_ptr(),
+        rows.data_ptr(), tiles.data_ptr(), table.data_ptr(), codes.data_ptr(), codes.stride(0), codes.stride(1),
+        offsets.data_ptr(), q.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1),
+        hq // hkv, d, length, n_sink, window, top, fetch, AGGREGATION_CODES[rerank_aggregation], scale,
+        out.data_ptr(), picked.data_ptr(), k, torch.get_num_threads(),
     )
     return out, picked
 

@@ -101,12 +101,12 @@ def a2ats_attention_forward(module, query, key, value, attention_mask, scaling=N
     scale = scaling if scaling is not None else d**-0.5
     cos, sin = layer.rope
     q_post = query[:, :, 0]  # [B, Hq, d]
-    q_pre = undo_rope(q_post.float(), cos[:, -1:].float(), sin[:, -1:].float())
-    fused = layer.selector.fused_decode(st, q_pre, q_post, st.length, valid, scale)
+    fused = layer.selector.fused_decode(st, q_post, (cos[:, -1], sin[:, -1]), st.length, valid, scale)
     if fused is not None:
         out, indices = fused
         layer.last_selection = (indices, torch.ones_like(indices, dtype=torch.bool))
         return out.to(query.dtype).unsqueeze(1), None
+    q_pre = undo_rope(q_post.float(), cos[:, -1:].float(), sin[:, -1:].float())
     indices, keep = layer.selector.select(st, q_pre, q_post, st.length, valid)
     layer.last_selection = (indices, keep)
     logits = layer.selector.exact_logits

@@ -59,11 +59,12 @@ class TokenSelector:
         raise NotImplementedError
 
     def fused_decode(
-        self, state: Any, q_pre: torch.Tensor, q_post: torch.Tensor, length: int, valid: torch.Tensor, scale: float
+        self, state: Any, q_post: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], length: int,
+        valid: torch.Tensor, scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Selection and attention in one fused kernel, where this selector has one that applies to this step:
         ``(out [B, Hq, d] float32, rows attended [B, Hkv, K])``; None: the caller runs :meth:`select` and the
-        sparse attention."""
+        sparse attention. ``rope``: the step's ``(cos, sin)`` ``[B, d]``, which took ``q_pre`` to ``q_post``."""
         return None
 
     def budgets(self, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -411,10 +412,11 @@ class A2atsSelector(TokenSelector):
         s = table.gather(-1, index.unsqueeze(2).expand(-1, -1, g, -1))  # [B, Hkv, G', N]
         return group_aggregate(s.reshape(b, self.num_heads, length), self.num_kv_heads, self.settings.aggregation, self.scale)
 
-    def fused_decode(self, state, q_pre, q_post, length, valid, scale):
-        """The fused CPU kernel (``kernels/cpu_decode``: tables, scores, top-K, re-rank and attention in one call)
-        where it applies: ``kernels`` auto or cpu with everything on the CPU (:func:`use_cpu_kernel`), float32
-        K/V and score tables, an unpadded batch (one budget), ``aggregation=sum``, a codebook size divisible by 16."""
+    def fused_decode(self, state, q_post, rope, length, valid, scale):
+        """The fused CPU kernel (``kernels/cpu_decode``: scoring queries, tables, top-K, re-rank and attention in
+        one call) where it applies: ``kernels`` auto or cpu with everything on the CPU (:func:`use_cpu_kernel`),
+        float32 K/V and score tables, an unpadded batch (one budget), ``aggregation=sum``, a codebook size
+        divisible by 16."""
         if not use_cpu_kernel(self.settings.kernels, state.keys, q_post):
             return None
         uniform_top = self._step_constants(valid, length)[4]
@@ -428,14 +430,16 @@ class A2atsSelector(TokenSelector):
             return None
         from ..kernels import cpu_decode
 
-        b, h = q_pre.shape[0], self.num_kv_heads
-        offsets, used = self.bucket_index(length, q_pre.device)
+        offsets, used = self.bucket_index(length, q_post.device)
         if self._codebook_tiles is None:
             self._codebook_tiles = cpu_decode.codebook_tiles(self.codebook_t.transpose(1, 2))
+        b = q_post.shape[0]
+        cos, sin = (t.float().expand(b, -1) for t in rope)  # [1, d] where the batch shares positions
         return cpu_decode.decode_step(
-            self.rotated_queries(q_pre, used)[:, :, 0], self._codebook_tiles, self._codes_buffer(state, b, h), offsets,
-            q_post.float(), state.keys, state.values, length, self.settings.n_sink, self.settings.window,
-            uniform_top, self.settings.rerank, self.settings.rerank_aggregation, scale,
+            q_post.float(), cos, sin, self.cos[:used], self.sin[:used], self._codebook_tiles,
+            self._codes_buffer(state, b, self.num_kv_heads), offsets, state.keys, state.values,
+            length, self.settings.n_sink, self.settings.window, uniform_top, self.settings.rerank,
+            self.settings.rerank_aggregation, scale,
         )
 
     def _scores_triton(self, table: torch.Tensor, codes: torch.Tensor, length: int, used: int) -> torch.Tensor:

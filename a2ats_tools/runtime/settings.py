@@ -29,11 +29,14 @@ class RuntimeSettings:
     logits of a GQA group's query heads rank the candidates (``softmax``, the default: each head's softmax over the
     candidates, summed, i.e. the group's attention mass; ``sum``: summed logits; ``max``). ``prefill_chunk``: prefill in chunks of
     this many tokens (None = one pass). ``score_dtype``: precision of the per-step score table ``q_w · codebook``
-    (``auto``: bfloat16 on every device, computed as a float32 product of bf16-rounded operands on CPUs without
-    bf16 instructions; selection only, attention stays exact). ``kernels``: who runs encode, the score gather
-    and sparse attention (``auto``: the Triton kernels on CUDA, the torch paths elsewhere; ``torch``: always the
-    torch paths, e.g. to rule a kernel out; ``triton``: always the kernels, which on CPU tensors needs
-    ``TRITON_INTERPRET=1`` and is for tests; the score gather has a kernel for ``aggregation=sum`` only).
+    (``auto``: float32 on the CPU, bfloat16 on accelerators; selection only, attention stays exact).
+    ``kernels``: who runs the decode step's work (``auto``: on the CPU the fused C++ kernel of
+    ``kernels/cpu_decode`` — tables, top-K, re-rank and attention in one call, built on first use where a C++
+    compiler is found — on CUDA the Triton kernels (encode, score gather, sparse attention), the torch paths
+    otherwise; ``torch``: always the torch paths, e.g. to rule a kernel out; ``cpu``: the fused CPU kernel, an
+    error where it cannot be built; ``triton``: always the Triton kernels, which on CPU tensors needs
+    ``TRITON_INTERPRET=1`` and is for tests; the fused CPU kernel and the Triton score gather serve
+    ``aggregation=sum`` only, the CPU kernel unpadded batches with float32 K/V and tables).
     """
 
     budget: float | int = 0.03
