@@ -63,6 +63,10 @@ def test_bench_command_end_to_end(tiny_checkpoint, tmp_path):  # noqa: F811
     assert c["a2ats"]["speedup_vs_dense"]["median"] > 0
     assert c["a2ats+offload"]["kv_device_bytes"] < c["a2ats"]["kv_device_bytes"]  # K/V moved to the host side
     assert (out / "throughput.png").read_bytes()[:4] == b"\x89PNG"
+    from a2ats_tools.kernels import cpu_decode
+
+    ran = "fused CPU kernel" if cpu_decode.available() else "torch path"
+    assert any(note.startswith(f"A²ATS decode steps ran the {ran}") for note in data["notes"])
     bad = CliRunner().invoke(app, ["bench", str(tiny_checkpoint), "--out", str(tmp_path / "b"), "--contexts", "x"])
     assert isinstance(bad.exception, A2atsError)
     bad = CliRunner().invoke(app, ["bench", str(tiny_checkpoint), "--out", str(tmp_path / "c"), "--also", "score_dtype=fp8"])

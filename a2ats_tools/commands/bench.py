@@ -108,6 +108,7 @@ def bench(
                                           tick=lambda: progress.advance(bar)))
     kernels = None
     if mut.device.type != "cuda":
+        notes.append(_cpu_decode_path(dtype))
         notes.append("kernel micro-benchmarks skipped: they run on GPU only")
     else:
         kernels = _kernel_microbench(notes)
@@ -124,6 +125,17 @@ def bench(
         for n in notes:
             console.print(f"[yellow]note:[/] {escape(n)}")
         console.print(f"wrote {out / 'bench.json'}", highlight=False)
+
+
+def _cpu_decode_path(dtype: str) -> str:
+    """Which code the A²ATS contenders' CPU decode steps ran (the default ``kernels=auto``), for the record."""
+    from ..kernels import cpu_decode
+
+    if not cpu_decode.available():
+        return f"A²ATS decode steps ran the torch path: {cpu_decode.unavailable_reason()}"
+    if dtype != "float32":
+        return f"A²ATS decode steps ran the torch path: the fused CPU kernel serves float32 K/V, not {dtype}"
+    return "A²ATS decode steps ran the fused CPU kernel (kernels=auto); --also kernels=torch times the torch path"
 
 
 def _kernel_microbench(notes: list[str]) -> str | None:
