@@ -17,8 +17,9 @@ from a2ats_tools.runtime.settings import RuntimeSettings, use_cpu_kernel
 needs_kernel = pytest.mark.skipif(not cpu_decode.available(), reason=cpu_decode.unavailable_reason() or "built")
 
 
-def make_step(length: int, *, seed: int = 0, distinct_codes: bool = True, **settings):
-    """A selector with a random codebook over a random cache of ``length`` rows, and one step's queries."""
+def make_step(length: int, *, seed: int = 0, distinct_codes: bool = True, pad: tuple[int, int] = (0, 0), **settings):
+    """A selector with a random codebook over a random cache of ``length`` rows, and one step's queries;
+    ``pad``: left-padding rows of each of the two samples."""
     from a2ats_tools.models import rotary
 
     from .conftest import build_tiny_model
@@ -41,7 +42,8 @@ def make_step(length: int, *, seed: int = 0, distinct_codes: bool = True, **sett
     state.meta["codes"] = codes.view(b, hkv, -1).to(torch.int16)
     q_post = torch.randn(b, hq, d, generator=g) * 2
     cos, sin = rot.cos_sin(torch.tensor([[length - 1], [length + 40]]))  # [B, 1, d]: each sample its position
-    return sel, state, q_post, (cos[:, 0], sin[:, 0]), torch.ones(b, length, dtype=torch.bool)
+    valid = torch.arange(length) >= torch.tensor(pad)[:, None]
+    return sel, state, q_post, (cos[:, 0], sin[:, 0]), valid
 
 
 def reference(sel, state, q_post, rope, valid):
@@ -54,25 +56,30 @@ def reference(sel, state, q_post, rope, valid):
 
 @needs_kernel
 @pytest.mark.parametrize(
-    ("rerank", "how", "buckets", "budget"),
+    ("rerank", "how", "buckets", "budget", "pad"),
     [
-        (2.0, "softmax", "log", 0.05),
-        (2.0, "sum", "log", 0.05),
-        (1.5, "max", "single", 0.1),
-        (0.0, "softmax", "log", 0.05),
-        (0.0, "softmax", "single", 30),
-        (3.0, "softmax", "log", 200),  # the candidates outnumber the middle rows: every row is kept
+        (2.0, "softmax", "log", 0.05, (0, 0)),
+        (2.0, "sum", "log", 0.05, (0, 0)),
+        (1.5, "max", "single", 0.1, (0, 0)),
+        (0.0, "softmax", "log", 0.05, (0, 0)),
+        (0.0, "softmax", "single", 30, (0, 0)),
+        (3.0, "softmax", "log", 200, (0, 0)),  # the candidates outnumber the middle rows: every row is kept
+        (2.0, "softmax", "log", 0.05, (0, 300)),  # left padding: its own sinks and budget per sample
+        (0.0, "sum", "single", 0.1, (250, 17)),
+        (2.0, "softmax", "log", 0.2, (0, 660)),  # 40 real rows: sinks and window cover them all
     ],
 )
-def test_fused_step_matches_select_and_sparse_decode(rerank, how, buckets, budget):
+def test_fused_step_matches_select_and_sparse_decode(rerank, how, buckets, budget, pad):
     bucket_spec = DistanceBuckets.log_spaced(2048) if buckets == "log" else DistanceBuckets.single(512)
     sel, state, q_post, rope, valid = make_step(
-        700, rerank=rerank, rerank_aggregation=how, buckets=bucket_spec, budget=budget, score_dtype="float32"
+        700, rerank=rerank, rerank_aggregation=how, buckets=bucket_spec, budget=budget, score_dtype="float32",
+        pad=pad,
     )
     ref_out, ref_rows = reference(sel, state, q_post, rope, valid)
     out, rows = sel.fused_decode(state, q_post, rope, state.length, valid, sel.scale)
     assert rows.shape == ref_rows.shape
-    assert torch.equal(rows, ref_rows)  # the same rows, listed in ascending order
+    assert torch.equal(rows.sort(-1).values, ref_rows)  # the same rows (-1 pads a sample that keeps fewer)
+    assert ((rows[..., 1:] > rows[..., :-1]) | (rows[..., 1:] == -1)).all()  # ascending, then the -1 padding
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
 
 
@@ -103,11 +110,11 @@ def test_short_caches_keep_every_row(length):
 
 
 @needs_kernel
-def test_padded_batches_other_aggregations_and_bf16_tables_take_the_torch_path():
+def test_masks_with_holes_other_aggregations_and_bf16_tables_take_the_torch_path():
     sel, state, q_post, rope, valid = make_step(200, budget=10)
-    padded = valid.clone()
-    padded[0, :5] = False
-    assert sel.fused_decode(state, q_post, rope, 200, padded, sel.scale) is None
+    holes = valid.clone()
+    holes[0, 50:55] = False  # not left padding
+    assert sel.fused_decode(state, q_post, rope, 200, holes, sel.scale) is None
     sel.settings = sel.settings.with_overrides(aggregation="max")
     assert sel.fused_decode(state, q_post, rope, 200, valid, sel.scale) is None
     sel.settings = sel.settings.with_overrides(aggregation="sum", score_dtype="bfloat16")  # the kernel's are float32

@@ -136,11 +136,14 @@ struct Problem {
   const float* keys;       // [B, Hkv, cap, d] with strides kv_sb, kv_sh (values likewise)
   const float* values;
   int64_t kv_sb, kv_sh;
-  int64_t group, d, n, n_sink, window, top, fetch;
+  int64_t group, d, n, n_sink, window;
+  const int64_t* first;  // [B]: each sample's first real row (rows before it are left padding, never kept)
+  const int64_t* top;    // [B]: each sample's top-K
+  double rerank;         // over-fetch factor (0: no re-rank)
   int aggregation;  // 0 sum, 1 max, 2 softmax
   float scale;
   float* out;        // [B*Hkv, G, d]
-  int64_t* picked;   // [B*Hkv, k]
+  int64_t* picked;   // [B*Hkv, k]: kept rows ascending, then -1
   int64_t k;
 };
 
@@ -152,12 +155,14 @@ void solve_row(const Problem& p, int64_t row) {
   const float* q = p.q + row * g_count * d;
   const float* keys = p.keys + sb * p.kv_sb + sh * p.kv_sh;
   const float* values = p.values + sb * p.kv_sb + sh * p.kv_sh;
-  const int64_t win_start = std::max(n - p.window, std::min(p.n_sink, n));
-  const int64_t sink_end = std::min(p.n_sink, n);
+  const int64_t start = std::min(p.first[sb], n), top = p.top[sb];
+  const int64_t sink_end = std::min(start + p.n_sink, n);
+  const int64_t win_start = std::max(n - p.window, sink_end);
+  const int64_t fetch = p.rerank > 0 ? static_cast<int64_t>(std::ceil(static_cast<double>(top) * p.rerank)) : 0;
 
   // 1. approximate scores of the rows between the sinks and the window, and where the top ones end
   const int64_t mid = win_start - sink_end;
-  const bool rerank = p.fetch > 0;
+  const bool rerank = fetch > 0;
   std::vector<uint32_t> approx(mid), scratch;
   uint32_t lo = UINT32_MAX, hi = 0;
   for (int64_t j = 0; j < mid; ++j) {
@@ -167,19 +172,19 @@ void solve_row(const Problem& p, int64_t row) {
     lo = std::min(lo, key);
     hi = std::max(hi, key);
   }
-  const Cut cut = top_m_cut(approx.data(), mid, std::min(rerank ? p.fetch : p.top, mid), lo, hi, scratch);
+  const Cut cut = top_m_cut(approx.data(), mid, std::min(rerank ? fetch : top, mid), lo, hi, scratch);
 
   // 2. candidates in ascending row order: sinks, chosen middle rows, window
   std::vector<int64_t> cand;
   std::vector<char> is_forced;
-  cand.reserve(n - mid + std::min(mid, rerank ? p.fetch : p.top));
-  for (int64_t r = 0; r < sink_end; ++r) cand.push_back(r), is_forced.push_back(1);
+  cand.reserve(n - start - mid + std::min(mid, rerank ? fetch : top));
+  for (int64_t r = start; r < sink_end; ++r) cand.push_back(r), is_forced.push_back(1);
   int64_t ties = cut.ties;
   for (int64_t j = 0; j < mid; ++j)
     if (cut.keeps(approx[j], ties)) cand.push_back(sink_end + j), is_forced.push_back(0);
   for (int64_t r = win_start; r < n; ++r) cand.push_back(r), is_forced.push_back(1);
   const int64_t nc = static_cast<int64_t>(cand.size());
-  const int64_t forced = n - mid;
+  const int64_t forced = n - start - mid;
 
   // 3. exact logits of every candidate for each query head of the group
   std::vector<float> logits(g_count * nc);
@@ -192,7 +197,7 @@ void solve_row(const Problem& p, int64_t row) {
   // 4. re-rank: keep the forced rows and the `top` best middle candidates by the aggregated exact score
   std::vector<int64_t> keep_pos;  // positions into cand
   keep_pos.reserve(p.k);
-  if (rerank && nc - forced > p.top) {
+  if (rerank && nc - forced > top) {
     std::vector<float> agg(nc, 0.0f);
     if (p.aggregation == 2) {
       for (int64_t g = 0; g < g_count; ++g) {
@@ -223,7 +228,7 @@ void solve_row(const Problem& p, int64_t row) {
       mlo = std::min(mlo, key);
       mhi = std::max(mhi, key);
     }
-    const Cut best = top_m_cut(middle.data(), static_cast<int64_t>(middle.size()), p.top, mlo, mhi, scratch);
+    const Cut best = top_m_cut(middle.data(), static_cast<int64_t>(middle.size()), top, mlo, mhi, scratch);
     int64_t m = 0, left = best.ties;
     for (int64_t c = 0; c < nc; ++c)
       if (is_forced[c] || best.keeps(middle[m++], left)) keep_pos.push_back(c);
@@ -295,11 +300,12 @@ extern "C" int a2ats_cpu_decode(int64_t batch, int64_t hkv, int64_t buckets, int
                                 const float* tiles, float* table, const int16_t* codes, int64_t codes_sb,
                                 int64_t codes_sh, const int64_t* offsets, const float* q, const float* keys,
                                 const float* values, int64_t kv_sb, int64_t kv_sh, int64_t group, int64_t d,
-                                int64_t n, int64_t n_sink, int64_t window, int64_t top, int64_t fetch, int aggregation,
-                                float scale, float* out, int64_t* picked, int64_t k, int threads) {
+                                int64_t n, int64_t n_sink, int64_t window, const int64_t* first, const int64_t* top,
+                                double rerank, int aggregation, float scale, float* out, int64_t* picked, int64_t k,
+                                int threads) {
   const int64_t r_count = batch * buckets;
   Problem p{hkv, table, buckets * c_count, r_count * c_count, codes, codes_sb, codes_sh, offsets, q, keys, values,
-            kv_sb, kv_sh, group, d, n, n_sink, window, top, fetch, aggregation, scale, out, picked, k};
+            kv_sb, kv_sh, group, d, n, n_sink, window, first, top, rerank, aggregation, scale, out, picked, k};
   const int64_t rows_total = batch * hkv;
   threads = static_cast<int>(std::max<int64_t>(1, threads));
   constexpr int64_t kCodeBlock = 256;  // codes per table work item

@@ -7,7 +7,7 @@ pass, on ``torch.get_num_threads()`` threads. It is built on first use with the 
 and the runtime keeps the torch path. Its reference is the torch path itself
 (``A2atsSelector.select`` + ``sparse_decode``), and ``tests/test_cpu_decode.py`` compares the two.
 
-Scope: float32 tables, queries and K/V on the CPU, an unpadded batch (every sample the same length and budget).
+Scope: float32 tables, queries and K/V on the CPU; left-padded batches (each sample its own first row and budget).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import math
 import os
 import shutil
 import subprocess
@@ -32,8 +31,8 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ARGTYPES = (
     [_I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR]
     + [_I64, _I64]
-    + [_I64] * 7
-    + [ctypes.c_int, ctypes.c_float, _PTR, _PTR, _I64, ctypes.c_int]
+    + [_I64] * 5
+    + [_PTR, _PTR, ctypes.c_double, ctypes.c_int, ctypes.c_float, _PTR, _PTR, _I64, ctypes.c_int]
 )
 
 
@@ -122,12 +121,14 @@ def decode_step(
     length: int,
     n_sink: int,
     window: int,
-    top: int,
+    top: int | torch.Tensor,
     rerank: float,
     rerank_aggregation: str,
     scale: float,
+    first: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's decode attention: ``(out [B, Hq, d] float32, picked rows [B, Hkv, k] int64, ascending)``.
+    """One layer's decode attention: ``(out [B, Hq, d] float32, picked rows [B, Hkv, k] int64)``: each row's
+    kept rows in ascending order, then ``-1`` where a sample keeps fewer than the largest ``k``.
 
     ``q_post [B, Hq, d]``: the step's RoPE'd queries, ``cos``/``sin [B, d]`` their rotary factors;
     ``bucket_cos``/``bucket_sin [P, d]``: those of the ``P`` bucket centres in use. The kernel takes each
@@ -137,6 +138,8 @@ def decode_step(
     [B, Hkv, >= length]`` int16; ``keys``/``values [B, Hkv, cap, d]`` float32. It keeps the first ``n_sink``
     and last ``window`` rows and ``top`` more: the best by approximate score, or with ``rerank`` > 0 the best of
     ``ceil(top * rerank)`` candidates by exact score aggregated over the group (``rerank_aggregation``).
+    Left padding: ``first [B]`` (int64) is each sample's first real row, ``top`` may be per sample ``[B]``;
+    rows before ``first`` are never kept, and the sinks are the first real rows.
     """
     lib = _load()[0]
     if lib is None:
@@ -157,10 +160,9 @@ def decode_step(
     keys, values = _rows_contiguous(keys, 2), _rows_contiguous(values, 2)
     if keys.stride() != values.stride():
         keys, values = keys.contiguous(), values.contiguous()
-    sink_end = min(n_sink, length)
-    middle = max(length - window, sink_end) - sink_end  # rows neither sink nor window
-    k = length - middle + min(top, middle)
-    fetch = math.ceil(top * rerank) if rerank else 0
+    first = torch.zeros(b, dtype=torch.int64) if first is None else first.to(torch.int64).contiguous()
+    top = torch.full((b,), top, dtype=torch.int64) if isinstance(top, int) else top.to(torch.int64).contiguous()
+    k = max(_kept_rows(length - f, n_sink, window, t) for f, t in zip(first.tolist(), top.tolist(), strict=True))
     rows, table = _scratch(hkv * b * buckets * d, hkv * b * buckets * c)
     out = torch.empty(b, hq, d, dtype=torch.float32)
     picked = torch.empty(b, hkv, k, dtype=torch.int64)
@@ -168,10 +170,17 @@ def decode_step(
         b, hkv, buckets, c, cos.data_ptr(), sin.data_ptr(), bucket_cos.data_ptr(), bucket_sin.data_ptr(),
         rows.data_ptr(), tiles.data_ptr(), table.data_ptr(), codes.data_ptr(), codes.stride(0), codes.stride(1),
         offsets.data_ptr(), q.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1),
-        hq // hkv, d, length, n_sink, window, top, fetch, AGGREGATION_CODES[rerank_aggregation], scale,
-        out.data_ptr(), picked.data_ptr(), k, torch.get_num_threads(),
+        hq // hkv, d, length, n_sink, window, first.data_ptr(), top.data_ptr(), float(rerank or 0.0),
+        AGGREGATION_CODES[rerank_aggregation], scale, out.data_ptr(), picked.data_ptr(), k, torch.get_num_threads(),
     )
     return out, picked
+
+
+def _kept_rows(context: int, n_sink: int, window: int, top: int) -> int:
+    """Rows one sample keeps per KV head: sinks and window (within its ``context`` real rows) and ``top`` more."""
+    sinks = min(n_sink, context)
+    middle = max(context - window, sinks) - sinks
+    return context - middle + min(top, middle)
 
 
 _SCRATCH = threading.local()

@@ -104,7 +104,8 @@ def a2ats_attention_forward(module, query, key, value, attention_mask, scaling=N
     fused = layer.selector.fused_decode(st, q_post, (cos[:, -1], sin[:, -1]), st.length, valid, scale)
     if fused is not None:
         out, indices = fused
-        layer.last_selection = (indices, torch.ones_like(indices, dtype=torch.bool))
+        keep = indices >= 0  # -1 pads the rows of samples that keep fewer (left padding)
+        layer.last_selection = (indices.clamp_min(0), keep)
         return out.to(query.dtype).unsqueeze(1), None
     q_pre = undo_rope(q_post.float(), cos[:, -1:].float(), sin[:, -1:].float())
     indices, keep = layer.selector.select(st, q_pre, q_post, st.length, valid)

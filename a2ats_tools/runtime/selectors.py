@@ -20,6 +20,7 @@ from .settings import RuntimeSettings, cpu_has_native_bf16, resolve_score_dtype,
 
 _STEP_MEMO: tuple | None = None  # (weakref to valid, settings key, constants) of the current decode step
 _OFFSET_MEMO: tuple | None = None  # (key, (per-table offsets, buckets used)) of the current decode step
+_PADDING_MEMO: tuple | None = None  # (weakref to valid, settings key, (first rows, top-K) or None) likewise
 NEG_INF = float("-inf")
 POS_INF = float("inf")
 
@@ -97,6 +98,24 @@ class TokenSelector:
         covers_all = bool((rows >= valid.sum(-1)).all())  # sinks + window + K reach every valid row
         out = (rows, top, int(rows.max()), forced, int(top.max()) if unpadded else None, covers_all)
         _STEP_MEMO = (weakref.ref(valid), key, out)
+        return out
+
+    def left_padding(self, valid: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(first real row [B], top-K [B])`` (int64) when every sample's real rows are one suffix of the cache
+        (no padding, or left padding), else None. Computed once per step, shared by all layers."""
+        global _PADDING_MEMO
+        memo = _PADDING_MEMO
+        key = (self.settings.budget, self.settings.n_sink, self.settings.window, length)
+        if memo is not None and memo[0]() is valid and memo[1] == key:
+            return memo[2]
+        top = self._step_constants(valid, length)[1].to(torch.int64).contiguous()
+        if bool(valid.all()):
+            out = (torch.zeros(valid.shape[0], dtype=torch.int64), top)
+        elif bool((valid[:, 1:] >= valid[:, :-1]).all()):  # False then True: left padding
+            out = ((length - valid.sum(-1)).to(torch.int64).contiguous(), top)
+        else:
+            out = None
+        _PADDING_MEMO = (weakref.ref(valid), key, out)
         return out
 
     def keeps_everything(self, valid: torch.Tensor, length: int) -> bool:
@@ -415,18 +434,19 @@ class A2atsSelector(TokenSelector):
     def fused_decode(self, state, q_post, rope, length, valid, scale):
         """The fused CPU kernel (``kernels/cpu_decode``: scoring queries, tables, top-K, re-rank and attention in
         one call) where it applies: ``kernels`` auto or cpu with everything on the CPU (:func:`use_cpu_kernel`),
-        float32 K/V and score tables, an unpadded batch (one budget), ``aggregation=sum``, a codebook size
+        float32 K/V and score tables, no padding or left padding, ``aggregation=sum``, a codebook size
         divisible by 16."""
         if not use_cpu_kernel(self.settings.kernels, state.keys, q_post):
             return None
-        uniform_top = self._step_constants(valid, length)[4]
         if (
-            uniform_top is None
-            or self.settings.aggregation != "sum"
+            self.settings.aggregation != "sum"
             or state.keys.dtype != torch.float32
             or self.codes_size % 16
             or resolve_score_dtype(self.settings.score_dtype, q_post.device) != torch.float32
         ):
+            return None
+        padding = self.left_padding(valid, length)
+        if padding is None:
             return None
         from ..kernels import cpu_decode
 
@@ -435,11 +455,12 @@ class A2atsSelector(TokenSelector):
             self._codebook_tiles = cpu_decode.codebook_tiles(self.codebook_t.transpose(1, 2))
         b = q_post.shape[0]
         cos, sin = (t.float().expand(b, -1) for t in rope)  # [1, d] where the batch shares positions
+        first, top = padding
         return cpu_decode.decode_step(
             q_post.float(), cos, sin, self.cos[:used], self.sin[:used], self._codebook_tiles,
             self._codes_buffer(state, b, self.num_kv_heads), offsets, state.keys, state.values,
-            length, self.settings.n_sink, self.settings.window, uniform_top, self.settings.rerank,
-            self.settings.rerank_aggregation, scale,
+            length, self.settings.n_sink, self.settings.window, top, self.settings.rerank,
+            self.settings.rerank_aggregation, scale, first=first,
         )
 
     def _scores_triton(self, table: torch.Tensor, codes: torch.Tensor, length: int, used: int) -> torch.Tensor:
