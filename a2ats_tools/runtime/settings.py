@@ -36,7 +36,7 @@ class RuntimeSettings:
     otherwise; ``torch``: always the torch paths, e.g. to rule a kernel out; ``cpu``: the fused CPU kernel, an
     error where it cannot be built; ``triton``: always the Triton kernels, which on CPU tensors needs
     ``TRITON_INTERPRET=1`` and is for tests; the fused CPU kernel and the Triton score gather serve
-    ``aggregation=sum`` only, the CPU kernel unpadded batches with float32 K/V and tables).
+    ``aggregation=sum`` only, the CPU kernel left-padded or unpadded batches with float32 K/V and tables).
     """
 
     budget: float | int = 0.03
