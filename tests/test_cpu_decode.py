@@ -185,17 +185,46 @@ def test_runtime_with_the_cpu_kernel_matches_its_torch_path(tiny_checkpoint, bud
     model, _ = load_converted(tiny_checkpoint, budget=budget, n_sink=2, window=8)
     ids, feed = prompt_ids(90, batch=2), prompt_ids(3, batch=2, seed=7)
     distinct = torch.randperm(128, generator=torch.Generator().manual_seed(0))[:90].to(torch.int16)
-    out, caches = {}, {}
+    out, caches, prefill_codes = {}, {}, {}
     with torch.no_grad():
         for kernels in ("torch", "cpu"):
             cache = caches[kernels] = model.a2ats.new_cache(kernels=kernels)
             model(input_ids=ids, past_key_values=cache, use_cache=True)
+            prefill_codes[kernels] = [layer.state.meta["codes"][:, :, :90].clone() for layer in cache.layers]
             for layer in cache.layers:
                 layer.state.meta["codes"][:, :, :90] = distinct
             steps = [model(input_ids=feed[:, i : i + 1], past_key_values=cache, use_cache=True).logits[:, -1]
                      for i in range(feed.shape[1])]
             out[kernels] = torch.stack(steps, 1)
     assert len(calls) == model.config.num_hidden_layers * 3
+    for a, b in zip(prefill_codes["torch"], prefill_codes["cpu"], strict=True):
+        assert torch.equal(a, b)  # the kernel's encode gave the prefill the same codes
     torch.testing.assert_close(out["cpu"], out["torch"], atol=1e-4, rtol=1e-4)
     for a, b in zip(caches["torch"].layers, caches["cpu"].layers, strict=True):
         assert torch.equal(a.last_selection[0].sort(-1).values, b.last_selection[0])
+
+
+@needs_kernel
+@pytest.mark.parametrize("codes", [16, 2048])
+def test_fused_encode_matches_the_torch_encode(codes):
+    """The kernel's nearest centroid (matmul and argmax fused) equals the selector's torch encode, in the
+    whitened metric; duplicated centroids tie, and both keep the lowest code."""
+    from a2ats_tools.models import rotary
+
+    from .conftest import build_tiny_model
+
+    g = torch.Generator().manual_seed(5)
+    hkv, d = 2, 16
+    codebook = torch.randn(hkv, codes, d, generator=g)
+    codebook[:, codes // 2 :] = codebook[:, : codes // 2]  # every centroid twice: the second copy never wins
+    a = torch.randn(hkv, d, d, generator=g) * 0.3
+    whitening = torch.linalg.cholesky(a @ a.transpose(1, 2) + torch.eye(d))
+    keys = torch.randn(3, hkv, 301, d, generator=g) * 2
+    out = {}
+    for kernels in ("torch", "cpu"):
+        sel = A2atsSelector(RuntimeSettings(kernels=kernels), 0, 4, hkv, d, codebook=codebook, whitening=whitening,
+                            rotary=rotary(build_tiny_model("llama")))
+        out[kernels] = sel.encode(keys)
+    assert out["cpu"].dtype == torch.int16 and out["cpu"].shape == (3, hkv, 301)
+    assert torch.equal(out["cpu"], out["torch"])
+    assert int(out["cpu"].max()) < codes // 2

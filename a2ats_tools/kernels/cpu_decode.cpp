@@ -125,6 +125,52 @@ void score_tables(const float* rows, const float* tiles, float* table, int64_t r
   }
 }
 
+typedef int32_t i8v __attribute__((vector_size(32)));
+
+// Nearest centroids of RB keys: argmax_c keys[r] . weight[:, c] + bias[c] over all C codes (16 at a time from
+// the tiles), the running best kept per lane in registers; ties keep the lowest code, as torch's argmax does.
+template <int RB>
+void encode_rows(const float* keys, const float* tiles, const float* bias, int64_t d, int64_t c_count, int16_t* out) {
+  v8 best[RB][2];
+  i8v best_code[RB][2];
+  const i8v lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  for (int r = 0; r < RB; ++r)
+    for (int h = 0; h < 2; ++h) best[r][h] = v8{} - INFINITY, best_code[r][h] = i8v{};
+  for (int64_t c = 0; c < c_count; c += 16) {
+    v8 acc[RB][2] = {};
+    const float* tile = tiles + c * d;
+    for (int64_t i = 0; i < d; ++i) {
+      const v8 lo = load8(tile + i * 16), hi = load8(tile + i * 16 + 8);
+      for (int r = 0; r < RB; ++r) {
+        const float x = keys[r * d + i];
+        acc[r][0] += lo * x;
+        acc[r][1] += hi * x;
+      }
+    }
+    const v8 bias_lo = load8(bias + c), bias_hi = load8(bias + c + 8);
+    const i8v code_lo = lane + static_cast<int32_t>(c), code_hi = code_lo + 8;
+    for (int r = 0; r < RB; ++r) {
+      const v8 s0 = acc[r][0] + bias_lo, s1 = acc[r][1] + bias_hi;
+      const i8v m0 = s0 > best[r][0], m1 = s1 > best[r][1];
+      best[r][0] = m0 ? s0 : best[r][0];
+      best[r][1] = m1 ? s1 : best[r][1];
+      best_code[r][0] = m0 ? code_lo : best_code[r][0];
+      best_code[r][1] = m1 ? code_hi : best_code[r][1];
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    float value = -INFINITY;
+    int32_t code = 0;
+    for (int h = 0; h < 2; ++h)
+      for (int l = 0; l < 8; ++l) {
+        const float v = best[r][h][l];
+        const int32_t k = best_code[r][h][l];
+        if (v > value || (v == value && k < code)) value = v, code = k;
+      }
+    out[r] = static_cast<int16_t>(code);
+  }
+}
+
 struct Problem {
   int64_t hkv;  // KV heads: row r is sample r / hkv, KV head r % hkv
   const float* table;  // [Hkv, B, P, C]: this step's score tables (written by score_tables)
@@ -326,6 +372,32 @@ extern "C" int a2ats_cpu_decode(int64_t batch, int64_t hkv, int64_t buckets, int
     }
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows_total; ++r) solve_row(p, r);
+  }
+  return 0;
+}
+
+// Codes of m keys per KV head: keys [Hkv, m, d] (pre-RoPE), tiles [Hkv, C/16, d, 16] of the encode weight
+// (whitening times whitened centroids), bias [Hkv, C] (minus half their squared norms) -> codes [Hkv, m].
+extern "C" int a2ats_cpu_encode(int64_t hkv, int64_t m, int64_t d, int64_t c_count, const float* keys,
+                                const float* tiles, const float* bias, int16_t* codes, int threads) {
+  constexpr int64_t kRows = 6;
+  const int64_t blocks = (m + kRows - 1) / kRows;
+  threads = static_cast<int>(std::max<int64_t>(1, threads));
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t item = 0; item < hkv * blocks; ++item) {
+    const int64_t h = item / blocks, r0 = (item % blocks) * kRows;
+    const float* k = keys + (h * m + r0) * d;
+    const float* t = tiles + h * c_count * d;
+    const float* b = bias + h * c_count;
+    int16_t* out = codes + h * m + r0;
+    switch (std::min(kRows, m - r0)) {
+      case 6: encode_rows<6>(k, t, b, d, c_count, out); break;
+      case 5: encode_rows<5>(k, t, b, d, c_count, out); break;
+      case 4: encode_rows<4>(k, t, b, d, c_count, out); break;
+      case 3: encode_rows<3>(k, t, b, d, c_count, out); break;
+      case 2: encode_rows<2>(k, t, b, d, c_count, out); break;
+      default: encode_rows<1>(k, t, b, d, c_count, out); break;
+    }
   }
   return 0;
 }

@@ -1,4 +1,5 @@
-"""The fused CPU decode step (``cpu_decode.cpp``): score, select, re-rank and attend for one layer in one call.
+"""The fused CPU decode step (``cpu_decode.cpp``): score, select, re-rank and attend for one layer in one call;
+and the nearest-centroid encoding of new keys.
 
 On the CPU the torch path of a decode step is a chain of small ops (gather, top-K, gathers, re-rank, softmax),
 each a pass over memory with its own dispatch; this kernel does the same work per (sample, KV head) row in one
@@ -94,6 +95,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, f"loading the fused CPU kernel failed: {err}"
     fn = lib.a2ats_cpu_decode
     fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
+    enc = lib.a2ats_cpu_encode
+    enc.argtypes, enc.restype = [_I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, ctypes.c_int], ctypes.c_int
     return lib, ""
 
 
@@ -174,6 +177,27 @@ def decode_step(
         AGGREGATION_CODES[rerank_aggregation], scale, out.data_ptr(), picked.data_ptr(), k, torch.get_num_threads(),
     )
     return out, picked
+
+
+def encode(keys: torch.Tensor, tiles: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Nearest centroids: ``keys [Hkv, m, d]`` (pre-RoPE, float32) -> codes ``[Hkv, m]`` int16, the argmax over
+    codes of ``keys · weight + bias`` (``tiles``: :func:`codebook_tiles` of the encode weight ``[Hkv, C, d]``,
+    ``bias [Hkv, C]``; ties keep the lowest code). The same codes as the selector's torch encode up to float
+    rounding between near-equidistant centroids, without its ``[m, C]`` distance matrix."""
+    lib = _load()[0]
+    if lib is None:
+        raise RuntimeError(unavailable_reason())
+    hkv, m, d = keys.shape
+    c = tiles.shape[1] * 16
+    if keys.dtype != torch.float32 or tiles.shape != (hkv, c // 16, d, 16) or bias.shape != (hkv, c):
+        raise ValueError(f"unexpected keys {tuple(keys.shape)} {keys.dtype}, tiles {tuple(tiles.shape)}")
+    if c > 32767:
+        raise ValueError("int16 codes hold at most 32767 centroids")
+    keys, bias = keys.contiguous(), bias.float().contiguous()
+    codes = torch.empty(hkv, m, dtype=torch.int16)
+    lib.a2ats_cpu_encode(hkv, m, d, c, keys.data_ptr(), tiles.data_ptr(), bias.data_ptr(), codes.data_ptr(),
+                         torch.get_num_threads())
+    return codes
 
 
 def _kept_rows(context: int, n_sink: int, window: int, top: int) -> int:

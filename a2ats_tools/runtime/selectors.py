@@ -304,12 +304,13 @@ class A2atsSelector(TokenSelector):
         cos, sin = rotary.cos_sin(torch.tensor(buckets.centres))
         self.cos, self.sin = cos, sin  # [P, d]
         self._scoring_codebooks: dict[torch.dtype, torch.Tensor] = {}  # the table's right operand, per dtype
-        self._codebook_tiles: torch.Tensor | None = None  # the fused CPU kernel's layout, made on first use
+        self._codebook_tiles: torch.Tensor | None = None  # the fused CPU kernel's layouts, made on first use
+        self._encode_tiles: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> A2atsSelector:
         for name in ("codebook_t", "encode_weight", "encode_bias", "cos", "sin", "_whitening"):
             setattr(self, name, getattr(self, name).to(device))
-        self._scoring_codebooks, self._encode_tables, self._codebook_tiles = {}, None, None
+        self._scoring_codebooks, self._encode_tables, self._codebook_tiles, self._encode_tiles = {}, None, None, None
         return self
 
     def encode(self, keys_pre: torch.Tensor) -> torch.Tensor:
@@ -323,6 +324,14 @@ class A2atsSelector(TokenSelector):
             return kernel.encode(keys_pre, self._encode_tables, backend="triton")
         b, h, n, d = keys_pre.shape
         flat = keys_pre.float().transpose(0, 1).reshape(h, b * n, d)
+        if self.codes_size % 16 == 0 and self.codes_size <= 32767 and use_cpu_kernel(self.settings.kernels, keys_pre):
+            # the fused CPU kernel: matmul and argmax in one pass, no [rows, C] temporary (tested against the below)
+            from ..kernels import cpu_decode
+
+            if self._encode_tiles is None:
+                self._encode_tiles = cpu_decode.codebook_tiles(self.encode_weight.transpose(1, 2))
+            codes = cpu_decode.encode(flat, self._encode_tiles, self.encode_bias[:, 0])
+            return codes.reshape(h, b, n).transpose(0, 1)
         out = torch.empty(h, b * n, dtype=torch.int16, device=keys_pre.device)
         rows = max(64, self.ENCODE_TEMP_BYTES // (4 * h * self.codes_size))
         for i in range(0, b * n, rows):
