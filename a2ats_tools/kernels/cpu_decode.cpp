@@ -85,13 +85,12 @@ inline v8 load8(const float* p) {
   return v;
 }
 
-// out[r, c..c+16) = rows[r] . codebook[c..c+16) for RB rows. `tiles` is the codebook in 16-code tiles,
-// [C/16, d, 16]: a tile is 4 KB read front to back (a [d, C] layout would stride 16 KB per dimension, every
-// load landing in the same L1 set: half the speed, measured).
+// acc[r] = rows[r] . (16 codes of one tile) for RB rows. A tile is the codebook's 16 codes side by side per
+// dimension, [d, 16]: 4 KB read front to back (a [d, C] layout would stride 16 KB per dimension, every load
+// landing in the same L1 set: half the speed, measured). Each codebook load feeds RB FMAs per half.
 template <int RB>
-inline void table_tile(const float* rows, const float* tiles, float* out, int64_t d, int64_t c_count, int64_t c) {
-  v8 acc[RB][2] = {};
-  const float* tile = tiles + c * d;
+inline void tile_product(const float* rows, const float* tile, int64_t d, v8 (&acc)[RB][2]) {
+  for (int r = 0; r < RB; ++r) acc[r][0] = acc[r][1] = v8{};
   for (int64_t i = 0; i < d; ++i) {
     const v8 lo = load8(tile + i * 16), hi = load8(tile + i * 16 + 8);
     for (int r = 0; r < RB; ++r) {
@@ -100,6 +99,13 @@ inline void table_tile(const float* rows, const float* tiles, float* out, int64_
       acc[r][1] += hi * x;
     }
   }
+}
+
+// out[r, c..c+16) = rows[r] . codebook[c..c+16) for RB rows (`tiles`: the codebook in 16-code tiles).
+template <int RB>
+inline void table_tile(const float* rows, const float* tiles, float* out, int64_t d, int64_t c_count, int64_t c) {
+  v8 acc[RB][2];
+  tile_product<RB>(rows, tiles + c * d, d, acc);
   for (int r = 0; r < RB; ++r) {
     std::memcpy(out + r * c_count + c, &acc[r][0], sizeof(v8));
     std::memcpy(out + r * c_count + c + 8, &acc[r][1], sizeof(v8));
@@ -137,16 +143,8 @@ void encode_rows(const float* keys, const float* tiles, const float* bias, int64
   for (int r = 0; r < RB; ++r)
     for (int h = 0; h < 2; ++h) best[r][h] = v8{} - INFINITY, best_code[r][h] = i8v{};
   for (int64_t c = 0; c < c_count; c += 16) {
-    v8 acc[RB][2] = {};
-    const float* tile = tiles + c * d;
-    for (int64_t i = 0; i < d; ++i) {
-      const v8 lo = load8(tile + i * 16), hi = load8(tile + i * 16 + 8);
-      for (int r = 0; r < RB; ++r) {
-        const float x = keys[r * d + i];
-        acc[r][0] += lo * x;
-        acc[r][1] += hi * x;
-      }
-    }
+    v8 acc[RB][2];
+    tile_product<RB>(keys, tiles + c * d, d, acc);
     const v8 bias_lo = load8(bias + c), bias_hi = load8(bias + c + 8);
     const i8v code_lo = lane + static_cast<int32_t>(c), code_hi = code_lo + 8;
     for (int r = 0; r < RB; ++r) {
