@@ -20,7 +20,6 @@ from .settings import RuntimeSettings, cpu_has_native_bf16, resolve_score_dtype,
 
 _STEP_MEMO: tuple | None = None  # (weakref to valid, settings key, constants) of the current decode step
 _OFFSET_MEMO: tuple | None = None  # (key, (per-table offsets, buckets used)) of the current decode step
-_PADDING_MEMO: tuple | None = None  # (weakref to valid, settings key, (first rows, top-K) or None) likewise
 NEG_INF = float("-inf")
 POS_INF = float("inf")
 
@@ -96,27 +95,21 @@ class TokenSelector:
         unpadded = bool(valid.all())  # then the forced rows are plain slices and nothing needs masking
         forced = None if unpadded else self.forced(valid, length)[:, None, :]
         covers_all = bool((rows >= valid.sum(-1)).all())  # sinks + window + K reach every valid row
-        out = (rows, top, int(rows.max()), forced, int(top.max()) if unpadded else None, covers_all)
+        if unpadded:
+            first = torch.zeros(valid.shape[0], dtype=torch.int64)
+        elif bool((valid[:, 1:] >= valid[:, :-1]).all()):  # False then True: left padding
+            first = (length - valid.sum(-1)).to(torch.int64).contiguous()
+        else:
+            first = None
+        suffix = None if first is None else (first, top.to(torch.int64).contiguous())
+        out = (rows, top, int(rows.max()), forced, int(top.max()) if unpadded else None, covers_all, suffix)
         _STEP_MEMO = (weakref.ref(valid), key, out)
         return out
 
     def left_padding(self, valid: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(first real row [B], top-K [B])`` (int64) when every sample's real rows are one suffix of the cache
-        (no padding, or left padding), else None. Computed once per step, shared by all layers."""
-        global _PADDING_MEMO
-        memo = _PADDING_MEMO
-        key = (self.settings.budget, self.settings.n_sink, self.settings.window, length)
-        if memo is not None and memo[0]() is valid and memo[1] == key:
-            return memo[2]
-        top = self._step_constants(valid, length)[1].to(torch.int64).contiguous()
-        if bool(valid.all()):
-            out = (torch.zeros(valid.shape[0], dtype=torch.int64), top)
-        elif bool((valid[:, 1:] >= valid[:, :-1]).all()):  # False then True: left padding
-            out = ((length - valid.sum(-1)).to(torch.int64).contiguous(), top)
-        else:
-            out = None
-        _PADDING_MEMO = (weakref.ref(valid), key, out)
-        return out
+        (no padding, or left padding), else None (part of the step's constants)."""
+        return self._step_constants(valid, length)[6]
 
     def keeps_everything(self, valid: torch.Tensor, length: int) -> bool:
         """True while sinks + window + K cover every valid row of every sample: selecting would keep them all,
@@ -134,7 +127,7 @@ class TokenSelector:
         per-sample budget; ``keep`` is False past a sample's own budget. Never more than
         ``n_sink + window + top-K`` kept rows per KV head.
         """
-        rows, top, k, forced, uniform_top, _ = self._step_constants(valid, length)
+        rows, top, k, forced, uniform_top, _, _ = self._step_constants(valid, length)
         self.exact_logits = None
         s, high, low = rank_keys(self.scores(state, q_pre, q_post, length))  # a new tensor: modified in place
         if forced is None:  # no padding: sinks are the first rows, the window the last ones
