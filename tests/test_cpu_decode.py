@@ -166,6 +166,21 @@ def tiny_checkpoint(tmp_path_factory, tokenizer):
     )
 
 
+def test_kernels_cpu_that_cannot_build_fails_at_load_not_at_the_first_step(tiny_checkpoint, monkeypatch):
+    from a2ats_tools import load_converted
+
+    monkeypatch.setenv("A2ATS_CPU_KERNEL", "0")
+    cpu_decode._load.cache_clear()
+    try:
+        with pytest.raises(A2atsError, match="kernels=cpu: .*A2ATS_CPU_KERNEL=0"):
+            load_converted(tiny_checkpoint, kernels="cpu")
+        model, _ = load_converted(tiny_checkpoint)  # auto still loads, and a per-cache override is checked too
+        with pytest.raises(A2atsError, match="kernels=cpu"):
+            model.a2ats.new_cache(kernels="cpu")
+    finally:
+        cpu_decode._load.cache_clear()
+
+
 @needs_kernel
 @pytest.mark.parametrize("budget", [1.0, 6])
 def test_runtime_with_the_cpu_kernel_matches_its_torch_path(tiny_checkpoint, budget, monkeypatch):

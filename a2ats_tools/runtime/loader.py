@@ -15,7 +15,7 @@ from ..models import ModelSource, check_supported, geometry, load_model, load_to
 from . import attention, hooks
 from .cache import A2atsCache
 from .selectors import SELECTOR_CLASSES, A2atsSelector, DenseSelector, TokenSelector
-from .settings import RuntimeSettings
+from .settings import RuntimeSettings, use_cpu_kernel, use_triton
 
 
 class A2atsRuntime:
@@ -31,13 +31,17 @@ class A2atsRuntime:
         self.check(settings)
 
     def check(self, settings: RuntimeSettings) -> None:
-        """Settings that depend on the model: a known selector, dense layers that exist."""
+        """Settings that depend on the model: a known selector, dense layers that exist, kernels that can run on the
+        model's device (so ``kernels=cpu`` without a compiler fails here, not at the first decode step)."""
         if settings.selector not in SELECTOR_CLASSES:
             raise A2atsError(f"unknown selector {settings.selector!r}; choose from {', '.join(SELECTOR_CLASSES)}")
         layers = self.config.geometry.num_layers
         beyond = [i for i in settings.dense_layers if i >= layers]
         if beyond:
             raise A2atsError(f"dense_layers {beyond} do not exist: the model has {layers} layers")
+        if settings.kernels in ("cpu", "triton"):
+            probe = torch.empty(0, device=next(self.model.parameters()).device)
+            (use_cpu_kernel if settings.kernels == "cpu" else use_triton)(settings.kernels, probe)
 
     def configure(self, **overrides: Any) -> RuntimeSettings:
         """Change the settings for later calls (budget, n_sink, window, buckets, aggregation, selector, ...)."""
