@@ -4,6 +4,7 @@ measured tables of docs/results.md.
     python benchmarks/run_grid.py runs/smollm2-a2ats                 # full CPU grid (about 1.5 h on 2 cores)
     python benchmarks/run_grid.py runs/smollm2-a2ats --quick         # a smaller grid (tens of minutes)
     python benchmarks/run_grid.py --render-only runs/grid            # only rebuild docs from earlier JSON
+    python benchmarks/run_grid.py runs/smollm2-a2ats --skip-eval     # only the bench; other tables are kept
 
 The eval runs one `a2ats eval` per stage (recall, perplexity, tasks) into <out>/eval-<stage>/, and one
 `a2ats bench` into <out>/bench/. GPU: pass --device cuda (and longer contexts to bench by hand).
@@ -51,11 +52,34 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def render(eval_jsons: list[Path], bench_json: Path | None) -> str:
-    """Markdown tables for every eval result (one per stage) and the bench result that exist."""
+def previous_sections(block: str) -> dict[str, str]:
+    """The sections of an earlier measured block, by source: ``eval-<stage>`` (from a "Checkpoint ..., stage(s)
+    <stage>, ..." line to the next section) and ``bench`` (from "### Decode speed on" to the block's end)."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in block.splitlines():
+        if line.startswith((BEGIN, END)):
+            continue
+        if line.startswith("Checkpoint `") and "stage(s) " in line:
+            stage = line.split("stage(s) ", 1)[1].split(",", 1)[0].strip()
+            current = sections.setdefault(f"eval-{stage}", [])
+        elif line.startswith("### Decode speed on"):
+            current = sections.setdefault("bench", [])
+        if current is not None:
+            current.append(line)
+    return {name: "\n".join(body).strip("\n") + "\n" for name, body in sections.items()}
+
+
+def render(eval_jsons: list[Path], bench_json: Path | None, previous: dict[str, str] | None = None) -> str:
+    """Markdown tables for every eval result (one per stage) and the bench result that exist; a source without
+    a result here keeps its section from ``previous`` (an earlier block), so re-running one stage (e.g.
+    ``--skip-eval``) does not drop the others' tables."""
+    previous = previous or {}
     lines = [BEGIN, ""]
     for eval_json in eval_jsons:
         if not eval_json.is_file():
+            if eval_json.parent.name in previous:
+                lines += [previous[eval_json.parent.name]]
             continue
         res = json.loads(eval_json.read_text())
         lines += [f"Checkpoint `{res['checkpoint']}`, stage(s) {', '.join(res['settings']['stages'])}, "
@@ -110,8 +134,16 @@ def render(eval_jsons: list[Path], bench_json: Path | None) -> str:
                 + f" | {c['dense']['kv_device_bytes'] / 2**20:.0f} / {c['a2ats']['kv_device_bytes'] / 2**20:.0f} |"
             )
         lines += ["", "![throughput vs context](figures/throughput_vs_context.png)", ""]
+    elif "bench" in previous:
+        lines += [previous["bench"]]
     lines.append(END)
     return "\n".join(lines)
+
+
+def measured_block() -> str:
+    """The measured block now in docs/results.md ('' if none)."""
+    text = RESULTS_MD.read_text() if RESULTS_MD.is_file() else ""
+    return text[text.index(BEGIN) : text.index(END) + len(END)] if BEGIN in text and END in text else ""
 
 
 def update_results_md(block: str) -> None:
@@ -155,7 +187,8 @@ def main() -> None:
             run([*cli, "bench", args.checkpoint, "--out", str(out / "bench"), "--overwrite", "--device", args.device,
                  *grid["bench"]])
     copy_figures(out)
-    update_results_md(render([out / f"eval-{s}" / "results.json" for s in STAGES], out / "bench" / "bench.json"))
+    previous = previous_sections(measured_block())
+    update_results_md(render([out / f"eval-{s}" / "results.json" for s in STAGES], out / "bench" / "bench.json", previous))
     print(f"updated {RESULTS_MD} and {FIGURES}")
 
 
