@@ -56,24 +56,31 @@ def reference(sel, state, q_post, rope, valid):
 
 @needs_kernel
 @pytest.mark.parametrize(
-    ("rerank", "how", "buckets", "budget", "pad"),
+    ("rerank", "how", "buckets", "budget", "pad", "approx"),
     [
-        (2.0, "softmax", "log", 0.05, (0, 0)),
-        (2.0, "sum", "log", 0.05, (0, 0)),
-        (1.5, "max", "single", 0.1, (0, 0)),
-        (0.0, "softmax", "log", 0.05, (0, 0)),
-        (0.0, "softmax", "single", 30, (0, 0)),
-        (3.0, "softmax", "log", 200, (0, 0)),  # the candidates outnumber the middle rows: every row is kept
-        (2.0, "softmax", "log", 0.05, (0, 300)),  # left padding: its own sinks and budget per sample
-        (0.0, "sum", "single", 0.1, (250, 17)),
-        (2.0, "softmax", "log", 0.2, (0, 660)),  # 40 real rows: sinks and window cover them all
+        (2.0, "softmax", "log", 0.05, (0, 0), "sum"),
+        (2.0, "sum", "log", 0.05, (0, 0), "sum"),
+        (1.5, "max", "single", 0.1, (0, 0), "sum"),
+        (0.0, "softmax", "log", 0.05, (0, 0), "sum"),
+        (0.0, "softmax", "single", 30, (0, 0), "sum"),
+        (3.0, "softmax", "log", 200, (0, 0), "sum"),  # the candidates outnumber the middle rows: every row is kept
+        (2.0, "softmax", "log", 0.05, (0, 300), "sum"),  # left padding: its own sinks and budget per sample
+        (0.0, "sum", "single", 0.1, (250, 17), "sum"),
+        (2.0, "softmax", "log", 0.2, (0, 660), "sum"),  # 40 real rows: sinks and window cover them all
+        # approximate scores aggregated per head (one table per query head): max, and each head's softmax
+        (0.0, "softmax", "log", 0.05, (0, 0), "softmax"),
+        (2.0, "softmax", "log", 0.05, (0, 0), "softmax"),
+        (0.0, "sum", "single", 30, (0, 0), "softmax"),
+        (2.0, "softmax", "log", 0.05, (0, 300), "softmax"),
+        (0.0, "softmax", "log", 0.05, (0, 0), "max"),
+        (2.0, "max", "single", 0.1, (250, 17), "max"),
     ],
 )
-def test_fused_step_matches_select_and_sparse_decode(rerank, how, buckets, budget, pad):
+def test_fused_step_matches_select_and_sparse_decode(rerank, how, buckets, budget, pad, approx):
     bucket_spec = DistanceBuckets.log_spaced(2048) if buckets == "log" else DistanceBuckets.single(512)
     sel, state, q_post, rope, valid = make_step(
         700, rerank=rerank, rerank_aggregation=how, buckets=bucket_spec, budget=budget, score_dtype="float32",
-        pad=pad,
+        pad=pad, aggregation=approx,
     )
     ref_out, ref_rows = reference(sel, state, q_post, rope, valid)
     out, rows = sel.fused_decode(state, q_post, rope, state.length, valid, sel.scale)
@@ -110,14 +117,12 @@ def test_short_caches_keep_every_row(length):
 
 
 @needs_kernel
-def test_masks_with_holes_other_aggregations_and_bf16_tables_take_the_torch_path():
+def test_masks_with_holes_and_bf16_tables_take_the_torch_path():
     sel, state, q_post, rope, valid = make_step(200, budget=10)
     holes = valid.clone()
     holes[0, 50:55] = False  # not left padding
     assert sel.fused_decode(state, q_post, rope, 200, holes, sel.scale) is None
-    sel.settings = sel.settings.with_overrides(aggregation="max")
-    assert sel.fused_decode(state, q_post, rope, 200, valid, sel.scale) is None
-    sel.settings = sel.settings.with_overrides(aggregation="sum", score_dtype="bfloat16")  # the kernel's are float32
+    sel.settings = sel.settings.with_overrides(score_dtype="bfloat16")  # the kernel's tables are float32
     assert sel.fused_decode(state, q_post, rope, 200, valid, sel.scale) is None
     sel.settings = sel.settings.with_overrides(score_dtype="auto", kernels="torch")
     assert sel.fused_decode(state, q_post, rope, 200, valid, sel.scale) is None
@@ -182,8 +187,8 @@ def test_kernels_cpu_that_cannot_build_fails_at_load_not_at_the_first_step(tiny_
 
 
 @needs_kernel
-@pytest.mark.parametrize("budget", [1.0, 6])
-def test_runtime_with_the_cpu_kernel_matches_its_torch_path(tiny_checkpoint, budget, monkeypatch):
+@pytest.mark.parametrize(("budget", "aggregation"), [(1.0, "sum"), (6, "sum"), (6, "softmax")])
+def test_runtime_with_the_cpu_kernel_matches_its_torch_path(tiny_checkpoint, budget, aggregation, monkeypatch):
     """Decoding a tiny model with kernels=cpu gives the logits and rows of kernels=torch, the kernel running in
     every layer of every step (the dense shortcut off, so at a full budget too). After the prefill each row gets
     its own code, so no two approximate scores tie: tied rows are the one place the two may differ (the kernel
@@ -197,7 +202,7 @@ def test_runtime_with_the_cpu_kernel_matches_its_torch_path(tiny_checkpoint, bud
     real = cpu_decode.decode_step
     monkeypatch.setattr(cpu_decode, "decode_step", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(TokenSelector, "full_keep_shortcut", False)
-    model, _ = load_converted(tiny_checkpoint, budget=budget, n_sink=2, window=8)
+    model, _ = load_converted(tiny_checkpoint, budget=budget, n_sink=2, window=8, aggregation=aggregation)
     ids, feed = prompt_ids(90, batch=2), prompt_ids(3, batch=2, seed=7)
     distinct = torch.randperm(128, generator=torch.Generator().manual_seed(0))[:90].to(torch.int16)
     out, caches, prefill_codes = {}, {}, {}

@@ -85,6 +85,46 @@ inline v8 load8(const float* p) {
   return v;
 }
 
+inline v8 splat(float c) { return v8{c, c, c, c, c, c, c, c}; }
+
+typedef int32_t i8v __attribute__((vector_size(32)));
+
+// exp of 8 floats (Cephes' expf: x = n ln 2 + r, a degree-6 polynomial in r, times 2^n; within ~2 ulp of expf),
+// 0 below -87.3 where expf goes subnormal. The group softmax over every cached row needs one per row and head.
+inline v8 exp8(v8 x) {
+  const i8v under = x < splat(-87.33654f);
+  x = x > splat(88.72283f) ? splat(88.72283f) : x;
+  x = under ? splat(0.0f) : x;
+  const v8 n = (x * splat(1.44269504f) + splat(12582912.0f)) - splat(12582912.0f);  // round to nearest
+  v8 r = x - n * splat(0.693359375f);
+  r = r - n * splat(-2.12194440e-4f);
+  v8 y = splat(1.9875691500e-4f);
+  y = y * r + splat(1.3981999507e-3f);
+  y = y * r + splat(8.3334519073e-3f);
+  y = y * r + splat(4.1665795894e-2f);
+  y = y * r + splat(1.6666665459e-1f);
+  y = y * r + splat(5.0000001201e-1f);
+  y = y * r * r + r + splat(1.0f);
+  const i8v bits = (__builtin_convertvector(n, i8v) + 127) << 23;
+  const v8 out = y * reinterpret_cast<const v8&>(bits);
+  return under ? splat(0.0f) : out;
+}
+
+// x[i] = exp(x[i] - shift) for i < n; returns their sum.
+inline float exp_shifted(float* x, int64_t n, float shift) {
+  v8 acc = splat(0.0f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const v8 e = exp8(load8(x + i) - splat(shift));
+    std::memcpy(x + i, &e, sizeof e);
+    acc += e;
+  }
+  float total = 0.0f;
+  for (int l = 0; l < 8; ++l) total += acc[l];
+  for (; i < n; ++i) total += (x[i] = std::exp(x[i] - shift));
+  return total;
+}
+
 // acc[r] = rows[r] . (16 codes of one tile) for RB rows. A tile is the codebook's 16 codes side by side per
 // dimension, [d, 16]: 4 KB read front to back (a [d, C] layout would stride 16 KB per dimension, every load
 // landing in the same L1 set: half the speed, measured). Each codebook load feeds RB FMAs per half.
@@ -131,8 +171,6 @@ void score_tables(const float* rows, const float* tiles, float* table, int64_t r
   }
 }
 
-typedef int32_t i8v __attribute__((vector_size(32)));
-
 // Nearest centroids of RB keys: argmax_c keys[r] . weight[:, c] + bias[c] over all C codes (16 at a time from
 // the tiles), the running best kept per lane in registers; ties keep the lowest code, as torch's argmax does.
 template <int RB>
@@ -171,8 +209,10 @@ void encode_rows(const float* keys, const float* tiles, const float* bias, int64
 
 struct Problem {
   int64_t hkv;  // KV heads: row r is sample r / hkv, KV head r % hkv
-  const float* table;  // [Hkv, B, P, C]: this step's score tables (written by score_tables)
+  const float* table;  // [Hkv, B, G', P, C]: this step's score tables (written by score_tables)
   int64_t table_sb, table_sh;  // strides (elements) of the sample and KV-head dimensions
+  int64_t heads, head_stride;  // G' tables per (sample, KV head): 1 (the group's summed query) or G, P * C apart
+  int approx_aggregation;      // how the G' approximate scores of a row aggregate: 0 sum (G' = 1), 1 max, 2 softmax
   const int16_t* codes;
   int64_t codes_sb, codes_sh;
   const int64_t* offsets;  // [N]: bucket(t - j) * C
@@ -209,9 +249,31 @@ void solve_row(const Problem& p, int64_t row) {
   const bool rerank = fetch > 0;
   std::vector<uint32_t> approx(mid), scratch;
   uint32_t lo = UINT32_MAX, hi = 0;
+  const float* table = p.table + table_base;
+  const int64_t hs = p.head_stride;
+  std::vector<float> probs;
+  if (p.approx_aggregation == 2) {  // each head's softmax over all n rows (as torch's), summed over the group
+    probs.resize(p.heads * n);
+    for (int64_t g = 0; g < p.heads; ++g) {
+      float* x = probs.data() + g * n;
+      float mx = -INFINITY;
+      for (int64_t r = 0; r < n; ++r) mx = std::max(mx, x[r] = table[g * hs + p.offsets[r] + codes[r]] * p.scale);
+      const float inv = 1.0f / exp_shifted(x, n, mx);
+      for (int64_t r = 0; r < n; ++r) x[r] *= inv;
+    }
+  }
   for (int64_t j = 0; j < mid; ++j) {
     const int64_t r = sink_end + j;
-    const uint32_t key = order_key(p.table[table_base + p.offsets[r] + codes[r]]);
+    float score;
+    if (p.approx_aggregation == 2) {
+      score = probs[r];
+      for (int64_t g = 1; g < p.heads; ++g) score += probs[g * n + r];
+    } else {
+      const int64_t at = p.offsets[r] + codes[r];
+      score = table[at];
+      for (int64_t g = 1; g < p.heads; ++g) score = std::max(score, table[g * hs + at]);
+    }
+    const uint32_t key = order_key(score);
     approx[j] = key;
     lo = std::min(lo, key);
     hi = std::max(hi, key);
@@ -305,31 +367,35 @@ void solve_row(const Problem& p, int64_t row) {
 }
 
 // The scoring queries of sample b, KV head h: the group's RoPE'd queries q [G, d] taken back to pre-RoPE form
-// with this step's cos/sin, summed over the group, then rotated to each bucket centre (bucket_cos/sin [P, d])
-// -> rows [P, d]. The same operations, in the same order and without fused multiply-adds, as the torch path
-// (rope.undo_rope, sum, rope.apply_rope), so both score with the same tables.
+// with this step's cos/sin, summed over the group (`fold`, for aggregation=sum) or not, then rotated to each
+// bucket centre (bucket_cos/sin [P, d]) -> rows [G', P, d]. The same operations, in the same order and without
+// fused multiply-adds, as the torch path (rope.undo_rope, sum, rope.apply_rope), so both score with the same
+// tables.
 __attribute__((optimize("fp-contract=off"))) void scoring_queries(const float* q, const float* cos, const float* sin,
                                                                    const float* bucket_cos, const float* bucket_sin,
-                                                                   int64_t group, int64_t buckets, int64_t d,
-                                                                   float* rows) {
+                                                                   int64_t group, bool fold, int64_t buckets,
+                                                                   int64_t d, float* rows) {
   const int64_t half = d / 2;
   std::vector<float> folded(d, 0.0f);
-  for (int64_t g = 0; g < group; ++g) {
-    const float* x = q + g * d;
-    for (int64_t i = 0; i < d; ++i) {
-      const float rotated_half = i < half ? -x[i + half] : x[i - half];
-      float scale2 = cos[i] * cos[i] + sin[i] * sin[i];
-      scale2 = std::max(scale2, 1e-12f);
-      const float pre = (x[i] * cos[i] - rotated_half * sin[i]) / scale2;
-      folded[i] = g == 0 ? pre : folded[i] + pre;
+  for (int64_t head = 0; head < (fold ? 1 : group); ++head) {
+    for (int64_t g = fold ? 0 : head; g < (fold ? group : head + 1); ++g) {
+      const float* x = q + g * d;
+      for (int64_t i = 0; i < d; ++i) {
+        const float rotated_half = i < half ? -x[i + half] : x[i - half];
+        float scale2 = cos[i] * cos[i] + sin[i] * sin[i];
+        scale2 = std::max(scale2, 1e-12f);
+        const float pre = (x[i] * cos[i] - rotated_half * sin[i]) / scale2;
+        folded[i] = g == 0 || !fold ? pre : folded[i] + pre;
+      }
     }
-  }
-  for (int64_t b = 0; b < buckets; ++b) {
-    const float* c = bucket_cos + b * d;
-    const float* s = bucket_sin + b * d;
-    for (int64_t i = 0; i < d; ++i) {
-      const float rotated_half = i < half ? -folded[i + half] : folded[i - half];
-      rows[b * d + i] = folded[i] * c[i] + rotated_half * s[i];
+    float* out = rows + head * buckets * d;
+    for (int64_t b = 0; b < buckets; ++b) {
+      const float* c = bucket_cos + b * d;
+      const float* s = bucket_sin + b * d;
+      for (int64_t i = 0; i < d; ++i) {
+        const float rotated_half = i < half ? -folded[i + half] : folded[i - half];
+        out[b * d + i] = folded[i] * c[i] + rotated_half * s[i];
+      }
     }
   }
 }
@@ -338,8 +404,10 @@ __attribute__((optimize("fp-contract=off"))) void scoring_queries(const float* q
 
 // One layer's decode step. q [B, Hq, d]: the step's RoPE'd queries; cos/sin [B, d]: the step's rotary
 // factors; bucket_cos/sin [P, d]: those of the bucket centres in use; tiles [Hkv, C/16, d, 16]: the codebooks
-// in 16-code tiles; rows [Hkv, B*P, d] and table [Hkv, B*P, C]: scratch for the scoring queries and tables.
-extern "C" int a2ats_cpu_decode(int64_t batch, int64_t hkv, int64_t buckets, int64_t c_count, const float* cos,
+// in 16-code tiles; rows [Hkv, B*G'*P, d] and table [Hkv, B*G'*P, C]: scratch for the scoring queries and
+// tables, G' = 1 for approx_aggregation 0 (sum: one table of the group's summed query), else G.
+extern "C" int a2ats_cpu_decode(int64_t batch, int64_t hkv, int64_t buckets, int approx_aggregation,
+                                int64_t c_count, const float* cos,
                                 const float* sin, const float* bucket_cos, const float* bucket_sin, float* rows,
                                 const float* tiles, float* table, const int16_t* codes, int64_t codes_sb,
                                 int64_t codes_sh, const int64_t* offsets, const float* q, const float* keys,
@@ -347,9 +415,11 @@ extern "C" int a2ats_cpu_decode(int64_t batch, int64_t hkv, int64_t buckets, int
                                 int64_t n, int64_t n_sink, int64_t window, const int64_t* first, const int64_t* top,
                                 double rerank, int aggregation, float scale, float* out, int64_t* picked, int64_t k,
                                 int threads) {
-  const int64_t r_count = batch * buckets;
-  Problem p{hkv, table, buckets * c_count, r_count * c_count, codes, codes_sb, codes_sh, offsets, q, keys, values,
-            kv_sb, kv_sh, group, d, n, n_sink, window, first, top, rerank, aggregation, scale, out, picked, k};
+  const bool fold = approx_aggregation == 0;
+  const int64_t heads = fold ? 1 : group, per_sample = heads * buckets, r_count = batch * per_sample;
+  Problem p{hkv, table, per_sample * c_count, r_count * c_count, heads, buckets * c_count, approx_aggregation,
+            codes, codes_sb, codes_sh, offsets, q, keys, values, kv_sb, kv_sh, group, d, n, n_sink, window, first,
+            top, rerank, aggregation, scale, out, picked, k};
   const int64_t rows_total = batch * hkv;
   threads = static_cast<int>(std::max<int64_t>(1, threads));
   constexpr int64_t kCodeBlock = 256;  // codes per table work item
@@ -359,8 +429,8 @@ extern "C" int a2ats_cpu_decode(int64_t batch, int64_t hkv, int64_t buckets, int
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows_total; ++r) {
       const int64_t b = r / hkv, h = r % hkv;
-      scoring_queries(q + r * group * d, cos + b * d, sin + b * d, bucket_cos, bucket_sin, group, buckets, d,
-                      rows + (h * batch + b) * buckets * d);
+      scoring_queries(q + r * group * d, cos + b * d, sin + b * d, bucket_cos, bucket_sin, group, fold, buckets, d,
+                      rows + (h * batch + b) * per_sample * d);
     }
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < hkv * blocks; ++item) {

@@ -30,7 +30,8 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu++17", "-shared", "-fPIC")
 AGGREGATION_CODES = {"sum": 0, "max": 1, "softmax": 2}
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ARGTYPES = (
-    [_I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR]
+    [_I64, _I64, _I64, ctypes.c_int, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR]
+    + [_PTR, _PTR]
     + [_I64, _I64]
     + [_I64] * 5
     + [_PTR, _PTR, ctypes.c_double, ctypes.c_int, ctypes.c_float, _PTR, _PTR, _I64, ctypes.c_int]
@@ -129,15 +130,19 @@ def decode_step(
     rerank_aggregation: str,
     scale: float,
     first: torch.Tensor | None = None,
+    aggregation: str = "sum",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's decode attention: ``(out [B, Hq, d] float32, picked rows [B, Hkv, k] int64)``: each row's
     kept rows in ascending order, then ``-1`` where a sample keeps fewer than the largest ``k``.
 
     ``q_post [B, Hq, d]``: the step's RoPE'd queries, ``cos``/``sin [B, d]`` their rotary factors;
     ``bucket_cos``/``bucket_sin [P, d]``: those of the ``P`` bucket centres in use. The kernel takes each
-    query back to pre-RoPE form, sums it over its group (``aggregation=sum``), rotates it to each bucket centre,
-    builds the float32 tables ``rotated · codebook`` (``tiles``: from :func:`codebook_tiles`) and scores row
-    ``j`` by ``table[bucket, codes[j]]`` through ``offsets [length]`` (int64, ``bucket(t - j) * C``); ``codes
+    query back to pre-RoPE form, sums it over its group (``aggregation=sum``; ``max`` and ``softmax`` keep one
+    query per head), rotates it to each bucket centre, builds the float32 tables ``rotated · codebook``
+    (``tiles``: from :func:`codebook_tiles`) and scores row ``j`` by ``table[bucket, codes[j]]`` through
+    ``offsets [length]`` (int64, ``bucket(t - j) * C``), aggregated over the group's heads by ``aggregation``
+    (``max`` of the scores, or ``softmax``: each head's softmax of ``scale`` times its scores over all
+    ``length`` rows, summed, as :func:`a2ats_tools.scoring.group_aggregate`); ``codes
     [B, Hkv, >= length]`` int16; ``keys``/``values [B, Hkv, cap, d]`` float32. It keeps the first ``n_sink``
     and last ``window`` rows and ``top`` more: the best by approximate score, or with ``rerank`` > 0 the best of
     ``ceil(top * rerank)`` candidates by exact score aggregated over the group (``rerank_aggregation``).
@@ -166,11 +171,12 @@ def decode_step(
     first = torch.zeros(b, dtype=torch.int64) if first is None else first.to(torch.int64).contiguous()
     top = torch.full((b,), top, dtype=torch.int64) if isinstance(top, int) else top.to(torch.int64).contiguous()
     k = max(_kept_rows(length - f, n_sink, window, t) for f, t in zip(first.tolist(), top.tolist(), strict=True))
-    rows, table = _scratch(hkv * b * buckets * d, hkv * b * buckets * c)
+    heads = 1 if aggregation == "sum" else hq // hkv  # score tables per (sample, KV head)
+    rows, table = _scratch(hkv * b * heads * buckets * d, hkv * b * heads * buckets * c)
     out = torch.empty(b, hq, d, dtype=torch.float32)
     picked = torch.empty(b, hkv, k, dtype=torch.int64)
     lib.a2ats_cpu_decode(
-        b, hkv, buckets, c, cos.data_ptr(), sin.data_ptr(), bucket_cos.data_ptr(), bucket_sin.data_ptr(),
+        b, hkv, buckets, AGGREGATION_CODES[aggregation], c, cos.data_ptr(), sin.data_ptr(), bucket_cos.data_ptr(), bucket_sin.data_ptr(),
         rows.data_ptr(), tiles.data_ptr(), table.data_ptr(), codes.data_ptr(), codes.stride(0), codes.stride(1),
         offsets.data_ptr(), q.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1),
         hq // hkv, d, length, n_sink, window, first.data_ptr(), top.data_ptr(), float(rerank or 0.0),

@@ -436,13 +436,11 @@ class A2atsSelector(TokenSelector):
     def fused_decode(self, state, q_post, rope, length, valid, scale):
         """The fused CPU kernel (``kernels/cpu_decode``: scoring queries, tables, top-K, re-rank and attention in
         one call) where it applies: ``kernels`` auto or cpu with everything on the CPU (:func:`use_cpu_kernel`),
-        float32 K/V and score tables, no padding or left padding, ``aggregation=sum``, a codebook size
-        divisible by 16."""
+        float32 K/V and score tables, no padding or left padding, a codebook size divisible by 16."""
         if not use_cpu_kernel(self.settings.kernels, state.keys, q_post):
             return None
         if (
-            self.settings.aggregation != "sum"
-            or state.keys.dtype != torch.float32
+            state.keys.dtype != torch.float32
             or self.codes_size % 16
             or resolve_score_dtype(self.settings.score_dtype, q_post.device) != torch.float32
         ):
@@ -462,7 +460,7 @@ class A2atsSelector(TokenSelector):
             q_post.float(), cos, sin, self.cos[:used], self.sin[:used], self._codebook_tiles,
             self._codes_buffer(state, b, self.num_kv_heads), offsets, state.keys, state.values,
             length, self.settings.n_sink, self.settings.window, top, self.settings.rerank,
-            self.settings.rerank_aggregation, scale, first=first,
+            self.settings.rerank_aggregation, scale, first=first, aggregation=self.settings.aggregation,
         )
 
     def _scores_triton(self, table: torch.Tensor, codes: torch.Tensor, length: int, used: int) -> torch.Tensor:

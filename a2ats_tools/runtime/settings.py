@@ -35,8 +35,8 @@ class RuntimeSettings:
     compiler is found — on CUDA the Triton kernels (encode, score gather, sparse attention), the torch paths
     otherwise; ``torch``: always the torch paths, e.g. to rule a kernel out; ``cpu``: the fused CPU kernel, an
     error where it cannot be built; ``triton``: always the Triton kernels, which on CPU tensors needs
-    ``TRITON_INTERPRET=1`` and is for tests; the fused CPU kernel and the Triton score gather serve
-    ``aggregation=sum`` only, the CPU kernel left-padded or unpadded batches with float32 K/V and tables).
+    ``TRITON_INTERPRET=1`` and is for tests; the Triton score gather serves ``aggregation=sum`` only, the fused
+    CPU kernel every aggregation on left-padded or unpadded batches with float32 K/V and tables).
     """
 
     budget: float | int = 0.03
