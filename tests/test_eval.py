@@ -208,7 +208,7 @@ def test_eval_command_end_to_end(tiny_checkpoint, tmp_path):
     from a2ats_tools.cli import app
 
     out = tmp_path / "eval"
-    args = ["eval", str(tiny_checkpoint), "--out", str(out), "--budgets", "0.05,0.5", "--baselines", "all",
+    args = ["eval", str(tiny_checkpoint), "--out", str(out), "--budgets", "0.05,0.5,1.0", "--baselines", "all",
             "--baseline-budget", "0.05", "--tasks", "passkey,niah_single", "--lengths", "160,9000", "--samples", "1",
             "--recall-length", "160", "--queries", "3", "--ppl-length", "120", "--ppl-tokens", "4", "--quiet",
             "--ppl-texts", "2", "--also", "score_dtype=bfloat16"]
@@ -219,6 +219,9 @@ def test_eval_command_end_to_end(tiny_checkpoint, tmp_path):
     assert {"a2ats@5%", "a2ats@50%", "streaming@5%", "quest@5%", "wrope2048@5%", "exact@5%", "a2ats-norerank@5%",
             "a2ats[score_dtype=bfloat16]"} <= set(data["tasks"]["configs"])
     assert [r["length"] for r in data["tasks"]["rows"]] == [160, 160]  # 9000 is beyond the tiny model's context
+    for row in data["tasks"]["rows"]:  # at a full budget decode is dense attention: the same greedy output
+        assert row["same_as_dense"]["a2ats@100%"] == 1
+        assert set(row["same_as_dense"]) == set(data["tasks"]["configs"]) - {"dense"}
     assert any("skipped" in n for n in data["notes"])
     assert set(data["perplexity"]["configs"]) == set(data["tasks"]["configs"])
     for cell in data["perplexity"]["configs"].values():  # pooled over two texts of 4 scored tokens each
@@ -248,7 +251,7 @@ def test_result_tables_show_bracketed_configuration_names():
     from rich.console import Console
 
     from a2ats_tools.commands.bench import bench_table
-    from a2ats_tools.evaluation.results import perplexity_table, task_table
+    from a2ats_tools.evaluation.results import perplexity_table, same_output_table, task_table
 
     name = "a2ats[buckets=log:4]"
     ppl = {"n_decode": 8, "length": 64, "texts": 2, "configs": {
@@ -258,7 +261,8 @@ def test_result_tables_show_bracketed_configuration_names():
     speed = {"tokens_per_s": {"median": 2.0}, "prefill_s": 1.0, "kv_device_bytes": 2**20,
              "speedup_vs_dense": {"min": 1.0, "median": 1.5, "max": 2.0}}
     points = [{"context": 64, "batch": 1, "contenders": {"dense": speed, name: speed}}]
-    for table in (perplexity_table(ppl), task_table(tasks), bench_table(points)):
+    tasks["rows"][0]["same_as_dense"] = {name: 1}
+    for table in (perplexity_table(ppl), task_table(tasks), same_output_table(tasks), bench_table(points)):
         console = Console(record=True, width=400)
         console.print(table)
         assert name in console.export_text()

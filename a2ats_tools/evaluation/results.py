@@ -72,6 +72,26 @@ def task_table(tasks: dict[str, Any]) -> Table:
     return table
 
 
+def same_output_table(tasks: dict[str, Any]) -> Table | None:
+    """Rows: task × length; columns: each retrieval configuration (samples whose greedy output is dense's,
+    token for token); None when no row has dense beside a configuration."""
+    configs = [c for c in tasks["configs"] if c != "dense"]
+    rows = [row for row in tasks["rows"] if row.get("same_as_dense")]
+    if not configs or not rows:
+        return None
+    table = Table(title="Greedy outputs identical to dense's (samples)")
+    table.add_column("task")
+    table.add_column("length", justify="right")
+    for c in configs:
+        table.add_column(escape(c), justify="right")
+    for row in rows:
+        n = row["scores"]["dense"]["n"]
+        cells = [row["task"], str(row["length"])]
+        cells += [f"{row['same_as_dense'][c]}/{n}" if c in row["same_as_dense"] else "-" for c in configs]
+        table.add_row(*cells)
+    return table
+
+
 def perplexity_table(ppl: dict[str, Any]) -> Table:
     texts = ppl.get("texts", 1)
     where = f"{texts} texts" if texts > 1 else "one text"
@@ -97,6 +117,9 @@ def print_results(results: dict[str, Any], console: Console) -> None:
         console.print(recall_table(results["recall"]))
     if results.get("tasks"):
         console.print(task_table(results["tasks"]))
+        same = same_output_table(results["tasks"])
+        if same is not None:
+            console.print(same)
     if results.get("perplexity"):
         console.print(perplexity_table(results["perplexity"]))
     for note in results.get("notes", []):

@@ -67,6 +67,11 @@ def run_tasks(
             scores = {name: {"mean": sum(v) / len(v), "n": len(v), "values": v} for name, v in values.items()}
             row: dict[str, Any] = {"task": task, "length": length, "scores": scores,
                                    "answers": [item.answers for item in items]}
+            if "dense" in outputs:  # greedy outputs equal to dense's, token for token: a finer signal than the score
+                row["same_as_dense"] = {
+                    name: sum(a == b for a, b in zip(texts, outputs["dense"], strict=True))
+                    for name, texts in outputs.items() if name != "dense"
+                }
             if keep_outputs:
                 row["outputs"] = outputs
             rows.append(row)
