@@ -99,6 +99,14 @@ def render(eval_jsons: list[Path], bench_json: Path | None, previous: dict[str, 
             for row in t["rows"]:
                 cells = [f"{100 * row['scores'][c]['mean']:.0f}" for c in t["configs"]]
                 lines.append(f"| {row['task']} | {row['length']} | " + " | ".join(cells) + " |")
+            same = [c for c in t["configs"] if c != "dense"]
+            if same and all(row.get("same_as_dense") for row in t["rows"]):
+                lines += ["", "Greedy outputs identical to dense's, token for token (samples):", "",
+                          "| task | length | " + " | ".join(same) + " |", "|---" * (len(same) + 2) + "|"]
+                for row in t["rows"]:
+                    n = row["scores"]["dense"]["n"]
+                    lines.append(f"| {row['task']} | {row['length']} | "
+                                 + " | ".join(f"{row['same_as_dense'][c]}/{n}" for c in same) + " |")
             lines += ["", "![task score vs context](figures/tasks_vs_length.png)", ""]
         if res.get("perplexity"):
             p = res["perplexity"]
