@@ -262,21 +262,27 @@ void solve_row(const Problem& p, int64_t row) {
       for (int64_t r = 0; r < n; ++r) x[r] *= inv;
     }
   }
-  for (int64_t j = 0; j < mid; ++j) {
-    const int64_t r = sink_end + j;
-    float score;
-    if (p.approx_aggregation == 2) {
-      score = probs[r];
-      for (int64_t g = 1; g < p.heads; ++g) score += probs[g * n + r];
-    } else {
-      const int64_t at = p.offsets[r] + codes[r];
-      score = table[at];
-      for (int64_t g = 1; g < p.heads; ++g) score = std::max(score, table[g * hs + at]);
-    }
+  auto keep_key = [&](int64_t j, float score) {
     const uint32_t key = order_key(score);
     approx[j] = key;
     lo = std::min(lo, key);
     hi = std::max(hi, key);
+  };
+  if (p.heads == 1) {  // sum: the group's one table (the default, kept a plain gather loop)
+    for (int64_t j = 0; j < mid; ++j) keep_key(j, table[p.offsets[sink_end + j] + codes[sink_end + j]]);
+  } else if (p.approx_aggregation == 2) {
+    for (int64_t j = 0; j < mid; ++j) {
+      float score = probs[sink_end + j];
+      for (int64_t g = 1; g < p.heads; ++g) score += probs[g * n + sink_end + j];
+      keep_key(j, score);
+    }
+  } else {
+    for (int64_t j = 0; j < mid; ++j) {
+      const int64_t at = p.offsets[sink_end + j] + codes[sink_end + j];
+      float score = table[at];
+      for (int64_t g = 1; g < p.heads; ++g) score = std::max(score, table[g * hs + at]);
+      keep_key(j, score);
+    }
   }
   const Cut cut = top_m_cut(approx.data(), mid, std::min(rerank ? fetch : top, mid), lo, hi, scratch);
 
