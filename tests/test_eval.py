@@ -266,3 +266,25 @@ def test_result_tables_show_bracketed_configuration_names():
         console = Console(record=True, width=400)
         console.print(table)
         assert name in console.export_text()
+
+
+def test_greedy_agreement_script_runs_and_a_full_budget_never_diverges(tiny_checkpoint, tmp_path, monkeypatch):
+    """benchmarks/greedy_agreement.py end to end on a tiny checkpoint: at a 100% budget decode is dense attention,
+    so the configuration's argmax follows dense's tokens at every step."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "greedy_agreement.py"
+    spec = importlib.util.spec_from_file_location("greedy_agreement", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "agree.json"
+    monkeypatch.setattr(sys, "argv", ["greedy_agreement.py", str(tiny_checkpoint), "--task", "niah_single",
+                                      "--length", "160", "--samples", "2", "--config", "full=budget=1.0",
+                                      "--config", "small=budget=2,n_sink=1,window=2", "-o", str(out)])
+    script.main()
+    result = json.loads(out.read_text())
+    full = result["summary"]["full"]
+    assert full["identical"] == 2 and full["token_agreement"] == 1.0 and full["loses_dense_answers"] == []
+    assert set(result["summary"]) == {"full", "small"} and len(result["rows"]) == 2
+    assert all(len(r["tokens"]) >= 1 and set(r["configs"]) == {"full", "small"} for r in result["rows"])
