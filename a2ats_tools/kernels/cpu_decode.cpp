@@ -106,7 +106,9 @@ inline v8 exp8(v8 x) {
   y = y * r + splat(5.0000001201e-1f);
   y = y * r * r + r + splat(1.0f);
   const i8v bits = (__builtin_convertvector(n, i8v) + 127) << 23;
-  const v8 out = y * reinterpret_cast<const v8&>(bits);
+  v8 pow2;
+  std::memcpy(&pow2, &bits, sizeof pow2);  // 2^n: the exponent bits, reinterpreted
+  const v8 out = y * pow2;
   return under ? splat(0.0f) : out;
 }
 
