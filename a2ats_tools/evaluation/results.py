@@ -55,14 +55,20 @@ def recall_table(recall: dict[str, Any]) -> Table:
     return table
 
 
-def task_table(tasks: dict[str, Any]) -> Table:
-    """Rows: task × length; columns: dense and each retrieval configuration (mean exact-match score %)."""
-    configs = tasks["configs"]
-    table = Table(title="Long-context tasks: exact-match score % (samples per cell in brackets)")
+def _task_grid(title: str, configs: list[str]) -> Table:
+    """An empty table with a task and a length column, then one column per configuration."""
+    table = Table(title=title)
     table.add_column("task")
     table.add_column("length", justify="right")
     for c in configs:
         table.add_column(escape(c), justify="right")  # labels such as a2ats[rerank=4] are not markup
+    return table
+
+
+def task_table(tasks: dict[str, Any]) -> Table:
+    """Rows: task × length; columns: dense and each retrieval configuration (mean exact-match score %)."""
+    configs = tasks["configs"]
+    table = _task_grid("Long-context tasks: exact-match score % (samples per cell in brackets)", configs)
     for row in tasks["rows"]:
         cells = [row["task"], str(row["length"])]
         for c in configs:
@@ -79,11 +85,7 @@ def same_output_table(tasks: dict[str, Any]) -> Table | None:
     rows = [row for row in tasks["rows"] if row.get("same_as_dense")]
     if not configs or not rows:
         return None
-    table = Table(title="Greedy outputs identical to dense's (samples)")
-    table.add_column("task")
-    table.add_column("length", justify="right")
-    for c in configs:
-        table.add_column(escape(c), justify="right")
+    table = _task_grid("Greedy outputs identical to dense's (samples)", configs)
     for row in rows:
         n = row["scores"]["dense"]["n"]
         cells = [row["task"], str(row["length"])]

@@ -253,9 +253,14 @@ void solve_row(const Problem& p, int64_t row) {
   uint32_t lo = UINT32_MAX, hi = 0;
   const float* table = p.table + table_base;
   const int64_t hs = p.head_stride;
-  std::vector<float> probs;
+  auto keep_key = [&](int64_t j, float score) {
+    const uint32_t key = order_key(score);
+    approx[j] = key;
+    lo = std::min(lo, key);
+    hi = std::max(hi, key);
+  };
   if (p.approx_aggregation == 2) {  // each head's softmax over all n rows (as torch's), summed over the group
-    probs.resize(p.heads * n);
+    std::vector<float> probs(p.heads * n);
     for (int64_t g = 0; g < p.heads; ++g) {
       float* x = probs.data() + g * n;
       float mx = -INFINITY;
@@ -263,21 +268,13 @@ void solve_row(const Problem& p, int64_t row) {
       const float inv = 1.0f / exp_shifted(x, n, mx);
       for (int64_t r = 0; r < n; ++r) x[r] *= inv;
     }
-  }
-  auto keep_key = [&](int64_t j, float score) {
-    const uint32_t key = order_key(score);
-    approx[j] = key;
-    lo = std::min(lo, key);
-    hi = std::max(hi, key);
-  };
-  if (p.heads == 1) {  // sum: the group's one table (the default, kept a plain gather loop)
-    for (int64_t j = 0; j < mid; ++j) keep_key(j, table[p.offsets[sink_end + j] + codes[sink_end + j]]);
-  } else if (p.approx_aggregation == 2) {
     for (int64_t j = 0; j < mid; ++j) {
       float score = probs[sink_end + j];
       for (int64_t g = 1; g < p.heads; ++g) score += probs[g * n + sink_end + j];
       keep_key(j, score);
     }
+  } else if (p.heads == 1) {  // sum (the group's one table: the default, a plain gather loop), or max with G = 1
+    for (int64_t j = 0; j < mid; ++j) keep_key(j, table[p.offsets[sink_end + j] + codes[sink_end + j]]);
   } else {
     for (int64_t j = 0; j < mid; ++j) {
       const int64_t at = p.offsets[sink_end + j] + codes[sink_end + j];
@@ -386,14 +383,15 @@ __attribute__((optimize("fp-contract=off"))) void scoring_queries(const float* q
   const int64_t half = d / 2;
   std::vector<float> folded(d, 0.0f);
   for (int64_t head = 0; head < (fold ? 1 : group); ++head) {
-    for (int64_t g = fold ? 0 : head; g < (fold ? group : head + 1); ++g) {
+    const int64_t g_first = fold ? 0 : head, g_end = fold ? group : head + 1;  // the query heads of this row
+    for (int64_t g = g_first; g < g_end; ++g) {
       const float* x = q + g * d;
       for (int64_t i = 0; i < d; ++i) {
         const float rotated_half = i < half ? -x[i + half] : x[i - half];
         float scale2 = cos[i] * cos[i] + sin[i] * sin[i];
         scale2 = std::max(scale2, 1e-12f);
         const float pre = (x[i] * cos[i] - rotated_half * sin[i]) / scale2;
-        folded[i] = g == 0 || !fold ? pre : folded[i] + pre;
+        folded[i] = g == g_first ? pre : folded[i] + pre;
       }
     }
     float* out = rows + head * buckets * d;

@@ -176,8 +176,8 @@ def decode_step(
     out = torch.empty(b, hq, d, dtype=torch.float32)
     picked = torch.empty(b, hkv, k, dtype=torch.int64)
     lib.a2ats_cpu_decode(
-        b, hkv, buckets, AGGREGATION_CODES[aggregation], c, cos.data_ptr(), sin.data_ptr(), bucket_cos.data_ptr(), bucket_sin.data_ptr(),
-        rows.data_ptr(), tiles.data_ptr(), table.data_ptr(), codes.data_ptr(), codes.stride(0), codes.stride(1),
+        b, hkv, buckets, AGGREGATION_CODES[aggregation], c, cos.data_ptr(), sin.data_ptr(), bucket_cos.data_ptr(),
+        bucket_sin.data_ptr(), rows.data_ptr(), tiles.data_ptr(), table.data_ptr(), codes.data_ptr(), codes.stride(0), codes.stride(1),
         offsets.data_ptr(), q.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1),
         hq // hkv, d, length, n_sink, window, first.data_ptr(), top.data_ptr(), float(rerank or 0.0),
         AGGREGATION_CODES[rerank_aggregation], scale, out.data_ptr(), picked.data_ptr(), k, torch.get_num_threads(),
