@@ -356,6 +356,20 @@ def test_log_buckets_full_budget_equals_dense(tiny_checkpoints):
     assert torch.isfinite(low).all()
 
 
+def test_runtime_log_buckets_are_the_ones_convert_writes():
+    """``buckets="log"`` at load or per call means convert's default buckets (ratio 2), not some other spacing."""
+    from a2ats_tools.quantization.convert import resolve_buckets
+    from a2ats_tools.rope import DistanceBuckets
+    from a2ats_tools.runtime.settings import RuntimeSettings
+
+    written = resolve_buckets("log", 8192)
+    settings = RuntimeSettings(max_distance=8192).with_overrides(buckets="log")
+    assert settings.buckets == written and len(written.centres) == 7
+    assert RuntimeSettings(max_distance=8192).with_overrides(buckets="log:1.5").buckets == DistanceBuckets.log_spaced(
+        8192, ratio=1.5
+    )
+
+
 def test_geometry_mismatch_is_a_clear_error(tiny_checkpoints, tmp_path):
     from a2ats_tools.artifacts.checkpoint import read_codebooks, read_config
     from a2ats_tools.runtime.loader import attach

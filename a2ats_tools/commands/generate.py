@@ -87,7 +87,7 @@ def generate(
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the tokenizer's chat template (instruct models)."),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", "-n", help="Tokens to generate (default 64; a --task's own)."),
     budget: str = typer.Option(None, "--budget", "-b", help="Top-K per KV head: fraction (0.03), percent (3%) or tokens (256)."),
-    buckets: str = typer.Option(None, "--buckets", help="single, single:DIST, log or log:RATIO (default: checkpoint's)."),
+    buckets: str = typer.Option(None, "--buckets", help="single, single:DIST, log (ratio 2, as convert writes) or log:RATIO (default: the checkpoint's)."),
     selector: str = typer.Option(None, "--selector", help="a2ats (default), streaming or exact (oracle)."),
     rerank: float = typer.Option(None, "--rerank", help="Exact re-ranking of RERANK×K over-fetched candidates (default 2; 0 = off)."),
     rerank_aggregation: str = typer.Option(

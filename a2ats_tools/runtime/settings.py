@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -228,7 +227,8 @@ def parse_layers(value: Any) -> tuple[int, ...]:
 
 
 def parse_buckets(spec: Any, current: DistanceBuckets, max_distance: int = 1 << 17) -> DistanceBuckets:
-    """``"single"``, ``"single:2048"``, ``"log"`` or ``"log:2"`` (ratio), a config dict, or a DistanceBuckets."""
+    """``"single"``, ``"single:2048"``, ``"log"`` (ratio 2 from 64 up to ``max_distance``: the buckets ``a2ats
+    convert`` writes by default) or ``"log:RATIO"``, a config dict, or a DistanceBuckets."""
     if isinstance(spec, DistanceBuckets):
         return spec
     if isinstance(spec, dict):
@@ -238,7 +238,7 @@ def parse_buckets(spec: Any, current: DistanceBuckets, max_distance: int = 1 << 
         if mode == "single":
             return DistanceBuckets.single(int(arg) if arg else (current.centres[0] if current.mode == "single" else 2048))
         if mode == "log":
-            return DistanceBuckets.log_spaced(max_distance, ratio=float(arg) if arg else math.sqrt(2.0))
+            return DistanceBuckets.log_spaced(max_distance, **({"ratio": float(arg)} if arg else {}))
     except ValueError:
         pass
     raise A2atsError(f"buckets must be 'single', 'single:DISTANCE', 'log' or 'log:RATIO', got {spec!r}")
