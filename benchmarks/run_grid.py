@@ -176,7 +176,7 @@ def copy_figures(out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="converted checkpoint (or, with --render-only, a grid output directory)")
-    ap.add_argument("--out", default="runs/grid", help="where eval/ and bench/ results go")
+    ap.add_argument("--out", default="runs/grid", help="where the eval-*/ and bench/ results go")
     ap.add_argument("--quick", action="store_true", help="a smaller grid")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--render-only", action="store_true", help="only rebuild docs from <checkpoint>/eval-*/ and /bench")

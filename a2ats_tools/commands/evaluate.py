@@ -50,7 +50,8 @@ def evaluate(
     decode-mode perplexity. Everything is generated offline from --seed; the dense model runs on the same
     prompts in the same process.
 
-    Writes results.json, recall.png (recall vs budget) and tasks.png (score vs context length) to --out.
+    Writes results.json, recall.png and recall_topk.png (attention-mass and top-K recall vs budget) and
+    tasks.png (score vs context length) to --out.
 
     Examples:
 
