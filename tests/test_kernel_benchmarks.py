@@ -47,6 +47,20 @@ def test_cpu_ops_benchmark_reports_each_op():
         assert name in out, out
 
 
+def test_cpu_kernel_parts_benchmark_reports_each_part():
+    from a2ats_tools.kernels import cpu_decode
+
+    if not cpu_decode.available():
+        pytest.skip(cpu_decode.unavailable_reason())
+    out = run_script(
+        "benchmarks/cpu_kernel_parts.py", "--tokens", "512", "--codes", "64", "--layers", "2", "--repeat", "1",
+        "--threads", "1",
+    )
+    for name in ("default (P=3", "no re-rank", "one bucket, 128 tokens", "tables of 2 more buckets", "Python wrapper",
+                 "torch bmm"):
+        assert name in out, out
+
+
 def test_triton_kernels_compile_for_a_gpu_without_one():
     """The interpreter accepts things a GPU compile rejects: compile each kernel for sm_90 ahead of time."""
     pytest.importorskip("triton")
