@@ -15,7 +15,8 @@ import argparse
 import time
 
 import torch
-from cpu_ops import timed as best_ms  # best of n after warm-up calls (a sibling script)
+from cpu_ops import add_shape_options  # a sibling script: the same shape options
+from cpu_ops import timed as best_ms  # best of n after warm-up calls
 
 from a2ats_tools.kernels import cpu_decode
 from a2ats_tools.rope import DistanceBuckets
@@ -23,12 +24,7 @@ from a2ats_tools.rope import DistanceBuckets
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=3)
-    parser.add_argument("--group", type=int, default=3)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--codes", type=int, default=4096)
-    parser.add_argument("--tokens", type=int, default=8192)
+    add_shape_options(parser)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--budget", type=float, default=0.03, help="top-K as a fraction of the tokens")
     parser.add_argument("--rerank", type=float, default=2.0)

@@ -38,16 +38,21 @@ def timed(fn, repeat: int) -> float:
     return min(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_shape_options(parser: argparse.ArgumentParser) -> None:
+    """The decode shape's options, SmolLM2's at batch 4 and 8K tokens by default (shared by the CPU benchmarks)."""
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=3)
     parser.add_argument("--group", type=int, default=3)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--codes", type=int, default=4096)
     parser.add_argument("--tokens", type=int, default=8192)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_shape_options(parser)
     parser.add_argument("--ratio", type=float, default=2.0, help="log-spaced bucket ratio (P follows)")
     parser.add_argument("--topk", type=int, default=318)
     parser.add_argument(
