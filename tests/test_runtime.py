@@ -439,6 +439,8 @@ def test_bad_settings_are_user_errors(tiny_checkpoints):
 
     with pytest.raises(A2atsError, match="buckets"):
         load(tiny_checkpoints["llama"], buckets="weird")
+    with pytest.raises(A2atsError, match=r"RATIO > 1\), got 'log:1'"):
+        load(tiny_checkpoints["llama"], buckets="log:1")
     with pytest.raises(A2atsError, match="aggregation"):
         load(tiny_checkpoints["llama"], aggregation="mean")
     with pytest.raises(A2atsError, match="do not exist"):

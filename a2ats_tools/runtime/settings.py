@@ -241,4 +241,4 @@ def parse_buckets(spec: Any, current: DistanceBuckets, max_distance: int = 1 << 
             return DistanceBuckets.log_spaced(max_distance, **({"ratio": float(arg)} if arg else {}))
     except ValueError:
         pass
-    raise A2atsError(f"buckets must be 'single', 'single:DISTANCE', 'log' or 'log:RATIO', got {spec!r}")
+    raise A2atsError(f"buckets must be 'single', 'single:DISTANCE', 'log' or 'log:RATIO' (RATIO > 1), got {spec!r}")
