@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from a2ats_tools.compat import cache_kwargs
+
 CLOCK = time.perf_counter  # --cpu-time switches to process CPU time (robust on a shared, loaded machine)
 
 
@@ -46,7 +48,7 @@ def dense_prefill(model, ids, chunk: int):
 
     cache = DynamicCache(config=model.config)
     for start in range(0, ids.shape[1], chunk):
-        model(input_ids=ids[:, start : start + chunk], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, start : start + chunk], **cache_kwargs(cache), use_cache=True)
     return cache
 
 
@@ -97,7 +99,7 @@ def time_steps(model, cache, tokens, steps: int, context: int) -> list[float]:
         mask_len += 1
         mask = torch.ones(tokens.shape[0], mask_len, dtype=torch.long)
         t = CLOCK()
-        model(input_ids=tokens[:, i : i + 1], attention_mask=mask, past_key_values=cache, use_cache=True)
+        model(input_ids=tokens[:, i : i + 1], attention_mask=mask, **cache_kwargs(cache), use_cache=True)
         times.append(CLOCK() - t)
     return times
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from a2ats_tools.compat import cache_kwargs
 from a2ats_tools.evaluation.harness import ModelUnderTest, Variant
 from a2ats_tools.evaluation.haystack import Haystack
 from a2ats_tools.evaluation.tasks import make_sample, score_answers
@@ -32,7 +33,7 @@ def follow(model, cache, start: int, tokens: list[int]) -> tuple[list[int], list
     """Feed ``tokens[:-1]`` one decode step each from position ``start``: argmax and log-prob of the next token."""
     preds, logps = [], []
     for i, tok in enumerate(tokens[:-1]):
-        out = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True,
+        out = model(input_ids=torch.tensor([[tok]]), **cache_kwargs(cache), use_cache=True,
                     cache_position=torch.tensor([start + i]))
         logits = out.logits[0, -1].float()
         preds.append(int(logits.argmax()))
@@ -82,7 +83,7 @@ def main() -> None:
         cache = copy.deepcopy(prefix.cache)
         with torch.no_grad():
             while len(tokens) < sample.max_new_tokens and tokens[-1] not in eos:
-                out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True,
+                out = model(input_ids=torch.tensor([[tokens[-1]]]), **cache_kwargs(cache), use_cache=True,
                             cache_position=torch.tensor([ids.shape[1] + len(tokens) - 1]))
                 tokens.append(int(out.logits[0, -1].argmax()))
         score = sample.score(tok.decode(tokens, skip_special_tokens=True))

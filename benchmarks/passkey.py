@@ -14,6 +14,8 @@ import random
 import torch
 from transformers import DynamicCache
 
+from a2ats_tools.compat import cache_kwargs
+
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
@@ -53,7 +55,7 @@ def main() -> None:
         key = rng.randint(10000, 99999)
         ids = tok(prompt(tok, args.tokens, (trial + 0.5) / args.trials, key), return_tensors="pt")["input_ids"]
         for name, over in configs.items():
-            extra = {"past_key_values": DynamicCache(config=model.config)} if over is None else {"a2ats": over}
+            extra = cache_kwargs(DynamicCache(config=model.config)) if over is None else {"a2ats": over}
             with torch.inference_mode():
                 out = model.generate(ids, max_new_tokens=7, do_sample=False, pad_token_id=tok.pad_token_id, **extra)
             answer = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..compat import cache_kwargs
 from .memory import cache_device_bytes, current_process_bytes, device_peak_bytes, reset_device_peak
 
 
@@ -68,7 +69,7 @@ def bench_point(
     _sync(device)
     t0 = time.perf_counter()
     for start in range(0, context, chunk):
-        out = model(input_ids=input_ids[:, start : start + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=input_ids[:, start : start + chunk], **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     _sync(device)
     prefill_s = time.perf_counter() - t0
     first = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -100,7 +101,7 @@ def bench_point(
                 _sync(device)
                 t0 = time.perf_counter()
                 out = model(
-                    input_ids=st["next"], past_key_values=st["cache"], use_cache=True,
+                    input_ids=st["next"], **cache_kwargs(st["cache"]), use_cache=True,
                     cache_position=torch.tensor([st["pos"]], device=device),
                 )
                 st["next"] = out.logits[:, -1].argmax(-1, keepdim=True)

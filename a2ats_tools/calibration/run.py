@@ -13,6 +13,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ..compat import cache_kwargs
 from ..errors import A2atsError, DataError
 from ..io import prepare_output_dir
 from ..models import (
@@ -77,7 +78,7 @@ def run_document(model: Any, ids: list[int], chunk_size: int, device: torch.devi
     tokens = torch.tensor([ids], dtype=torch.long, device=device)
     cache = DynamicCache(config=model.config)
     for start in range(0, tokens.shape[1], chunk_size):
-        model(input_ids=tokens[:, start : start + chunk_size], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=tokens[:, start : start + chunk_size], **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
 
 
 def _pieces(docs: Iterator[list[int]], max_length: int) -> Iterator[list[int]]:

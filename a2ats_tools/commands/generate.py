@@ -131,6 +131,7 @@ def generate(
     import torch
     from transformers import DynamicCache, TextStreamer
 
+    from ..compat import cache_kwargs
     from ..runtime.loader import load_converted
 
     text = _read_prompt(prompt, prompt_file, task)
@@ -190,11 +191,11 @@ def generate(
 
     s = model.a2ats.settings
     cache = model.a2ats.new_cache()
-    ours = run(f"A²ATS ({s.selector}, budget {s.budget}, buckets {s.buckets.mode}):", past_key_values=cache)
+    ours = run(f"A²ATS ({s.selector}, budget {s.budget}, buckets {s.buckets.mode}):", **cache_kwargs(cache))
     if not quiet:
         err.print(f"[dim]{retrieval_summary(cache)}[/]", highlight=False)
     del cache
     if compare_dense:
-        dense = run("dense attention:", past_key_values=DynamicCache(config=model.config))
+        dense = run("dense attention:", **cache_kwargs(DynamicCache(config=model.config)))
         same = ours.tolist() == dense.tolist()
         err.print("[green]identical to dense[/]" if same else "[yellow]differs from dense[/]", highlight=False)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..compat import cache_kwargs
 from ..errors import A2atsError
 from .baselines import make_quest_selector
 
@@ -117,7 +118,7 @@ class ModelUnderTest:
         cache = DynamicCache(config=self.model.config)
         ids = ids.to(self.device)
         for start in range(0, ids.shape[1], chunk):
-            out = self.model(input_ids=ids[:, start : start + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=ids[:, start : start + chunk], **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
         return Prefix(ids, cache, out.logits[:, -1].float())
 
     def cache_for(self, variant: Variant, prefix: Prefix) -> Any:
@@ -148,7 +149,7 @@ class ModelUnderTest:
                 full = torch.cat([prefix.ids, first], 1)
                 out = self.model.generate(
                     input_ids=full, attention_mask=torch.ones_like(full), max_new_tokens=max_new_tokens - 1,
-                    do_sample=False, past_key_values=cache, pad_token_id=self.tokenizer.pad_token_id,
+                    do_sample=False, **cache_kwargs(cache), pad_token_id=self.tokenizer.pad_token_id,
                 )
                 new = out[0, prefix.ids.shape[1] :]
             texts[variant.name] = self.tokenizer.decode(new, skip_special_tokens=True)

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..compat import cache_kwargs, output_cache
 from ..errors import DataError
 
 
@@ -39,8 +40,8 @@ def decode_nll(
     else:
         kwargs: dict[str, Any] = {"use_cache": True}
         if make_cache is not None:
-            kwargs["past_key_values"] = make_cache()
-        past = model(input_ids=prefix, logits_to_keep=1, **kwargs).past_key_values
+            kwargs.update(cache_kwargs(make_cache()))
+        past = output_cache(model(input_ids=prefix, logits_to_keep=1, **kwargs))
     nll: list[float] = []
     feed = ids[-n_decode - 1 : -1]
     targets = ids[-n_decode:]
@@ -48,11 +49,11 @@ def decode_nll(
         position = len(ids) - n_decode - 1 + step
         out = model(
             input_ids=torch.tensor([[token]], device=device),
-            past_key_values=past,
+            **cache_kwargs(past),
             use_cache=True,
             cache_position=torch.tensor([position], device=device),
         )
-        past = out.past_key_values
+        past = output_cache(out)
         logp = torch.log_softmax(out.logits[0, -1].float(), -1)
         nll.append(-float(logp[target]))
         if progress is not None:

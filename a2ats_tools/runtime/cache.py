@@ -149,7 +149,8 @@ class A2atsLayer(CacheLayerMixin):
 
 
 class A2atsCache(Cache):
-    """A transformers ``Cache`` of :class:`A2atsLayer` s; pass it as ``past_key_values=`` (``generate`` does)."""
+    """A transformers ``Cache`` of :class:`A2atsLayer` s; pass it as ``cache=`` (``past_key_values=`` before
+    transformers 5.24; ``generate`` builds one for you)."""
 
     def __init__(self, selectors: list[TokenSelector], offload: str | None = None, reserve: int | None = None):
         """``reserve``: rows to allocate at the first update when they suffice (the final length, if known)."""

@@ -1,10 +1,12 @@
-"""Module hooks: the attention function never sees ``past_key_values`` or ``position_embeddings``, so a forward
-pre-hook on every attention module stashes them (cache on the module, this step's cos/sin on the cache layer)."""
+"""Module hooks: the attention function never sees the cache (``past_key_values``, ``cache`` since transformers
+5.24) or ``position_embeddings``, so a forward pre-hook on every attention module stashes them (cache on the
+module, this step's cos/sin on the cache layer)."""
 
 from __future__ import annotations
 
 from torch import nn
 
+from ..compat import passed_cache
 from ..models import attention_modules
 from .cache import A2atsCache
 
@@ -12,7 +14,7 @@ HANDLES_ATTR = "_a2ats_hook_handles"
 
 
 def _pre_hook(module: nn.Module, args, kwargs):
-    cache = kwargs.get("past_key_values")
+    cache = passed_cache(kwargs)
     if isinstance(cache, A2atsCache):
         cos, sin = kwargs["position_embeddings"]
         cache.set_rope(module.layer_idx, cos, sin)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..artifacts.checkpoint import A2atsConfig, read_codebooks, read_config
+from ..compat import cache_kwargs, passed_cache
 from ..errors import A2atsError, ArtifactError
 from ..models import ModelSource, check_supported, geometry, load_model, load_tokenizer, rotary
 from . import attention, hooks
@@ -109,11 +110,12 @@ def _final_length(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> int 
 
 
 def _generate(model: nn.Module, original, *args, a2ats: dict[str, Any] | None = None, **kwargs):
-    """``generate`` that brings its own :class:`A2atsCache` unless the caller passes ``past_key_values``."""
+    """``generate`` that brings its own :class:`A2atsCache` unless the caller passes a cache (``cache=``, or
+    ``past_key_values=`` before transformers 5.24)."""
     runtime: A2atsRuntime = model.a2ats
     overrides = dict(a2ats or {})
-    if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
-        kwargs["past_key_values"] = runtime.new_cache(reserve=_final_length(model, args, kwargs), **overrides)
+    if passed_cache(kwargs) is None and kwargs.get("use_cache", True):
+        kwargs.update(cache_kwargs(runtime.new_cache(reserve=_final_length(model, args, kwargs), **overrides)))
     chunk = overrides.get("prefill_chunk", runtime.settings.prefill_chunk)
     if chunk and "prefill_chunk_size" not in kwargs:
         kwargs["prefill_chunk_size"] = int(chunk)
