@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from a2ats_tools.bench.decode import Contender, bench_point
 from a2ats_tools.bench.memory import cache_device_bytes
+from a2ats_tools.compat import cache_kwargs
 from a2ats_tools.errors import A2atsError
 
 from .conftest import build_tiny_model
@@ -44,7 +45,7 @@ def test_cache_device_bytes_of_dynamic_cache():
     model = build_tiny_model("llama")
     cache = DynamicCache()
     with torch.no_grad():
-        model(input_ids=torch.tensor([[5, 6, 7]]), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.tensor([[5, 6, 7]]), **cache_kwargs(cache), use_cache=True)
     assert cache_device_bytes(cache, torch.device("cpu")) == 2 * 2 * 2 * 3 * 16 * 4
 
 

@@ -9,6 +9,7 @@ from a2ats_tools.calibration.accumulate import StatsAccumulator
 from a2ats_tools.calibration.capture import capturing
 from a2ats_tools.calibration.format import CalibrationSet
 from a2ats_tools.calibration.run import heldout_query_positions, parse_positions, run_document
+from a2ats_tools.compat import cache_kwargs
 from a2ats_tools.errors import A2atsError
 from a2ats_tools.models import attention_modules, geometry, rotary
 from a2ats_tools.rope import DistanceBuckets, apply_rope
@@ -114,7 +115,7 @@ def test_chunked_prefill_equals_unchunked(arch, tmp_path):
     with capturing(model, lambda *_: None), torch.no_grad():
         cache = DynamicCache(config=model.config)
         for start in range(0, len(ids), 7):
-            logits = model(torch.tensor([ids[start : start + 7]]), past_key_values=cache, use_cache=True).logits
+            logits = model(torch.tensor([ids[start : start + 7]]), **cache_kwargs(cache), use_cache=True).logits
     torch.testing.assert_close(logits[0, -1], reference_logits, rtol=1e-4, atol=1e-4)
     assert model.config._attn_implementation == "sdpa"  # restored after capture
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from a2ats_tools.compat import cache_kwargs
 from a2ats_tools.errors import A2atsError
 from a2ats_tools.kernels import cpu_decode
 from a2ats_tools.rope import DistanceBuckets, undo_rope
@@ -209,11 +210,11 @@ def test_runtime_with_the_cpu_kernel_matches_its_torch_path(tiny_checkpoint, bud
     with torch.no_grad():
         for kernels in ("torch", "cpu"):
             cache = caches[kernels] = model.a2ats.new_cache(kernels=kernels)
-            model(input_ids=ids, past_key_values=cache, use_cache=True)
+            model(input_ids=ids, **cache_kwargs(cache), use_cache=True)
             prefill_codes[kernels] = [layer.state.meta["codes"][:, :, :90].clone() for layer in cache.layers]
             for layer in cache.layers:
                 layer.state.meta["codes"][:, :, :90] = distinct
-            steps = [model(input_ids=feed[:, i : i + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+            steps = [model(input_ids=feed[:, i : i + 1], **cache_kwargs(cache), use_cache=True).logits[:, -1]
                      for i in range(feed.shape[1])]
             out[kernels] = torch.stack(steps, 1)
     assert len(calls) == model.config.num_hidden_layers * 3

@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from a2ats_tools.artifacts.checkpoint import A2atsConfig, write_codebooks, write_config
+from a2ats_tools.compat import cache_kwargs
 from a2ats_tools.errors import A2atsError
 from a2ats_tools.evaluation.baselines import PAGE, page_bounds, quest_token_scores
 from a2ats_tools.models import geometry, rotary
@@ -59,8 +60,8 @@ def test_quest_selector_tracks_page_bounds_in_the_runtime(tiny_checkpoint):
     cache = make_cache()
     ids = torch.randint(100, 1000, (1, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        out = mut.model(input_ids=ids, past_key_values=cache, use_cache=True)
-        mut.model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+        out = mut.model(input_ids=ids, **cache_kwargs(cache), use_cache=True)
+        mut.model(input_ids=out.logits[:, -1:].argmax(-1), **cache_kwargs(cache), use_cache=True)
     state = cache.layers[1].state
     kmin, kmax = page_bounds(state.keys[0, :, : state.length].float())
     assert torch.allclose(state.meta["kmin"][0, :, : kmin.shape[1]], kmin)
@@ -129,7 +130,7 @@ def test_reference_rerank_keeps_the_rows_the_runtime_keeps(tiny_checkpoint, how)
     cache = model.a2ats.new_cache()
     ids = torch.randint(100, 1000, (1, 120), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **cache_kwargs(cache), use_cache=True)
     layer = cache.layers[1]
     sel, state = layer.selector, layer.state
     n, hkv, hq = state.length, sel.num_kv_heads, sel.num_heads
@@ -162,7 +163,7 @@ def test_shared_prefill_generation_equals_plain_generate(tiny_checkpoint, tokeni
     for variant in variants:
         make_cache = mut.use(variant)
         out = mut.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
-                                 do_sample=False, past_key_values=make_cache(), pad_token_id=0)
+                                 do_sample=False, **cache_kwargs(make_cache()), pad_token_id=0)
         assert shared[variant.name] == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     from a2ats_tools.runtime.cache import A2atsCache
 

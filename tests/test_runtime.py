@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from a2ats_tools.artifacts.checkpoint import A2atsConfig, write_codebooks, write_config
+from a2ats_tools.compat import cache_kwargs, output_cache
 from a2ats_tools.errors import ArtifactError
 from a2ats_tools.models import geometry, rotary
 from a2ats_tools.rope import undo_rope
@@ -26,7 +27,7 @@ def sample_codebooks(model, codebook_size: int, seed: int = 0, tokens: int = 192
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=g)
     cache = DynamicCache()
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **cache_kwargs(cache), use_cache=True)
     rot = rotary(model)
     cos, sin = rot.cos_sin(torch.arange(tokens))
     books, whitening = [], []
@@ -82,18 +83,18 @@ def decode_logits(model, ids: torch.Tensor, steps: int, cache=None, attention_ma
     one; stack the last-position logits ``[B, steps, V]``."""
     if chunk:
         for start in range(0, ids.shape[1], chunk):
-            out = model(input_ids=ids[:, start : start + chunk], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=ids[:, start : start + chunk], **cache_kwargs(cache), use_cache=True)
+            cache = output_cache(out)
     else:
-        out = model(input_ids=ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
-    cache = out.past_key_values
+        out = model(input_ids=ids, attention_mask=attention_mask, **cache_kwargs(cache), use_cache=True)
+    cache = output_cache(out)
     feed = prompt_ids(steps, ids.shape[0], seed=7)
     logits = []
     mask = attention_mask
     for i in range(steps):
         if mask is not None:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        out = model(input_ids=feed[:, i : i + 1], attention_mask=mask, past_key_values=cache, use_cache=True)
+        out = model(input_ids=feed[:, i : i + 1], attention_mask=mask, **cache_kwargs(cache), use_cache=True)
         logits.append(out.logits[:, -1])
     return torch.stack(logits, 1)
 
@@ -227,11 +228,11 @@ def test_mask_is_left_out_only_for_aligned_unpadded_queries(tiny_checkpoints):
     ids = prompt_ids(40, batch=2)
     with torch.no_grad():
         cache = model.a2ats.new_cache()
-        model(input_ids=ids[:, :24], past_key_values=cache, use_cache=True)
-        model(input_ids=ids[:, 24:], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, :24], **cache_kwargs(cache), use_cache=True)
+        model(input_ids=ids[:, 24:], **cache_kwargs(cache), use_cache=True)
         mask = torch.ones(2, 40, dtype=torch.long)
         mask[1, :5] = 0
-        model(input_ids=ids, attention_mask=mask, past_key_values=model.a2ats.new_cache(), use_cache=True)
+        model(input_ids=ids, attention_mask=mask, **cache_kwargs(model.a2ats.new_cache()), use_cache=True)
     assert seen[0] is None and seen[1] is not None and seen[2] is not None
 
 
@@ -242,10 +243,10 @@ def test_generate_reserves_exactly_prompt_plus_new_tokens(tiny_checkpoints):
     ids = prompt_ids(90, batch=2)
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=7, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
-        capacities = {layer.state.capacity for layer in out.past_key_values.layers}
+        capacities = {layer.state.capacity for layer in output_cache(out).layers}
         assert capacities == {90 + 7}
         small = model.a2ats.new_cache(reserve=10)
-        model(input_ids=ids, past_key_values=small, use_cache=True)
+        model(input_ids=ids, **cache_kwargs(small), use_cache=True)
         assert small.layers[0].state.capacity == 192  # 90 + 64 headroom, rounded up to 64 rows
         exact = model.a2ats.new_cache(reserve=91)
         ref = decode_logits(model, ids, 4, cache=model.a2ats.new_cache())
@@ -312,7 +313,7 @@ def test_short_context_decodes_densely_until_the_cache_outgrows_the_budget(tiny_
     assert all(layer.last_selection is None for layer in cache.layers)
     with torch.no_grad():
         for token in prompt_ids(3, batch=2, seed=9).T:  # 14..16 rows: the cache outgrows the budget
-            model(input_ids=token[:, None], past_key_values=cache, use_cache=True)
+            model(input_ids=token[:, None], **cache_kwargs(cache), use_cache=True)
     idx, keep = cache.layers[0].last_selection
     assert keep.sum(-1).max() == 2 + 8 + 4 and cache.get_seq_length() == 16
 
@@ -510,7 +511,7 @@ def prefilled_layer(path, n: int, batch: int, **settings):
     model, _ = load(path, **settings)
     cache = model.a2ats.new_cache()
     with torch.no_grad():
-        model(input_ids=prompt_ids(n, batch=batch), past_key_values=cache, use_cache=True)
+        model(input_ids=prompt_ids(n, batch=batch), **cache_kwargs(cache), use_cache=True)
     return cache.layers[1].selector, cache.layers[1].state
 
 
