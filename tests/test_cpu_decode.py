@@ -200,8 +200,8 @@ def test_runtime_with_the_cpu_kernel_matches_its_torch_path(tiny_checkpoint, bud
     from .test_runtime import prompt_ids
 
     calls = []
-    real = cpu_decode.decode_step
-    monkeypatch.setattr(cpu_decode, "decode_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = cpu_decode.decode_layer
+    monkeypatch.setattr(cpu_decode, "decode_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(TokenSelector, "full_keep_shortcut", False)
     model, _ = load_converted(tiny_checkpoint, budget=budget, n_sink=2, window=8, aggregation=aggregation)
     ids, feed = prompt_ids(90, batch=2), prompt_ids(3, batch=2, seed=7)

@@ -435,6 +435,27 @@ def test_decode_defers_encoding_to_window_blocks_with_eager_codes(tiny_checkpoin
         assert torch.equal(st.meta["codes"][:, :, :encoded], expect[:, :, :encoded])
 
 
+def test_deferred_encoding_undoes_each_samples_own_rotation(tiny_checkpoints):
+    """Pending decode keys are taken back to pre-RoPE form with their own sample's rotation at their own step
+    (positions differ per sample, as left padding makes them), when their block is encoded."""
+    model, _ = load(tiny_checkpoints["llama"], budget=4, n_sink=2, window=8)
+    cache = model.a2ats.new_cache()
+    ids, feed = prompt_ids(60, batch=2), prompt_ids(21, batch=2, seed=7)
+    shift = torch.tensor([[0], [37]])
+    with torch.no_grad():
+        model(input_ids=ids, position_ids=torch.arange(60) + shift, **cache_kwargs(cache), use_cache=True)
+        for i in range(feed.shape[1]):
+            step = torch.full((1, 1), 60 + i) + shift
+            model(input_ids=feed[:, i : i + 1], position_ids=step, **cache_kwargs(cache), use_cache=True)
+    cos, sin = rotary(model).cos_sin(torch.arange(81) + shift)  # [B, 81, d]
+    for layer in cache.layers:
+        st, sel = layer.state, layer.selector
+        encoded = st.meta.get("pending_start", st.length)
+        assert st.length == 81 and 60 < encoded <= 81
+        expect = sel.encode(undo_rope(st.keys[:, :, :81].float(), cos[:, None], sin[:, None]))
+        assert torch.equal(st.meta["codes"][:, :, :encoded], expect[:, :, :encoded])
+
+
 def test_bad_settings_are_user_errors(tiny_checkpoints):
     from a2ats_tools.errors import A2atsError
 

@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -111,6 +112,51 @@ def unavailable_reason() -> str:
     return _load()[1]
 
 
+class StepPlan(NamedTuple):
+    """What every layer of one decode step passes the kernel alike (checked once, built by :func:`plan_step`)."""
+
+    cos: torch.Tensor  # [B, d] float32
+    sin: torch.Tensor
+    offsets: torch.Tensor  # [length] int64
+    length: int
+    n_sink: int
+    window: int
+    first: torch.Tensor  # [B] int64
+    top: torch.Tensor  # [B] int64
+    k: int  # kept rows of the sample that keeps most
+    rerank: float
+    rerank_aggregation: int
+    aggregation: int
+
+
+def plan_step(
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    offsets: torch.Tensor,
+    length: int,
+    n_sink: int,
+    window: int,
+    top: int | torch.Tensor,
+    rerank: float,
+    rerank_aggregation: str,
+    first: torch.Tensor | None = None,
+    aggregation: str = "sum",
+) -> StepPlan:
+    """The step's part of :func:`decode_step`'s arguments, checked and laid out once for all its layers."""
+    if cos.dtype != torch.float32 or sin.dtype != torch.float32 or cos.device.type != "cpu" or cos.dim() != 2:
+        raise ValueError("cos/sin must be [B, d] float32 CPU tensors")
+    if offsets.dtype != torch.int64:
+        raise ValueError("offsets must be int64")
+    b = cos.shape[0]
+    first = torch.zeros(b, dtype=torch.int64) if first is None else first.to(torch.int64).contiguous()
+    top = torch.full((b,), top, dtype=torch.int64) if isinstance(top, int) else top.to(torch.int64).contiguous()
+    k = max(_kept_rows(length - f, n_sink, window, t) for f, t in zip(first.tolist(), top.tolist(), strict=True))
+    return StepPlan(
+        cos.contiguous(), sin.contiguous(), offsets.contiguous(), length, n_sink, window, first, top, k,
+        float(rerank or 0.0), AGGREGATION_CODES[rerank_aggregation], AGGREGATION_CODES[aggregation],
+    )
+
+
 def decode_step(
     q_post: torch.Tensor,
     cos: torch.Tensor,
@@ -148,39 +194,54 @@ def decode_step(
     ``ceil(top * rerank)`` candidates by exact score aggregated over the group (``rerank_aggregation``).
     Left padding: ``first [B]`` (int64) is each sample's first real row, ``top`` may be per sample ``[B]``;
     rows before ``first`` are never kept, and the sinks are the first real rows.
+
+    The same as :func:`plan_step` then :func:`decode_layer`; the runtime plans once per step and runs each layer.
     """
+    plan = plan_step(cos, sin, offsets, length, n_sink, window, top, rerank, rerank_aggregation, first, aggregation)
+    return decode_layer(plan, q_post, bucket_cos, bucket_sin, tiles, codes, keys, values, scale)
+
+
+def decode_layer(
+    plan: StepPlan,
+    q_post: torch.Tensor,
+    bucket_cos: torch.Tensor,
+    bucket_sin: torch.Tensor,
+    tiles: torch.Tensor,
+    codes: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`decode_step` for one layer of a planned step (its layer-specific arguments)."""
     lib = _load()[0]
     if lib is None:
         raise RuntimeError(unavailable_reason())
     b, hkv, cap, d = keys.shape
     hq = q_post.shape[1]
     c, buckets = tiles.shape[1] * 16, bucket_cos.shape[0]
-    tensors = (q_post, cos, sin, bucket_cos, bucket_sin, tiles, keys, values)
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
-        raise ValueError("q_post, cos/sin, bucket cos/sin, tiles, keys and values must be float32 CPU tensors")
-    if codes.dtype != torch.int16 or offsets.dtype != torch.int64:
-        raise ValueError("codes must be int16 and offsets int64")
-    if tiles.shape != (hkv, c // 16, d, 16) or not tiles.is_contiguous() or cos.shape != (b, d):
-        raise ValueError(f"unexpected shapes: tiles {tuple(tiles.shape)}, cos {tuple(cos.shape)}")
-    q, cos, sin = q_post.contiguous(), cos.contiguous(), sin.contiguous()
-    bucket_cos, bucket_sin, offsets = bucket_cos.contiguous(), bucket_sin.contiguous(), offsets.contiguous()
+    for t in (q_post, bucket_cos, bucket_sin, tiles, keys, values):
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError("q_post, bucket cos/sin, tiles, keys and values must be float32 CPU tensors")
+    if codes.dtype != torch.int16:
+        raise ValueError("codes must be int16")
+    if tiles.shape != (hkv, c // 16, d, 16) or not tiles.is_contiguous() or plan.cos.shape != (b, d):
+        raise ValueError(f"unexpected shapes: tiles {tuple(tiles.shape)}, cos {tuple(plan.cos.shape)}")
+    q, bucket_cos, bucket_sin = q_post.contiguous(), bucket_cos.contiguous(), bucket_sin.contiguous()
     codes = _rows_contiguous(codes)
     keys, values = _rows_contiguous(keys, 2), _rows_contiguous(values, 2)
     if keys.stride() != values.stride():
         keys, values = keys.contiguous(), values.contiguous()
-    first = torch.zeros(b, dtype=torch.int64) if first is None else first.to(torch.int64).contiguous()
-    top = torch.full((b,), top, dtype=torch.int64) if isinstance(top, int) else top.to(torch.int64).contiguous()
-    k = max(_kept_rows(length - f, n_sink, window, t) for f, t in zip(first.tolist(), top.tolist(), strict=True))
-    heads = 1 if aggregation == "sum" else hq // hkv  # score tables per (sample, KV head)
+    heads = 1 if plan.aggregation == 0 else hq // hkv  # score tables per (sample, KV head)
     rows, table = _scratch(hkv * b * heads * buckets * d, hkv * b * heads * buckets * c)
     out = torch.empty(b, hq, d, dtype=torch.float32)
-    picked = torch.empty(b, hkv, k, dtype=torch.int64)
+    picked = torch.empty(b, hkv, plan.k, dtype=torch.int64)
     lib.a2ats_cpu_decode(
-        b, hkv, buckets, AGGREGATION_CODES[aggregation], c, cos.data_ptr(), sin.data_ptr(), bucket_cos.data_ptr(),
-        bucket_sin.data_ptr(), rows.data_ptr(), tiles.data_ptr(), table.data_ptr(), codes.data_ptr(), codes.stride(0), codes.stride(1),
-        offsets.data_ptr(), q.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1),
-        hq // hkv, d, length, n_sink, window, first.data_ptr(), top.data_ptr(), float(rerank or 0.0),
-        AGGREGATION_CODES[rerank_aggregation], scale, out.data_ptr(), picked.data_ptr(), k, torch.get_num_threads(),
+        b, hkv, buckets, plan.aggregation, c, plan.cos.data_ptr(), plan.sin.data_ptr(), bucket_cos.data_ptr(),
+        bucket_sin.data_ptr(), rows.data_ptr(), tiles.data_ptr(), table.data_ptr(), codes.data_ptr(),
+        codes.stride(0), codes.stride(1), plan.offsets.data_ptr(), q.data_ptr(), keys.data_ptr(),
+        values.data_ptr(), keys.stride(0), keys.stride(1), hq // hkv, d, plan.length, plan.n_sink, plan.window,
+        plan.first.data_ptr(), plan.top.data_ptr(), plan.rerank, plan.rerank_aggregation, scale, out.data_ptr(),
+        picked.data_ptr(), plan.k, torch.get_num_threads(),
     )
     return out, picked
 

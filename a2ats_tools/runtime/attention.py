@@ -78,6 +78,22 @@ def _valid_rows(cache: A2atsCache, attention_mask: torch.Tensor | None, batch: i
     return valid
 
 
+_ROPE_MEMO: tuple | None = None  # (cos, sin, (cos, sin) at the last position) of the current decode step
+
+
+def _last_position(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's rotary factors ``[B or 1, 1, d]`` at its (last) position -> ``[B or 1, d]``: the same objects
+    for every layer of a step (the model passes every layer the same ``position_embeddings``), so that what the
+    selector derives from them is derived once per step."""
+    global _ROPE_MEMO
+    memo = _ROPE_MEMO
+    if memo is not None and memo[0] is cos and memo[1] is sin:
+        return memo[2]
+    out = (cos[:, -1], sin[:, -1])
+    _ROPE_MEMO = (cos, sin, out)
+    return out
+
+
 def a2ats_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: dense SDPA for prefill (and dense layers), retrieval attention for decode
     once the cache outgrows the budget (before that, selection would keep every row and SDPA is the same)."""
@@ -101,11 +117,10 @@ def a2ats_attention_forward(module, query, key, value, attention_mask, scaling=N
     scale = scaling if scaling is not None else d**-0.5
     cos, sin = layer.rope
     q_post = query[:, :, 0]  # [B, Hq, d]
-    fused = layer.selector.fused_decode(st, q_post, (cos[:, -1], sin[:, -1]), st.length, valid, scale)
+    fused = layer.selector.fused_decode(st, q_post, _last_position(cos, sin), st.length, valid, scale)
     if fused is not None:
-        out, indices = fused
-        keep = indices >= 0  # -1 pads the rows of samples that keep fewer (left padding)
-        layer.last_selection = (indices.clamp_min(0), keep)
+        out, picked = fused
+        layer.last_selection = picked  # -1 pads the rows of samples that keep fewer (left padding)
         return out.to(query.dtype).unsqueeze(1), None
     q_pre = undo_rope(q_post.float(), cos[:, -1:].float(), sin[:, -1:].float())
     indices, keep = layer.selector.select(st, q_pre, q_post, st.length, valid)

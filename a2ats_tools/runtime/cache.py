@@ -47,7 +47,20 @@ class A2atsLayer(CacheLayerMixin):
         self.reserve = reserve  # rows for the first allocation (None: the prompt plus headroom)
         self.state = LayerState()
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's (cos, sin), set by the pre-hook
-        self.last_selection: tuple[torch.Tensor, torch.Tensor] | None = None  # (indices, keep), for inspection
+        self._selection: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None = None
+
+    @property
+    def last_selection(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The last decode step's rows, for inspection: ``(indices, keep)`` ``[B, Hkv, K]`` (None before one)."""
+        sel = self._selection
+        if isinstance(sel, torch.Tensor):  # the fused kernel's rows, -1 where a sample keeps fewer
+            return sel.clamp_min(0), sel >= 0
+        return sel
+
+    @last_selection.setter
+    def last_selection(self, rows: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None) -> None:
+        """``(indices, keep)``, or one ``[B, Hkv, K]`` tensor of rows padded with -1 (turned into that on access)."""
+        self._selection = rows
 
     # --- storage ---------------------------------------------------------------------------------------------
     def _storage_device(self, device: torch.device) -> torch.device:
@@ -96,11 +109,11 @@ class A2atsLayer(CacheLayerMixin):
         if self.rope is None:
             raise RuntimeError("A²ATS cache updated without the attention pre-hook (call runtime.attach first)")
         cos, sin = self.rope
-        keys_pre = undo_rope(key_states.float(), cos[:, None, -n:].float(), sin[:, None, -n:].float())
         if n > 1:
+            keys_pre = undo_rope(key_states.float(), cos[:, None, -n:].float(), sin[:, None, -n:].float())
             self.selector.on_prefill(st, keys_pre, key_states, start)
-        else:
-            self.selector.on_append(st, keys_pre, key_states, start)
+        else:  # the selector undoes RoPE when it needs to (A²ATS: once per block of steps)
+            self.selector.on_decode_append(st, key_states, (cos[:, -n:], sin[:, -n:]), start)
         return st.keys[:, :, : st.length], st.values[:, :, : st.length]
 
     # --- sizes ---------------------------------------------------------------------------------------------

@@ -9,19 +9,26 @@ optional exact re-ranking of an over-fetched candidate set. A subclass usually i
 from __future__ import annotations
 
 import math
+import operator
 import weakref
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
-from ..rope import DistanceBuckets, Rotary, apply_rope
+from ..rope import DistanceBuckets, Rotary, apply_rope, undo_rope
 from ..scoring import group_aggregate
 from .settings import RuntimeSettings, cpu_has_native_bf16, resolve_score_dtype, use_cpu_kernel, use_triton
 
 _STEP_MEMO: tuple | None = None  # (weakref to valid, settings key, constants) of the current decode step
 _OFFSET_MEMO: tuple | None = None  # (key, (per-table offsets, buckets used)) of the current decode step
+_PLAN_MEMO: tuple | None = None  # (objects, numbers, _FusedPlan or None) of the current decode step (fused CPU kernel)
 NEG_INF = float("-inf")
 POS_INF = float("inf")
+
+
+class _FusedPlan(NamedTuple):
+    kernel: Any  # kernels.cpu_decode.StepPlan
+    offsets_used: int  # buckets in use this step
 
 
 class TokenSelector:
@@ -52,6 +59,16 @@ class TokenSelector:
 
     def on_append(self, state: Any, keys_pre: torch.Tensor, keys_post: torch.Tensor, start: int) -> None:
         """Keys ``[B, Hkv, n, d]`` written at rows ``start..start+n`` (pre-RoPE and post-RoPE forms)."""
+
+    def on_decode_append(
+        self, state: Any, keys_post: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], start: int
+    ) -> None:
+        """A decode step's keys ``[B, Hkv, n, d]`` (post-RoPE), written at rows ``start..start+n``; ``rope``: the
+        ``(cos, sin)`` ``[B or 1, n, d]`` that rotated them. Default: undo RoPE and call :meth:`on_append`; a
+        selector that needs the pre-RoPE form only later may keep ``rope`` and defer that work."""
+        cos, sin = rope
+        keys_pre = undo_rope(keys_post.float(), cos[:, None].float(), sin[:, None].float())
+        self.on_append(state, keys_pre, keys_post, start)
 
     # --- selection ------------------------------------------------------------------------------------------
     def scores(self, state: Any, q_pre: torch.Tensor, q_post: torch.Tensor, length: int) -> torch.Tensor:
@@ -341,34 +358,48 @@ class A2atsSelector(TokenSelector):
             state.meta["codes"] = codes = grown
         return codes
 
-    def on_prefill(self, state, keys_pre, keys_post, start):
+    def on_append(self, state, keys_pre, keys_post, start):
+        """Prefill chunks (and any caller with pre-RoPE keys): encode now, after the pending decode keys."""
         self._flush(state)
         b, h, n, _ = keys_pre.shape
         self._codes_buffer(state, b, h)[:, :, start : start + n] = self.encode(keys_pre.to(state.device))
 
-    def on_append(self, state, keys_pre, keys_post, start):
+    def on_decode_append(self, state, keys_post, rope, start):
         """Decode steps defer encoding: a new key sits in the always-kept window, so its code is not read until
-        it leaves; pending keys are encoded together once ``encode_block`` of them have gathered (one matmul
-        instead of one per step). Pending rows never outnumber the window, so every row a selection ranks has
+        it leaves. Only the step's cos/sin are kept; once ``encode_block`` keys have gathered, they are read back
+        from the cache, taken back to pre-RoPE form and encoded together (one matmul instead of one per step,
+        and no per-step RoPE work). Pending rows never outnumber the window, so every row a selection ranks has
         its code."""
-        pending = state.meta.get("pending")
-        keys_pre = keys_pre.to(state.device, torch.float32)
-        if pending is None:
-            state.meta["pending_start"] = start
-            pending = keys_pre
-        else:
-            pending = torch.cat([pending, keys_pre], 2)
-        state.meta["pending"] = pending
-        if pending.shape[2] >= max(1, min(self.ENCODE_BLOCK, self.settings.window)):
+        meta = state.meta
+        block = max(1, min(self.ENCODE_BLOCK, self.settings.window))
+        cos, sin = rope  # [B or 1, n, d]
+        b, n = keys_post.shape[0], keys_post.shape[2]
+        count = meta.get("pending_count", 0)
+        if count + n > block:
+            self._flush(state)
+            count = 0
+        if count == 0:
+            meta["pending_start"] = start
+            room = max(block, n)
+            if meta.get("pending_cos") is None or meta["pending_cos"].shape[:2] != (b, room):
+                meta["pending_cos"] = torch.empty(b, room, cos.shape[-1], device=state.device)
+                meta["pending_sin"] = torch.empty_like(meta["pending_cos"])
+        meta["pending_cos"][:, count : count + n] = cos
+        meta["pending_sin"][:, count : count + n] = sin
+        meta["pending_count"] = count = count + n
+        if count >= block:
             self._flush(state)
 
     def _flush(self, state) -> None:
-        pending = state.meta.pop("pending", None)
+        """Encode the pending decode keys (read back from the cache, RoPE undone with their stashed cos/sin)."""
+        count = state.meta.pop("pending_count", 0)
         start = state.meta.pop("pending_start", None)
-        if pending is None:
+        if not count:
             return
-        b, h, n, _ = pending.shape
-        self._codes_buffer(state, b, h)[:, :, start : start + n] = self.encode(pending)
+        cos, sin = state.meta["pending_cos"][:, None, :count], state.meta["pending_sin"][:, None, :count]
+        keys_post = state.keys[:, :, start : start + count].to(state.device, torch.float32)
+        b, h = keys_post.shape[:2]
+        self._codes_buffer(state, b, h)[:, :, start : start + count] = self.encode(undo_rope(keys_post, cos, sin))
 
     def bucket_index(self, length: int, device: torch.device) -> tuple[torch.Tensor, int]:
         """Offsets into one (sample, KV head)'s score table for this step: ``(offsets, used)``.
@@ -445,23 +476,44 @@ class A2atsSelector(TokenSelector):
             or resolve_score_dtype(self.settings.score_dtype, q_post.device) != torch.float32
         ):
             return None
-        padding = self.left_padding(valid, length)
-        if padding is None:
+        plan = self._step_plan(rope, length, valid)
+        if plan is None:
             return None
         from ..kernels import cpu_decode
 
-        offsets, used = self.bucket_index(length, q_post.device)
         if self._codebook_tiles is None:
             self._codebook_tiles = cpu_decode.codebook_tiles(self.codebook_t.transpose(1, 2))
-        b = q_post.shape[0]
-        cos, sin = (t.float().expand(b, -1) for t in rope)  # [1, d] where the batch shares positions
-        first, top = padding
-        return cpu_decode.decode_step(
-            q_post.float(), cos, sin, self.cos[:used], self.sin[:used], self._codebook_tiles,
-            self._codes_buffer(state, b, self.num_kv_heads), offsets, state.keys, state.values,
-            length, self.settings.n_sink, self.settings.window, top, self.settings.rerank,
-            self.settings.rerank_aggregation, scale, first=first, aggregation=self.settings.aggregation,
+        used = plan.offsets_used
+        return cpu_decode.decode_layer(
+            plan.kernel, q_post.float(), self.cos[:used], self.sin[:used], self._codebook_tiles,
+            self._codes_buffer(state, q_post.shape[0], self.num_kv_heads), state.keys, state.values, scale,
         )
+
+    def _step_plan(self, rope, length: int, valid: torch.Tensor) -> _FusedPlan | None:
+        """The fused kernel's per-step arguments (None: padding other than left padding), built by the first
+        layer of a step and shared by the others (same rotary factors, mask and settings)."""
+        global _PLAN_MEMO
+        same = (rope[0], rope[1], valid, self.settings, self.buckets)  # compared by identity
+        memo = _PLAN_MEMO
+        if memo is not None and memo[1] == (length, self.codes_size) and all(map(operator.is_, memo[0], same)):
+            return memo[2]
+        padding = self.left_padding(valid, length)
+        plan = None
+        if padding is not None:
+            from ..kernels import cpu_decode
+
+            offsets, used = self.bucket_index(length, valid.device)
+            b = valid.shape[0]
+            cos, sin = (t.float().expand(b, -1) for t in rope)  # [1, d] where the batch shares positions
+            first, top = padding
+            s = self.settings
+            kernel = cpu_decode.plan_step(
+                cos, sin, offsets, length, s.n_sink, s.window, top, s.rerank, s.rerank_aggregation, first=first,
+                aggregation=s.aggregation,
+            )
+            plan = _FusedPlan(kernel, used)
+        _PLAN_MEMO = (same, (length, self.codes_size), plan)
+        return plan
 
     def _scores_triton(self, table: torch.Tensor, codes: torch.Tensor, length: int, used: int) -> torch.Tensor:
         """The same scores as the torch gather, from the fused Triton gather (one program per token block)."""
