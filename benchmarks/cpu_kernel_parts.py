@@ -5,7 +5,7 @@ between layers). Default shape: SmolLM2's (3 KV heads x 3 query heads, head dim 
 batch 4 and 8192 cached tokens, buckets 2x apart from 64 (7), top-K 3% (246) with re-ranking 2x. The parts,
 by difference between rows: the re-rank's extra key reads (default - no re-rank), the K kept rows (no re-rank -
 no top-K), the tables of P - 1 more buckets (no top-K - one bucket), scoring and cutting every row (one
-bucket - one bucket at a tiny context); the Python wrapper is timed around the C call. ``torch bmm`` builds the
+bucket - one bucket at a tiny context); the Python wrapper (a plan per step, then each layer's call, as in the runtime) is timed around the C call. ``torch bmm`` builds the
 same tables with torch, for scale. Run: ``python benchmarks/cpu_kernel_parts.py [--tokens 8192] [--batch 4]``.
 """
 
@@ -63,11 +63,11 @@ def main() -> None:
         cos, sin = angles[:used].cos(), angles[:used].sin()
         rows_offsets = offsets[n - length :].clamp_max((used - 1) * c)
 
-        def step() -> None:
+        def step() -> None:  # as the runtime: one plan per step, then each layer's call
+            plan = cpu_decode.plan_step(step_cos, step_sin, rows_offsets, length, 8, 64, k, rerank, "softmax")
             for layer in layers:
-                cpu_decode.decode_step(
-                    q, step_cos, step_sin, cos, sin, layer["tiles"], layer["codes"], rows_offsets, layer["keys"],
-                    layer["values"], length, 8, 64, k, rerank, "softmax", d**-0.5,
+                cpu_decode.decode_layer(
+                    plan, q, cos, sin, layer["tiles"], layer["codes"], layer["keys"], layer["values"], d**-0.5
                 )
 
         return step
