@@ -142,7 +142,8 @@ def plan_step(
     first: torch.Tensor | None = None,
     aggregation: str = "sum",
 ) -> StepPlan:
-    """The step's part of :func:`decode_step`'s arguments, checked and laid out once for all its layers."""
+    """The arguments of a decode step that all its layers share, checked and laid out once (see
+    :func:`decode_layer` for what they mean)."""
     if cos.dtype != torch.float32 or sin.dtype != torch.float32 or cos.device.type != "cpu" or cos.dim() != 2:
         raise ValueError("cos/sin must be [B, d] float32 CPU tensors")
     if offsets.dtype != torch.int64:
@@ -157,26 +158,16 @@ def plan_step(
     )
 
 
-def decode_step(
+def decode_layer(
+    plan: StepPlan,
     q_post: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
     bucket_cos: torch.Tensor,
     bucket_sin: torch.Tensor,
     tiles: torch.Tensor,
     codes: torch.Tensor,
-    offsets: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    length: int,
-    n_sink: int,
-    window: int,
-    top: int | torch.Tensor,
-    rerank: float,
-    rerank_aggregation: str,
     scale: float,
-    first: torch.Tensor | None = None,
-    aggregation: str = "sum",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's decode attention: ``(out [B, Hq, d] float32, picked rows [B, Hkv, k] int64)``: each row's
     kept rows in ascending order, then ``-1`` where a sample keeps fewer than the largest ``k``.
@@ -195,24 +186,10 @@ def decode_step(
     Left padding: ``first [B]`` (int64) is each sample's first real row, ``top`` may be per sample ``[B]``;
     rows before ``first`` are never kept, and the sinks are the first real rows.
 
-    The same as :func:`plan_step` then :func:`decode_layer`; the runtime plans once per step and runs each layer.
+    ``plan``: :func:`plan_step` of the step's ``cos``, ``sin``, ``offsets``, ``length``, ``n_sink``, ``window``,
+    ``top``, ``rerank``, ``rerank_aggregation``, ``first`` and ``aggregation``; the runtime plans once per step
+    and calls this for each layer.
     """
-    plan = plan_step(cos, sin, offsets, length, n_sink, window, top, rerank, rerank_aggregation, first, aggregation)
-    return decode_layer(plan, q_post, bucket_cos, bucket_sin, tiles, codes, keys, values, scale)
-
-
-def decode_layer(
-    plan: StepPlan,
-    q_post: torch.Tensor,
-    bucket_cos: torch.Tensor,
-    bucket_sin: torch.Tensor,
-    tiles: torch.Tensor,
-    codes: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`decode_step` for one layer of a planned step (its layer-specific arguments)."""
     lib = _load()[0]
     if lib is None:
         raise RuntimeError(unavailable_reason())
