@@ -144,10 +144,11 @@ def plan_step(
 ) -> StepPlan:
     """The arguments of a decode step that all its layers share, checked and laid out once (see
     :func:`decode_layer` for what they mean)."""
-    if cos.dtype != torch.float32 or sin.dtype != torch.float32 or cos.device.type != "cpu" or cos.dim() != 2:
-        raise ValueError("cos/sin must be [B, d] float32 CPU tensors")
-    if offsets.dtype != torch.int64:
-        raise ValueError("offsets must be int64")
+    for t in (cos, sin):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 2 or t.shape != cos.shape:
+            raise ValueError("cos/sin must be [B, d] float32 CPU tensors of one shape")
+    if offsets.dtype != torch.int64 or offsets.dim() != 1 or offsets.numel() < length:
+        raise ValueError(f"offsets must be int64 [>= length], got {offsets.dtype} {tuple(offsets.shape)}")
     b = cos.shape[0]
     first = torch.zeros(b, dtype=torch.int64) if first is None else first.to(torch.int64).contiguous()
     top = torch.full((b,), top, dtype=torch.int64) if isinstance(top, int) else top.to(torch.int64).contiguous()

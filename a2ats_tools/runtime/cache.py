@@ -2,8 +2,9 @@
 
 Capacity starts at the prompt plus 1/8 headroom, or at exactly what the caller reserved (``generate`` reserves
 prompt + ``max_new_tokens``), and then doubles (no concatenation per step). Keys are stored post-RoPE (what exact attention
-needs); the selector sees each new key once in pre-RoPE form (RoPE undone with the step's cos/sin, stashed by
-the attention pre-hook) to encode it. With ``offload="cpu"`` the full K/V live in host memory (pinned when CUDA
+needs); the selector sees each new key once, with the cos/sin that rotated it (stashed by the attention
+pre-hook): a prefill chunk's keys already taken back to pre-RoPE form (``on_prefill``), a decode step's as
+they are (``on_decode_append``, which undoes RoPE when the selector needs it). With ``offload="cpu"`` the full K/V live in host memory (pinned when CUDA
 is present); the selector's metadata (codes) stays on the compute device and decode moves only selected rows.
 """
 
@@ -103,8 +104,11 @@ class A2atsLayer(CacheLayerMixin):
         st = self.state
         start, n = st.length, key_states.shape[-2]
         self._ensure_capacity(key_states, value_states, start + n)
-        st.keys[:, :, start : start + n] = key_states.to(st.keys.device, non_blocking=True)
-        st.values[:, :, start : start + n] = value_states.to(st.values.device, non_blocking=True)
+        # a plain copy_: from the device into host (offloaded) rows it waits for the transfer, since the host may
+        # read these rows at once (the step's attention, a deferred encode); a non_blocking .to() would hand a
+        # pinned buffer that the copy may not have filled yet
+        st.keys[:, :, start : start + n].copy_(key_states)
+        st.values[:, :, start : start + n].copy_(value_states)
         st.length = start + n
         if self.rope is None:
             raise RuntimeError("A²ATS cache updated without the attention pre-hook (call runtime.attach first)")
