@@ -5,8 +5,8 @@ between layers). Default shape: SmolLM2's (3 KV heads x 3 query heads, head dim 
 batch 4 and 8192 cached tokens, buckets 2x apart from 64 (7), top-K 3% (246) with re-ranking 2x. The parts,
 by difference between rows: the re-rank's extra key reads (default - no re-rank), the K kept rows (no re-rank -
 no top-K), the tables of P - 1 more buckets (no top-K - one bucket), scoring and cutting every row (one
-bucket - one bucket at a tiny context); the Python wrapper (a plan per step, then each layer's call, as in the runtime) is timed around the C call. ``torch bmm`` builds the
-same tables with torch, for scale. Run: ``python benchmarks/cpu_kernel_parts.py [--tokens 8192] [--batch 4]``.
+bucket - one bucket at a tiny context); the Python wrapper (a plan per step, then each layer's call, as in
+the runtime) is timed around the C call. ``torch bmm`` builds the same tables with torch, for scale. Run: ``python benchmarks/cpu_kernel_parts.py [--tokens 8192] [--batch 4]``.
 """
 
 from __future__ import annotations
