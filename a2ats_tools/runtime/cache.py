@@ -1,11 +1,12 @@
 """A preallocated KV cache whose layers feed a token selector as keys arrive.
 
 Capacity starts at the prompt plus 1/8 headroom, or at exactly what the caller reserved (``generate`` reserves
-prompt + ``max_new_tokens``), and then doubles (no concatenation per step). Keys are stored post-RoPE (what exact attention
-needs); the selector sees each new key once, with the cos/sin that rotated it (stashed by the attention
-pre-hook): a prefill chunk's keys already taken back to pre-RoPE form (``on_prefill``), a decode step's as
-they are (``on_decode_append``, which undoes RoPE when the selector needs it). With ``offload="cpu"`` the full K/V live in host memory (pinned when CUDA
-is present); the selector's metadata (codes) stays on the compute device and decode moves only selected rows.
+prompt + ``max_new_tokens``), and then doubles (no concatenation per step). Keys are stored post-RoPE (what
+exact attention needs); the selector sees each new key once, with the cos/sin that rotated it (stashed by the
+attention pre-hook): a prefill chunk's keys already taken back to pre-RoPE form (``on_prefill``), a decode
+step's as they are (``on_decode_append``, which undoes RoPE when the selector needs it). With
+``offload="cpu"`` the full K/V live in host memory (pinned when CUDA is present); the selector's metadata
+(codes) stays on the compute device and decode moves only selected rows.
 """
 
 from __future__ import annotations
