@@ -32,6 +32,12 @@ def undo_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     return (x * cos - rotate_half(x) * sin) / scale2
 
 
+def undo_rope_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Cached keys ``[B, Hkv, n, d]`` back to pre-RoPE form (float32) with the factors ``[B or 1, n, d]`` that
+    rotated them (the model's ``position_embeddings``, shared by the KV heads)."""
+    return undo_rope(keys.float(), cos[:, None].float(), sin[:, None].float())
+
+
 class Rotary:
     """The model's rotary embedding evaluated at arbitrary (relative) positions, in float32."""
 

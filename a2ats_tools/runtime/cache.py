@@ -17,7 +17,7 @@ import torch
 from transformers import Cache
 from transformers.cache_utils import CacheLayerMixin
 
-from ..rope import undo_rope
+from ..rope import undo_rope_keys
 from .selectors import TokenSelector
 
 HEADROOM = 64  # rows; the first allocation holds the prompt plus max(64, prompt/8) rows
@@ -115,7 +115,7 @@ class A2atsLayer(CacheLayerMixin):
             raise RuntimeError("A²ATS cache updated without the attention pre-hook (call runtime.attach first)")
         cos, sin = self.rope
         if n > 1:
-            keys_pre = undo_rope(key_states.float(), cos[:, None, -n:].float(), sin[:, None, -n:].float())
+            keys_pre = undo_rope_keys(key_states, cos[:, -n:], sin[:, -n:])
             self.selector.on_prefill(st, keys_pre, key_states, start)
         else:  # the selector undoes RoPE when it needs to (A²ATS: once per block of steps)
             self.selector.on_decode_append(st, key_states, (cos[:, -n:], sin[:, -n:]), start)

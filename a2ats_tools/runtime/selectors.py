@@ -15,7 +15,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 
-from ..rope import DistanceBuckets, Rotary, apply_rope, undo_rope
+from ..rope import DistanceBuckets, Rotary, apply_rope, undo_rope_keys
 from ..scoring import group_aggregate
 from .settings import RuntimeSettings, cpu_has_native_bf16, resolve_score_dtype, use_cpu_kernel, use_triton
 
@@ -67,7 +67,7 @@ class TokenSelector:
         ``(cos, sin)`` ``[B or 1, n, d]`` that rotated them. Default: undo RoPE and call :meth:`on_append`; a
         selector that needs the pre-RoPE form only later may keep ``rope`` and defer that work."""
         cos, sin = rope
-        keys_pre = undo_rope(keys_post.float(), cos[:, None].float(), sin[:, None].float())
+        keys_pre = undo_rope_keys(keys_post, cos, sin)
         self.on_append(state, keys_pre, keys_post, start)
 
     # --- selection ------------------------------------------------------------------------------------------
@@ -396,10 +396,10 @@ class A2atsSelector(TokenSelector):
         start = state.meta.pop("pending_start", None)
         if not count:
             return
-        cos, sin = state.meta["pending_cos"][:, None, :count], state.meta["pending_sin"][:, None, :count]
-        keys_post = state.keys[:, :, start : start + count].to(state.device, torch.float32)
+        cos, sin = state.meta["pending_cos"][:, :count], state.meta["pending_sin"][:, :count]
+        keys_post = state.keys[:, :, start : start + count].to(state.device)
         b, h = keys_post.shape[:2]
-        self._codes_buffer(state, b, h)[:, :, start : start + count] = self.encode(undo_rope(keys_post, cos, sin))
+        self._codes_buffer(state, b, h)[:, :, start : start + count] = self.encode(undo_rope_keys(keys_post, cos, sin))
 
     def bucket_index(self, length: int, device: torch.device) -> tuple[torch.Tensor, int]:
         """Offsets into one (sample, KV head)'s score table for this step: ``(offsets, used)``.
