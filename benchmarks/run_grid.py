@@ -5,6 +5,7 @@ measured tables of docs/results.md.
     python benchmarks/run_grid.py runs/smollm2-a2ats --quick         # a smaller grid (tens of minutes)
     python benchmarks/run_grid.py --render-only runs/grid            # only rebuild docs from earlier JSON
     python benchmarks/run_grid.py runs/smollm2-a2ats --skip-eval     # only the bench; other tables are kept
+    python benchmarks/run_grid.py runs/smollm2-a2ats --also rerank=2 # and another configuration beside the default
 
 The eval runs one `a2ats eval` per stage (recall, perplexity, tasks) into <out>/eval-<stage>/, and one
 `a2ats bench` into <out>/bench/. GPU: pass --device cuda (and longer contexts to bench by hand).
@@ -182,7 +183,10 @@ def main() -> None:
     ap.add_argument("--render-only", action="store_true", help="only rebuild docs from <checkpoint>/eval-*/ and /bench")
     ap.add_argument("--skip-eval", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--also", action="append", default=[], metavar="KEY=VALUE,...",
+                    help="another A²ATS configuration for the perplexity, tasks and bench stages (repeatable)")
     args = ap.parse_args()
+    also = [arg for spec in args.also for arg in ("--also", spec)]
     out = Path(args.checkpoint if args.render_only else args.out)
     grid = QUICK if args.quick else FULL
     cli = [sys.executable, "-m", "a2ats_tools.cli"]
@@ -190,10 +194,10 @@ def main() -> None:
         if not args.skip_eval:
             for stage in STAGES:
                 run([*cli, "eval", args.checkpoint, "--stages", stage, "--out", str(out / f"eval-{stage}"), "--overwrite",
-                     "--quiet", "--device", args.device, *grid[stage]])
+                     "--quiet", "--device", args.device, *grid[stage], *(also if stage != "recall" else [])])
         if not args.skip_bench:
             run([*cli, "bench", args.checkpoint, "--out", str(out / "bench"), "--overwrite", "--device", args.device,
-                 *grid["bench"]])
+                 *grid["bench"], *also])
     copy_figures(out)
     previous = previous_sections(measured_block())
     update_results_md(render([out / f"eval-{s}" / "results.json" for s in STAGES], out / "bench" / "bench.json", previous))

@@ -230,7 +230,7 @@ def test_eval_command_end_to_end(tiny_checkpoint, tmp_path):
         assert cell["perplexity"] == pytest.approx((a * b) ** 0.5, rel=1e-9)
     assert data["perplexity"]["texts"] == 2
     assert data["recall"]["overall"]["oracle"]["0.5"]["mass"] > 0.5
-    assert "norerank" in data["recall"]["methods"] and data["recall"]["rerank"] == 2.0
+    assert "norerank" in data["recall"]["methods"] and data["recall"]["rerank"] == 3.0
     for png in ("recall.png", "recall_topk.png", "tasks.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     again = CliRunner().invoke(app, args)

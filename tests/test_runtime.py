@@ -321,7 +321,7 @@ def test_short_context_decodes_densely_until_the_cache_outgrows_the_budget(tiny_
 def test_rerank_is_default_for_a2ats_only(tiny_checkpoints):
     """The default ``rerank`` re-ranks A²ATS's approximate scores; the streaming baseline stays pure recency."""
     model, _ = load(tiny_checkpoints["llama"], budget=6, n_sink=2, window=8, selector="streaming")
-    assert model.a2ats.settings.rerank == 2.0
+    assert model.a2ats.settings.rerank == 3.0
     ids = prompt_ids(120)
     cache = model.a2ats.new_cache()
     with torch.no_grad():

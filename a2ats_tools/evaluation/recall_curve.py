@@ -199,7 +199,7 @@ def recall_curve(
     aggregation: str = "sum",
     methods: Sequence[str] = RECALL_METHODS,
     queries_per_sequence: int = 16,
-    rerank: float = 2.0,
+    rerank: float = 3.0,
     rerank_aggregation: str = "softmax",
     progress: Callable[[], None] | None = None,
 ) -> dict[str, Any]:

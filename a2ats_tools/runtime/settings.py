@@ -23,7 +23,7 @@ class RuntimeSettings:
     """How decode steps pick the tokens they attend to.
 
     ``budget``: top-K size per KV head, a fraction of the context (float <= 1) or a token count (int); sinks and
-    window come on top. ``rerank``: over-fetch factor for exact re-ranking (0 = off; the default 2.0 fetches 2K
+    window come on top. ``rerank``: over-fetch factor for exact re-ranking (0 = off; the default 3.0 fetches 3K
     candidates by approximate score and keeps the K best by exact score). ``rerank_aggregation``: how the exact
     logits of a GQA group's query heads rank the candidates (``softmax``, the default: each head's softmax over the
     candidates, summed, i.e. the group's attention mass; ``sum``: summed logits; ``max``). ``prefill_chunk``: prefill in chunks of
@@ -45,7 +45,7 @@ class RuntimeSettings:
     aggregation: str = "sum"
     selector: str = "a2ats"
     offload: str | None = None
-    rerank: float = 2.0
+    rerank: float = 3.0
     rerank_aggregation: str = "softmax"
     prefill_chunk: int | None = None
     max_distance: int = 8192  # the longest distance log buckets must cover (the model's context)
