@@ -188,12 +188,15 @@ def test_kernels_cpu_that_cannot_build_fails_at_load_not_at_the_first_step(tiny_
 
 
 @needs_kernel
-@pytest.mark.parametrize(("budget", "aggregation"), [(1.0, "sum"), (6, "sum"), (6, "softmax")])
-def test_runtime_with_the_cpu_kernel_matches_its_torch_path(tiny_checkpoint, budget, aggregation, monkeypatch):
+@pytest.mark.parametrize(
+    ("budget", "aggregation", "scaling"), [(1.0, "sum", None), (6, "sum", None), (6, "softmax", None), (6, "sum", 2.0)]
+)
+def test_runtime_with_the_cpu_kernel_matches_its_torch_path(tiny_checkpoint, budget, aggregation, scaling, monkeypatch):
     """Decoding a tiny model with kernels=cpu gives the logits and rows of kernels=torch, the kernel running in
     every layer of every step (the dense shortcut off, so at a full budget too). After the prefill each row gets
     its own code, so no two approximate scores tie: tied rows are the one place the two may differ (the kernel
-    keeps the earliest, torch's top-K any)."""
+    keeps the earliest, torch's top-K any). ``scaling``: an attention scale other than head_dim**-0.5 (as models
+    with their own query scalar have), which both paths' re-ranking by attention mass must use."""
     from a2ats_tools import load_converted
     from a2ats_tools.runtime.selectors import TokenSelector
 
@@ -204,6 +207,9 @@ def test_runtime_with_the_cpu_kernel_matches_its_torch_path(tiny_checkpoint, bud
     monkeypatch.setattr(cpu_decode, "decode_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(TokenSelector, "full_keep_shortcut", False)
     model, _ = load_converted(tiny_checkpoint, budget=budget, n_sink=2, window=8, aggregation=aggregation)
+    if scaling is not None:
+        for layer in model.model.layers:
+            layer.self_attn.scaling = scaling
     ids, feed = prompt_ids(90, batch=2), prompt_ids(3, batch=2, seed=7)
     distinct = torch.randperm(128, generator=torch.Generator().manual_seed(0))[:90].to(torch.int16)
     out, caches, prefill_codes = {}, {}, {}
