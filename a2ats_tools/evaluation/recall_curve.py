@@ -29,6 +29,7 @@ import torch
 from ..errors import DataError
 from ..kernels.encode import encode, prepare_codebook
 from ..rope import DistanceBuckets, Rotary, apply_rope
+from ..runtime.settings import RuntimeSettings
 from ..scoring import (
     SelectionPolicy,
     bucketed_scores,
@@ -194,13 +195,13 @@ def recall_curve(
     buckets: DistanceBuckets,
     budgets: Sequence[float | int],
     *,
-    n_sink: int = 8,
-    window: int = 64,
-    aggregation: str = "sum",
+    n_sink: int = RuntimeSettings.n_sink,
+    window: int = RuntimeSettings.window,
+    aggregation: str = RuntimeSettings.aggregation,
     methods: Sequence[str] = RECALL_METHODS,
     queries_per_sequence: int = 16,
-    rerank: float = 3.0,
-    rerank_aggregation: str = "softmax",
+    rerank: float = RuntimeSettings.rerank,
+    rerank_aggregation: str = RuntimeSettings.rerank_aggregation,
     progress: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Mass and top-K recall per method, budget and layer (means over query heads, queries and sequences).
