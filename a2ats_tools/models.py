@@ -176,6 +176,14 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return mods
 
 
+def attention_scale(model: nn.Module) -> float | None:
+    """The softmax scale the attention modules pass to the attention function (None: ``head_dim**-0.5``)."""
+    scales = {float(m.scaling) for m in attention_modules(model) if getattr(m, "scaling", None) is not None}
+    if len(scales) > 1:
+        raise ValueError(f"attention layers use different scales {sorted(scales)}; one scale per model is supported")
+    return scales.pop() if scales else None
+
+
 def geometry(model_or_config: Any) -> Geometry:
     """Read the attention geometry from a model or its config."""
     config = getattr(model_or_config, "config", model_or_config)

@@ -97,6 +97,34 @@ def test_recall_curve_oracle_is_the_upper_bound_and_full_budget_recalls_all(tiny
     assert overall["a2ats"]["4"]["mass"] < 1.0  # random codebooks are not exact
 
 
+def test_recall_curve_weighs_mass_with_the_models_attention_scale(tiny_checkpoint, tokenizer):
+    """The recall curve reads the model's softmax scale (a module ``scaling`` other than head_dim**-0.5 changes
+    the mass, as it changes the model's attention); head_dim**-0.5 passed explicitly is the default."""
+    from a2ats_tools.artifacts.checkpoint import read_codebooks, read_config
+    from a2ats_tools.evaluation.recall_curve import capture_sequence, heldout_ids, recall_curve
+    from a2ats_tools.models import attention_modules, attention_scale
+
+    model = build_tiny_model("llama")
+    assert attention_scale(model) == pytest.approx(16**-0.5)
+    cap = capture_sequence(model, heldout_ids(tokenizer, 120, seed=3))
+    books, white = read_codebooks(tiny_checkpoint, read_config(tiny_checkpoint))
+
+    def curve(scale):
+        return recall_curve([cap], books, white, rotary(model), DistanceBuckets.log_spaced(4096), [6],
+                            n_sink=2, window=4, queries_per_sequence=4, methods=("a2ats", "oracle"),
+                            scale=scale)["overall"]
+
+    default, same, sharper = curve(None), curve(16**-0.5), curve(2.0)
+    assert same == default
+    assert sharper["oracle"]["6"]["mass"] != pytest.approx(default["oracle"]["6"]["mass"], abs=1e-4)
+    for module in attention_modules(model):
+        module.scaling = 2.0
+    assert attention_scale(model) == 2.0
+    attention_modules(model)[0].scaling = 1.0
+    with pytest.raises(ValueError, match="different scales"):
+        attention_scale(model)
+
+
 def test_reference_rerank_spans_a2ats_to_oracle():
     """Over-fetch 1 keeps A²ATS's own selection; over-fetching everything turns it into the oracle."""
     from a2ats_tools.evaluation.recall_curve import reranked_scores

@@ -202,9 +202,13 @@ def recall_curve(
     queries_per_sequence: int = 16,
     rerank: float = RuntimeSettings.rerank,
     rerank_aggregation: str = RuntimeSettings.rerank_aggregation,
+    scale: float | None = None,
     progress: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Mass and top-K recall per method, budget and layer (means over query heads, queries and sequences).
+
+    ``scale`` is the model's softmax scale (its attention modules' ``scaling``; None: ``head_dim**-0.5``): it
+    weighs the attention mass and the re-ranking's group softmax, as in the runtime.
 
     Returns ``{"methods": [...], "budgets": [...], "per_layer": {method: {budget: {"mass": [L], "topk": [L]}}},
     "overall": {method: {budget: {"mass": x, "topk": y}}}}`` (budget keys as strings).
@@ -220,6 +224,7 @@ def recall_curve(
             q_pos = query_positions(n, queries_per_sequence, window)
             q = q_all[:, q_pos]
             true = exact_logits(q, q_pos, keys, rotary)
+            softmax_scale = scale if scale is not None else d**-0.5
             keys_vq = None
             if {"a2ats", "norerank", "wrope"} & set(methods):
                 codes = encode(keys.unsqueeze(0), prepare_codebook(codebooks[layer], whitening[layer]))[0].long()
@@ -232,9 +237,9 @@ def recall_curve(
                     approx = scores
                     if method == "a2ats" and rerank > 0 and scores is not None:
                         approx = reranked_scores(
-                            true, scores, q_pos, policy, hkv, rerank, rerank_aggregation, d**-0.5
+                            true, scores, q_pos, policy, hkv, rerank, rerank_aggregation, softmax_scale
                         )
-                    mass = mass_recall(true, approx, q_pos, policy, d**-0.5, hkv).mean().item()
+                    mass = mass_recall(true, approx, q_pos, policy, softmax_scale, hkv).mean().item()
                     top = topk_recall(true, approx, q_pos, policy, hkv).mean().item()
                     for metric, value in (("mass", mass), ("topk", top)):
                         sums.setdefault((method, str(budget), metric), [0.0] * n_layers)[layer] += value

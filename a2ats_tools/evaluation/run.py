@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..models import attention_scale
 from ..rope import DistanceBuckets
 from .harness import ModelUnderTest, Variant
 from .haystack import Haystack
@@ -36,7 +37,7 @@ def run_recall(
         captured, rt.codebooks, rt.whitening, rt.rotary, buckets, budgets,
         n_sink=settings.n_sink, window=settings.window, aggregation=settings.aggregation,
         methods=RECALL_METHODS, queries_per_sequence=queries, rerank=settings.rerank,
-        rerank_aggregation=settings.rerank_aggregation, progress=tick,
+        rerank_aggregation=settings.rerank_aggregation, scale=attention_scale(mut.model), progress=tick,
     )
     result.update({"length": length, "sequences": sequences, "queries_per_sequence": queries,
                    "buckets": buckets.to_config(), "rerank": settings.rerank,
