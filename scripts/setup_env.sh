@@ -16,7 +16,8 @@ pip_install() {
     if $PIP install -q "$@"; then
       return 0
     fi
-    echo "setup_env: pip install $* failed (try $attempt of 3)" >&2
+    echo "setup_env: pip install $* failed (try $attempt of 3); free space where pip writes:" >&2
+    df -h "$VENV" "${TMPDIR:-/tmp}" >&2 || true
     sleep $((attempt * 10))
   done
   return 1
