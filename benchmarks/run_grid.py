@@ -33,7 +33,7 @@ FULL = {
                    "--baselines", "streaming,quest,wrope,exact,norerank"],
     "tasks": ["--tasks", "all", "--lengths", "1024,2048,4096,8192", "--samples", "3", "--budgets", "0.03",
               "--baselines", "streaming,quest,wrope,norerank"],
-    "bench": ["--contexts", "1024,2048,4096,8192", "--batches", "1,4,8", "--steps", "8", "--repeats", "3"],
+    "bench": ["--contexts", "1024,2048,4096,8192", "--batches", "1,4,8", "--steps", "8", "--repeats", "3", "--offload"],
 }
 QUICK = {
     "recall": ["--recall-length", "4096", "--recall-sequences", "1", "--budgets", "0.01,0.03,0.1"],
@@ -131,7 +131,8 @@ def render(eval_jsons: list[Path], bench_json: Path | None, previous: dict[str, 
         names = list(b["points"][0]["contenders"]) if b["points"] else []
         lines += [f"### Decode speed on {b['device']} ({b['torch_threads']} threads), {b['dtype']}", "",
                   "| context | batch | " + " | ".join(f"{n} tok/s" for n in names)
-                  + " | speed-up vs dense (min/median/max) | prefill s (dense / a2ats) | KV MiB (dense / a2ats) |",
+                  + " | speed-up vs dense (min/median/max) | prefill s (dense / a2ats) | KV MiB on the device ("
+                  + " / ".join(names) + ") |",
                   "|---" * (len(names) + 5) + "|"]
         for pt in b["points"]:
             c = pt["contenders"]
@@ -140,7 +141,7 @@ def render(eval_jsons: list[Path], bench_json: Path | None, previous: dict[str, 
                 f"| {pt['context']} | {pt['batch']} | " + " | ".join(f"{c[n]['tokens_per_s']['median']:.1f}" for n in names)
                 + f" | {s['min']:.2f} / {s['median']:.2f} / {s['max']:.2f}"
                 + f" | {c['dense']['prefill_s']:.1f} / {c['a2ats']['prefill_s']:.1f}"
-                + f" | {c['dense']['kv_device_bytes'] / 2**20:.0f} / {c['a2ats']['kv_device_bytes'] / 2**20:.0f} |"
+                + " | " + " / ".join(f"{c[n]['kv_device_bytes'] / 2**20:.0f}" for n in names) + " |"
             )
         lines += ["", "![throughput vs context](figures/throughput_vs_context.png)", ""]
     elif "bench" in previous:
