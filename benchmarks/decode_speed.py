@@ -113,7 +113,7 @@ def main() -> None:
     p.add_argument("--codes", type=int, default=4096)
     p.add_argument("--budget", default=None, help="default: the checkpoint's (3%%)")
     p.add_argument("--buckets", default=None, help="default: the checkpoint's distance buckets")
-    p.add_argument("--rerank", type=float, default=None, help="default: the runtime's (2.0)")
+    p.add_argument("--rerank", type=float, default=None, help="default: the runtime's (3)")
     p.add_argument("--set", default="", help="more runtime overrides, e.g. score_dtype=float32")
     p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("--threads", type=int, default=0)

@@ -29,7 +29,7 @@ def calibrate(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed for data order, UUIDs and sampled text."),
     max_length: int = typer.Option(None, "--max-length", help="Longest document piece (default: model context)."),
-    chunk_size: int = typer.Option(None, "--chunk-size", help="Prefill chunk size (default: the recipe's, 8192)."),
+    chunk_size: int = typer.Option(None, "--chunk-size", help="Prefill chunk size (default: the recipe's; 8192 in the default recipe)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
     dtype: str = typer.Option("float32", "--dtype", help="Model dtype: float32, bfloat16 or float16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
