@@ -20,6 +20,7 @@ import time
 import torch
 
 from a2ats_tools.compat import cache_kwargs
+from a2ats_tools.runtime.settings import RuntimeSettings
 
 CLOCK = time.perf_counter  # --cpu-time switches to process CPU time (robust on a shared, loaded machine)
 
@@ -28,7 +29,6 @@ def build_runtime_model(model, checkpoint, codes: int, settings: dict):
     from a2ats_tools.artifacts.checkpoint import A2atsConfig, read_codebooks, read_config
     from a2ats_tools.models import geometry
     from a2ats_tools.runtime.loader import attach
-    from a2ats_tools.runtime.settings import RuntimeSettings
 
     if checkpoint:
         config = read_config(checkpoint)
@@ -113,7 +113,7 @@ def main() -> None:
     p.add_argument("--codes", type=int, default=4096)
     p.add_argument("--budget", default=None, help="default: the checkpoint's (3%%)")
     p.add_argument("--buckets", default=None, help="default: the checkpoint's distance buckets")
-    p.add_argument("--rerank", type=float, default=None, help="default: the runtime's (3)")
+    p.add_argument("--rerank", type=float, default=None, help=f"default: the runtime's ({RuntimeSettings.rerank:g})")
     p.add_argument("--set", default="", help="more runtime overrides, e.g. score_dtype=float32")
     p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("--threads", type=int, default=0)
