@@ -75,19 +75,14 @@ def allocate_codes(
     return codes
 
 
-_HASH_WEIGHTS: torch.Tensor | None = None
-
-
 def distinct_per_cell(x: torch.Tensor, cells: torch.Tensor, count: int) -> torch.Tensor:
     """Distinct points ``[count]`` of each cell of one head (``x [N, d]``, ``cells [N]``), via a 64-bit row hash
     of the float bits (a collision only lowers a cap by one)."""
-    global _HASH_WEIGHTS
     d = x.shape[1]
-    if _HASH_WEIGHTS is None or _HASH_WEIGHTS.numel() < d:
-        g = torch.Generator().manual_seed(0x5EED)
-        _HASH_WEIGHTS = torch.randint(-(2**62), 2**62, (max(d, 256),), generator=g, dtype=torch.long) | 1
+    g = torch.Generator().manual_seed(0x5EED)  # fixed weights: the same hash in every call and process
+    weights = torch.randint(-(2**62), 2**62, (max(d, 256),), generator=g, dtype=torch.long) | 1
     bits = x.float().contiguous().view(torch.int32).long().cpu()
-    row = (bits * _HASH_WEIGHTS[:d]).sum(-1)  # wraps around: a hash, not a sum
+    row = (bits * weights[:d]).sum(-1)  # wraps around: a hash, not a sum
     _, inverse = torch.unique(row, return_inverse=True)
     m = int(inverse.max()) + 1 if inverse.numel() else 1
     pairs = torch.unique(cells.cpu().long() * m + inverse)

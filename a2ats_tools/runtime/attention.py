@@ -14,9 +14,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..rope import undo_rope
-from .cache import A2atsCache
 from .selectors import gather_rows
 from .settings import use_triton
+from .step import StepContext
 
 NAME = "a2ats"
 
@@ -62,36 +62,24 @@ def sparse_decode(
     return (probs @ v).reshape(b, hq, v.shape[-1])
 
 
-def _valid_rows(cache: A2atsCache, attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
-    """``[B, length]`` real (non-padding) tokens, from the decode step's mask (computed once per step)."""
-    memo = cache.valid_memo
-    key = (id(attention_mask), length)
-    if memo is not None and memo[0] == key:
-        return memo[1]
-    if attention_mask is None:
-        valid = torch.ones(batch, length, dtype=torch.bool, device=device)
-    else:
+def _valid_rows(step: StepContext, attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
+    """``[B, length]`` real (non-padding) tokens, from the decode step's mask (computed once per step and mask)."""
+
+    def compute() -> torch.Tensor:
+        if attention_mask is None:
+            return torch.ones(batch, length, dtype=torch.bool, device=device)
         row = attention_mask[:, 0, -1, :length]
         valid = row if row.dtype == torch.bool else row == 0
-        valid = valid.expand(batch, length)
-    cache.valid_memo = (key, valid)
-    return valid
+        return valid.expand(batch, length)
+
+    return step.shared(("valid_rows", batch, length), compute, attention_mask)
 
 
-_ROPE_MEMO: tuple | None = None  # (cos, sin, (cos, sin) at the last position) of the current decode step
-
-
-def _last_position(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _last_position(step: StepContext, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The step's rotary factors ``[B or 1, 1, d]`` at its (last) position -> ``[B or 1, d]``: the same objects
     for every layer of a step (the model passes every layer the same ``position_embeddings``), so that what the
     selector derives from them is derived once per step."""
-    global _ROPE_MEMO
-    memo = _ROPE_MEMO
-    if memo is not None and memo[0] is cos and memo[1] is sin:
-        return memo[2]
-    out = (cos[:, -1], sin[:, -1])
-    _ROPE_MEMO = (cos, sin, out)
-    return out
+    return step.shared("last_position", lambda: (cos[:, -1], sin[:, -1]), cos, sin)
 
 
 def a2ats_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -101,8 +89,8 @@ def a2ats_attention_forward(module, query, key, value, attention_mask, scaling=N
     sparse = cache is not None and query.shape[2] == 1 and not cache.layers[module.layer_idx].selector.dense
     if sparse:
         layer = cache.layers[module.layer_idx]
-        valid = _valid_rows(cache, attention_mask, query.shape[0], layer.state.length, query.device)
-        sparse = not layer.selector.keeps_everything(valid, layer.state.length)
+        valid = _valid_rows(layer.state.step, attention_mask, query.shape[0], layer.state.length, query.device)
+        sparse = not layer.selector.keeps_everything(layer.state, valid, layer.state.length)
     if not sparse:  # prefill, dense layers, and decode steps whose budget still covers the whole cache
         key, value = key.to(query.device), value.to(query.device)
         kwargs.pop("is_causal", None)
@@ -119,7 +107,7 @@ def a2ats_attention_forward(module, query, key, value, attention_mask, scaling=N
         layer.selector.scale = scale
     cos, sin = layer.rope
     q_post = query[:, :, 0]  # [B, Hq, d]
-    fused = layer.selector.fused_decode(st, q_post, _last_position(cos, sin), st.length, valid, scale)
+    fused = layer.selector.fused_decode(st, q_post, _last_position(st.step, cos, sin), st.length, valid, scale)
     if fused is not None:
         out, picked = fused
         layer.last_selection = picked  # -1 pads the rows of samples that keep fewer (left padding)

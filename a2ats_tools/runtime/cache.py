@@ -19,12 +19,14 @@ from transformers.cache_utils import CacheLayerMixin
 
 from ..rope import undo_rope_keys
 from .selectors import TokenSelector
+from .step import StepContext
 
 HEADROOM = 64  # rows; the first allocation holds the prompt plus max(64, prompt/8) rows
 
 
 class LayerState:
-    """What a selector may read: buffers, length, capacity, compute device and its own ``meta`` dict."""
+    """What a selector may read: buffers, length, capacity, compute device, its own ``meta`` dict, and ``step``,
+    the :class:`StepContext` the layers of the current step share (the cache's, once it runs a step)."""
 
     def __init__(self) -> None:
         self.keys: torch.Tensor | None = None
@@ -33,6 +35,7 @@ class LayerState:
         self.capacity = 0
         self.device = torch.device("cpu")
         self.meta: dict[str, Any] = {}
+        self.step = StepContext()
 
 
 class A2atsLayer(CacheLayerMixin):
@@ -173,7 +176,20 @@ class A2atsCache(Cache):
     def __init__(self, selectors: list[TokenSelector], offload: str | None = None, reserve: int | None = None):
         """``reserve``: rows to allocate at the first update when they suffice (the final length, if known)."""
         super().__init__(layers=[A2atsLayer(sel, offload, reserve) for sel in selectors])
-        self.valid_memo: tuple[Any, torch.Tensor] | None = None
+        self.step = StepContext()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Layer 0's update opens a step: every layer gets a fresh shared :class:`StepContext`."""
+        if layer_idx == 0:
+            self.new_step()
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def new_step(self) -> StepContext:
+        """Drop what the last step derived and give every layer one new context to share."""
+        self.step = StepContext()
+        for layer in self.layers:
+            layer.state.step = self.step
+        return self.step
 
     def set_rope(self, layer_idx: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
         self.layers[layer_idx].rope = (cos, sin)

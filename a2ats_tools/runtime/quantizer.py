@@ -78,18 +78,12 @@ class A2atsHfQuantizer(HfQuantizer):
         return False
 
 
-_registered = False
-
-
 def register() -> None:
-    """Register the config and quantizer under ``quant_method="a2ats"`` (idempotent)."""
-    global _registered
-    if _registered:
-        return
+    """Register the config and quantizer under ``quant_method="a2ats"`` (idempotent: transformers' own registry
+    says whether it is done)."""
     from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(QUANT_METHOD)(A2atsQuantizationConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(A2atsHfQuantizer)
-    _registered = True

@@ -9,8 +9,6 @@ optional exact re-ranking of an over-fetched candidate set. A subclass usually i
 from __future__ import annotations
 
 import math
-import operator
-import weakref
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -19,9 +17,6 @@ from ..rope import DistanceBuckets, Rotary, apply_rope, undo_rope_keys
 from ..scoring import group_aggregate
 from .settings import RuntimeSettings, cpu_has_native_bf16, resolve_score_dtype, use_cpu_kernel, use_triton
 
-_STEP_MEMO: tuple | None = None  # (weakref to valid, settings key, constants) of the current decode step
-_OFFSET_MEMO: tuple | None = None  # (key, (per-table offsets, buckets used)) of the current decode step
-_PLAN_MEMO: tuple | None = None  # (objects, numbers, _FusedPlan or None) of the current decode step (fused CPU kernel)
 NEG_INF = float("-inf")
 POS_INF = float("inf")
 
@@ -36,7 +31,8 @@ class TokenSelector:
 
     ``state`` is the layer's :class:`~a2ats_tools.runtime.cache.LayerState`: ``keys``/``values``
     ``[B, Hkv, capacity, d]`` (post-RoPE, possibly on the host when offloaded), ``length``, ``capacity``,
-    ``device`` (compute device) and ``meta`` (a dict the selector owns).
+    ``device`` (compute device), ``meta`` (a dict the selector owns) and ``step`` (the
+    :class:`~a2ats_tools.runtime.step.StepContext` that what is derived once per step is shared through).
     """
 
     name: ClassVar[str] = "base"
@@ -101,13 +97,12 @@ class TokenSelector:
         idx = torch.arange(length, device=valid.device)
         return valid & ((rank < self.settings.n_sink) | (idx > length - 1 - self.settings.window))
 
-    def _step_constants(self, valid: torch.Tensor, length: int):
+    def _step_constants(self, state: Any, valid: torch.Tensor, length: int):
         """Budgets and forced rows depend only on ``valid``: computed once per step, shared by all layers."""
-        global _STEP_MEMO
-        memo = _STEP_MEMO
-        key = (self.settings.budget, self.settings.n_sink, self.settings.window, length)
-        if memo is not None and memo[0]() is valid and memo[1] == key:
-            return memo[2]
+        key = ("constants", self.settings.budget, self.settings.n_sink, self.settings.window, length)
+        return state.step.shared(key, lambda: self._derive_constants(valid, length), valid)
+
+    def _derive_constants(self, valid: torch.Tensor, length: int):
         rows, top = self.budgets(valid)
         unpadded = bool(valid.all())  # then the forced rows are plain slices and nothing needs masking
         forced = None if unpadded else self.forced(valid, length)[:, None, :]
@@ -119,21 +114,19 @@ class TokenSelector:
         else:
             first = None
         suffix = None if first is None else (first, top.to(torch.int64).contiguous())
-        out = (rows, top, int(rows.max()), forced, int(top.max()) if unpadded else None, covers_all, suffix)
-        _STEP_MEMO = (weakref.ref(valid), key, out)
-        return out
+        return rows, top, int(rows.max()), forced, int(top.max()) if unpadded else None, covers_all, suffix
 
-    def left_padding(self, valid: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def left_padding(self, state: Any, valid: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(first real row [B], top-K [B])`` (int64) when every sample's real rows are one suffix of the cache
         (no padding, or left padding), else None (part of the step's constants)."""
-        return self._step_constants(valid, length)[6]
+        return self._step_constants(state, valid, length)[6]
 
-    def keeps_everything(self, valid: torch.Tensor, length: int) -> bool:
+    def keeps_everything(self, state: Any, valid: torch.Tensor, length: int) -> bool:
         """True while sinks + window + K cover every valid row of every sample: selecting would keep them all,
         so dense attention over the cache gives the same result without scoring (short contexts)."""
         if not self.full_keep_shortcut:
             return False
-        return self._step_constants(valid, length)[5]
+        return self._step_constants(state, valid, length)[5]
 
     def select(
         self, state: Any, q_pre: torch.Tensor, q_post: torch.Tensor, length: int, valid: torch.Tensor
@@ -144,7 +137,7 @@ class TokenSelector:
         per-sample budget; ``keep`` is False past a sample's own budget. Never more than
         ``n_sink + window + top-K`` kept rows per KV head.
         """
-        rows, top, k, forced, uniform_top, _, _ = self._step_constants(valid, length)
+        rows, top, k, forced, uniform_top, _, _ = self._step_constants(state, valid, length)
         self.exact_logits = None
         s, high, low = rank_keys(self.scores(state, q_pre, q_post, length))  # a new tensor: modified in place
         if forced is None:  # no padding: sinks are the first rows, the window the last ones
@@ -222,21 +215,6 @@ def rank_keys(scores: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return keys, info.max, info.min
 
 
-_ROW_BASE: dict[tuple, torch.Tensor] = {}
-
-
-def _row_base(b: int, h: int, cap: int, device: torch.device) -> torch.Tensor:
-    """``[B, Hkv, 1]`` offsets ``(b * Hkv + h) * cap`` of each (sample, KV head) block in a flattened buffer
-    (the same for every layer and step until the capacity grows: kept for the latest few shapes)."""
-    key = (b, h, cap, device)
-    base = _ROW_BASE.get(key)
-    if base is None:
-        if len(_ROW_BASE) > 8:
-            _ROW_BASE.clear()
-        base = _ROW_BASE[key] = torch.arange(b * h, device=device).view(b, h, 1) * cap
-    return base
-
-
 def gather_rows(buffer: torch.Tensor, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``buffer [B, Hkv, cap, d]`` rows at ``indices [B, Hkv, K]`` -> ``[B, Hkv, K, d]`` on ``device``.
 
@@ -244,7 +222,8 @@ def gather_rows(buffer: torch.Tensor, indices: torch.Tensor, device: torch.devic
     """
     b, h, cap, d = buffer.shape
     idx = indices.to(buffer.device)
-    rows = buffer.view(b * h * cap, d).index_select(0, (idx + _row_base(b, h, cap, buffer.device)).reshape(-1))
+    base = torch.arange(b * h, device=buffer.device).view(b, h, 1) * cap  # each (sample, KV head) block's start
+    rows = buffer.view(b * h * cap, d).index_select(0, (idx + base).reshape(-1))
     return rows.view(*idx.shape, d).to(device, non_blocking=True)
 
 
@@ -401,25 +380,21 @@ class A2atsSelector(TokenSelector):
         b, h = keys_post.shape[:2]
         self._codes_buffer(state, b, h)[:, :, start : start + count] = self.encode(undo_rope_keys(keys_post, cos, sin))
 
-    def bucket_index(self, length: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    def bucket_index(self, state: Any, length: int, device: torch.device) -> tuple[torch.Tensor, int]:
         """Offsets into one (sample, KV head)'s score table for this step: ``(offsets, used)``.
 
         For row ``j < length`` (t = length - 1), ``offsets [length]`` (int64, what ``gather`` takes) is
         ``bucket(t - j) * C``, the start of row ``j``'s bucket inside a ``[used * C]`` table; ``used`` is the
-        number of buckets in use. The same for every layer of a step, so computed once per step and shared (the
-        memo holds the latest step only).
+        number of buckets in use. The same for every layer of a step, so computed once per step and shared.
         """
-        global _OFFSET_MEMO
-        key = (self.buckets, self.codes_size, length, device)
-        memo = _OFFSET_MEMO
-        if memo is not None and memo[0] == key:
-            return memo[1]
-        dist = (length - 1) - torch.arange(length, device=device)
-        bucket = self.buckets.bucket_of(dist)
-        used = int(bucket.max()) + 1 if length else 1
-        out = (bucket.long() * self.codes_size, used)
-        _OFFSET_MEMO = (key, out)
-        return out
+
+        def compute() -> tuple[torch.Tensor, int]:
+            dist = (length - 1) - torch.arange(length, device=device)
+            bucket = self.buckets.bucket_of(dist)
+            used = int(bucket.max()) + 1 if length else 1
+            return bucket.long() * self.codes_size, used
+
+        return state.step.shared(("bucket_offsets", self.buckets, self.codes_size, length, device), compute)
 
     def rotated_queries(self, q_pre: torch.Tensor, used: int) -> torch.Tensor:
         """``[Hkv, B, G', used, d]`` float32: each query rotated to the first ``used`` bucket centres (``G' = 1``
@@ -452,7 +427,7 @@ class A2atsSelector(TokenSelector):
     def scores(self, state, q_pre, q_post, length):
         b, h = q_pre.shape[0], self.num_kv_heads
         codes = self._codes_buffer(state, b, h)[:, :, :length]  # pending (windowed) rows read stale codes
-        offsets, used = self.bucket_index(length, q_pre.device)
+        offsets, used = self.bucket_index(state, length, q_pre.device)
         table = self.tables(q_pre, used)
         g = table.shape[2]
         if g == 1 and use_triton(self.settings.kernels, table, codes):
@@ -476,7 +451,7 @@ class A2atsSelector(TokenSelector):
             or resolve_score_dtype(self.settings.score_dtype, q_post.device) != torch.float32
         ):
             return None
-        plan = self._step_plan(rope, length, valid)
+        plan = self._step_plan(state, rope, length, valid)
         if plan is None:
             return None
         from ..kernels import cpu_decode
@@ -489,31 +464,28 @@ class A2atsSelector(TokenSelector):
             self._codes_buffer(state, q_post.shape[0], self.num_kv_heads), state.keys, state.values, scale,
         )
 
-    def _step_plan(self, rope, length: int, valid: torch.Tensor) -> _FusedPlan | None:
+    def _step_plan(self, state, rope, length: int, valid: torch.Tensor) -> _FusedPlan | None:
         """The fused kernel's per-step arguments (None: padding other than left padding), built by the first
         layer of a step and shared by the others (same rotary factors, mask and settings)."""
-        global _PLAN_MEMO
-        same = (rope[0], rope[1], valid, self.settings, self.buckets)  # compared by identity
-        memo = _PLAN_MEMO
-        if memo is not None and memo[1] == (length, self.codes_size) and all(map(operator.is_, memo[0], same)):
-            return memo[2]
-        padding = self.left_padding(valid, length)
-        plan = None
-        if padding is not None:
-            from ..kernels import cpu_decode
+        key = ("fused_plan", length, self.codes_size, self.settings)
+        return state.step.shared(key, lambda: self._plan(state, rope, length, valid), rope[0], rope[1], valid)
 
-            offsets, used = self.bucket_index(length, valid.device)
-            b = valid.shape[0]
-            cos, sin = (t.float().expand(b, -1) for t in rope)  # [1, d] where the batch shares positions
-            first, top = padding
-            s = self.settings
-            kernel = cpu_decode.plan_step(
-                cos, sin, offsets, length, s.n_sink, s.window, top, s.rerank, s.rerank_aggregation, first=first,
-                aggregation=s.aggregation,
-            )
-            plan = _FusedPlan(kernel, used)
-        _PLAN_MEMO = (same, (length, self.codes_size), plan)
-        return plan
+    def _plan(self, state, rope, length: int, valid: torch.Tensor) -> _FusedPlan | None:
+        padding = self.left_padding(state, valid, length)
+        if padding is None:
+            return None
+        from ..kernels import cpu_decode
+
+        offsets, used = self.bucket_index(state, length, valid.device)
+        b = valid.shape[0]
+        cos, sin = (t.float().expand(b, -1) for t in rope)  # [1, d] where the batch shares positions
+        first, top = padding
+        s = self.settings
+        kernel = cpu_decode.plan_step(
+            cos, sin, offsets, length, s.n_sink, s.window, top, s.rerank, s.rerank_aggregation, first=first,
+            aggregation=s.aggregation,
+        )
+        return _FusedPlan(kernel, used)
 
     def _scores_triton(self, table: torch.Tensor, codes: torch.Tensor, length: int, used: int) -> torch.Tensor:
         """The same scores as the torch gather, from the fused Triton gather (one program per token block)."""
