@@ -93,8 +93,13 @@ class DistanceBuckets:
         if ratio <= 1.0 or start < 1:
             raise ValueError("bucket ratio must be > 1 and start >= 1")
         n = max(1, math.ceil(math.log(max(max_distance, start + 1) / start) / math.log(ratio)))
-        edges = tuple(start * ratio**b for b in range(n))
-        centres = tuple(int(round(start * ratio ** (b + 0.5))) for b in range(n))
+        return cls.geometric(n, start, ratio)
+
+    @classmethod
+    def geometric(cls, count: int, start: float, ratio: float) -> DistanceBuckets:
+        """``count`` buckets with lower edges ``start * ratio^b``, each centred at ``start * ratio^(b + 1/2)``."""
+        edges = tuple(start * ratio**b for b in range(count))
+        centres = tuple(int(round(start * ratio ** (b + 0.5))) for b in range(count))
         return cls("log", centres, edges)
 
     @classmethod
@@ -111,10 +116,16 @@ class DistanceBuckets:
         return len(self.centres)
 
     def bucket_of(self, distance: torch.Tensor) -> torch.Tensor:
-        """Bucket index (long) of each relative distance ``t - j``."""
+        """Bucket index (long) of each relative distance ``t - j``: the last bucket whose lower edge is at most
+        the distance (distances below the first edge fall in bucket 0). Any increasing edges are honoured; an edge
+        within a relative 1e-9 above a distance still counts as reached, so that edges computed as
+        ``start * ratio^b`` in floating point (128.00000000000003 for ratio √2) hold the distance they name."""
         if self.mode == "single":
             return torch.zeros_like(distance, dtype=torch.long)
-        start, ratio = self.edges[0], (self.edges[1] / self.edges[0]) if self.count > 1 else 2.0
-        d = distance.float().clamp_min(start)
-        b = torch.floor(torch.log(d / start) / math.log(ratio) + 1e-6).long()
+        edges = torch.tensor(self.edges, dtype=torch.float64, device=distance.device) * (1.0 - 1e-9)
+        b = torch.searchsorted(edges, distance.to(torch.float64).contiguous(), right=True) - 1
         return b.clamp_(0, self.count - 1)
+
+    def row_buckets(self, length: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Bucket (long) ``[length]`` of each cached row ``j`` seen from the newest row ``t = length - 1``."""
+        return self.bucket_of(torch.arange(length - 1, -1, -1, device=device))

@@ -83,14 +83,15 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={b} Hkv={hkv} G={g} d={d} C={c} P={p} N={n} K={k}"
     )
     results = {}
+    buckets = DistanceBuckets.geometric(p, 64.0, args.ratio)
     for agg in ("sum", "max"):
         tables = build_tables_torch(q, codebook, rotations, agg)
-        scores = score_torch(tables, codes, n, first_valid, 8, 64, 64.0, args.ratio, agg)
+        scores = score_torch(tables, codes, n, first_valid, 8, 64, buckets, agg)
         results[f"build_tables ({agg})"] = timed(
             lambda agg=agg: build_tables_torch(q, codebook, rotations, agg), args.repeat
         )
         results[f"score ({agg})"] = timed(
-            lambda t=tables, agg=agg: score_torch(t, codes, n, first_valid, 8, 64, 64.0, args.ratio, agg),
+            lambda t=tables, agg=agg: score_torch(t, codes, n, first_valid, 8, 64, buckets, agg),
             args.repeat,
         )
     results["select_topk"] = timed(lambda: select_topk(scores, k), args.repeat)

@@ -242,6 +242,7 @@ def main() -> int:
         sparse_decode_torch,
         sparse_decode_triton,
     )
+    from a2ats_tools.rope import DistanceBuckets
 
     cuda = torch.cuda.is_available()
     if args.tiny or not cuda:
@@ -279,7 +280,7 @@ def main() -> int:
     first_valid = torch.zeros(b, dtype=torch.long, device=device)
     k_cache = rand(b, hkv, n, d).to(dtype)
     v_cache = rand(b, hkv, n, d).to(dtype)
-    score_args = (lookup, codes, n, first_valid, 8, 64, 64.0, 2.0, "sum")
+    score_args = (lookup, codes, n, first_valid, 8, 64, DistanceBuckets.geometric(p, 64.0, 2.0), "sum")
     indices, keep = select_topk(score_torch(*score_args), k)
     q_dec = q.to(dtype)
 

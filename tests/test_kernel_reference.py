@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from a2ats_tools.kernels import (
-    bucket_indices,
     build_tables_torch,
     encode_torch,
     prepare_codebook,
@@ -49,11 +48,21 @@ def test_encode_uses_int32_codes_beyond_int16():
 
 @pytest.mark.parametrize("length", [1, 63, 64, 65, 200, 8192])
 @pytest.mark.parametrize("ratio", [2.0, math.sqrt(2)])
-def test_bucket_indices_match_distance_buckets(length, ratio):
+def test_row_buckets_follow_the_bucket_edges(length, ratio):
     buckets = DistanceBuckets.log_spaced(8192, start=64, ratio=ratio)
-    got = bucket_indices(length, buckets.count, buckets.edges[0], buckets.edges[1] / buckets.edges[0])
-    assert torch.equal(got, buckets.bucket_of(torch.arange(length - 1, -1, -1)))
-    assert torch.equal(bucket_indices(length, 1, 64.0, 2.0), torch.zeros(length, dtype=torch.long))
+    got = buckets.row_buckets(length)
+    edges = buckets.edges
+    for j in range(length):  # brute force: the last bucket whose lower edge is at most the distance (to 1e-9)
+        dist = length - 1 - j
+        want = max([b for b, e in enumerate(edges) if e * (1 - 1e-9) <= dist], default=0)
+        assert int(got[j]) == want
+    assert torch.equal(DistanceBuckets.single(2048).row_buckets(length), torch.zeros(length, dtype=torch.long))
+
+
+def test_bucket_of_honours_stored_edges_that_are_not_geometric():
+    buckets = DistanceBuckets.from_config({"mode": "log", "centres": [80, 300, 2000], "edges": [64.0, 128.0, 1000.0]})
+    dist = torch.tensor([0, 63, 64, 127, 128, 500, 999, 1000, 5000])
+    assert buckets.bucket_of(dist).tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2]
 
 
 @pytest.mark.parametrize("aggregation", ["sum", "max"])
@@ -61,7 +70,7 @@ def test_bucket_indices_match_distance_buckets(length, ratio):
 def test_score_matches_python_double_loop(aggregation, g, p):
     gen = torch.Generator().manual_seed(2)
     b, hkv, d, c, nmax, length = 2, 2, 8, 11, 40, 33
-    n_sink, window, start, ratio = 2, 4, 4.0, 2.0
+    n_sink, window = 2, 4
     q = torch.randn(b, hkv * g, d, generator=gen)
     codebook = torch.randn(hkv, c, d, generator=gen)
     rotations = torch.randn(p, d, d, generator=gen)
@@ -69,8 +78,9 @@ def test_score_matches_python_double_loop(aggregation, g, p):
     first_valid = torch.tensor([0, 5])
     tables = build_tables_torch(q, codebook, rotations, aggregation)
     assert tables.shape == (b, hkv, 1 if aggregation == "sum" else g, p, c)
-    scores = score_torch(tables, codes, length, first_valid, n_sink, window, start, ratio, aggregation)
-    bucket = bucket_indices(length, p, start, ratio)
+    buckets = DistanceBuckets.geometric(p, 4.0, 2.0)
+    scores = score_torch(tables, codes, length, first_valid, n_sink, window, buckets, aggregation)
+    bucket = buckets.row_buckets(length)
     for bi in range(b):
         valid = torch.arange(length) >= first_valid[bi]
         forced = forced_mask(valid, n_sink, window)
@@ -97,7 +107,7 @@ def test_select_topk_matches_scoring_select():
     raw = torch.randn(b, hkv, length, generator=gen)
     tables = raw.unsqueeze(2).unsqueeze(3)  # G'=1, P=1, C=length: code j scores raw[j]
     codes = torch.arange(length, dtype=torch.int16).expand(b, hkv, length)
-    scores = score_torch(tables, codes, length, first_valid, n_sink, window, 64.0, 2.0, "sum")
+    scores = score_torch(tables, codes, length, first_valid, n_sink, window, DistanceBuckets.single(), "sum")
     policy = SelectionPolicy(n_sink=n_sink, window=window, budget=20)
     for bi in range(b):
         valid = torch.arange(length) >= first_valid[bi]

@@ -20,6 +20,7 @@ from a2ats_tools.kernels import (
     sparse_decode_triton,
 )
 from a2ats_tools.kernels._dispatch import resolve_backend, triton_available
+from a2ats_tools.rope import DistanceBuckets
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
@@ -75,7 +76,7 @@ def test_score_triton_matches_torch(b, hkv, g, p, c, nmax, length, aggregation, 
     )
     codes = torch.randint(0, c, (b, hkv, nmax), generator=gen).to(code_dtype)
     first_valid = torch.tensor([0, 9])[:b]  # left padding on the second sequence
-    args = (tables, codes, length, first_valid, 3, 7, 8.0, 2.0, aggregation)
+    args = (tables, codes, length, first_valid, 3, 7, DistanceBuckets.geometric(p, 8.0, 2.0), aggregation)
     got = score_triton(*args, block=64)
     want = score_torch(*args)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
@@ -133,7 +134,7 @@ def test_dispatch_picks_torch_on_cpu_and_forces_triton_on_request():
     scores = torch.randn(1, 2, 30, generator=gen)
     codes = torch.arange(30, dtype=torch.int16).expand(1, 2, 30)
     lookup = scores.unsqueeze(2).unsqueeze(3)
-    args = (lookup, codes, 30, torch.zeros(1, dtype=torch.long), 2, 4, 64.0, 2.0, "sum", 10)
+    args = (lookup, codes, 30, torch.zeros(1, dtype=torch.long), 2, 4, DistanceBuckets.single(), "sum", 10)
     idx_t, keep_t = score_select(*args, backend="triton")
     idx, keep = score_select(*args)
     assert keep.all() and torch.equal(idx.sort(-1).values, idx_t.sort(-1).values)

@@ -6,12 +6,22 @@ from __future__ import annotations
 import gc
 import weakref
 
+import pytest
 import torch
 
 from a2ats_tools.compat import cache_kwargs, output_cache
 from a2ats_tools.runtime.step import StepContext
 
-from .test_runtime import load, prompt_ids, tiny_checkpoints  # noqa: F401 - the fixture is used by name
+from .conftest import build_tiny_model
+from .test_runtime import load, make_checkpoint, prompt_ids
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory, tokenizer):
+    return {
+        arch: make_checkpoint(build_tiny_model(arch), tmp_path_factory.mktemp(f"step-{arch}"), tokenizer)
+        for arch in ("llama", "qwen3")
+    }
 
 
 def _decoder(model, ids: torch.Tensor, attention_mask: torch.Tensor | None, steps: int):

@@ -9,7 +9,6 @@ Every op takes ``backend="auto"|"torch"|"triton"``; ``auto`` runs Triton on CUDA
 
 from .encode import EncodeTables, encode, encode_torch, encode_triton, prepare_codebook
 from .score_select import (
-    bucket_indices,
     build_tables_torch,
     score_select,
     score_torch,
@@ -21,7 +20,6 @@ from .sparse_attention import sparse_decode, sparse_decode_torch, sparse_decode_
 __all__ = [
     "EncodeTables",
     "build_tables_torch",
-    "bucket_indices",
     "encode",
     "encode_torch",
     "encode_triton",

@@ -9,11 +9,9 @@ window get ``+inf`` (always selected), left padding ``−inf`` (never kept) — 
 
 from __future__ import annotations
 
-import functools
-import math
-
 import torch
 
+from ..rope import DistanceBuckets
 from ._dispatch import resolve_backend, tl, triton
 
 AGGREGATIONS = ("sum", "max")
@@ -46,38 +44,6 @@ def build_tables_torch(
     return tables.reshape(hkv, b, gp, p, c).transpose(0, 1).contiguous()
 
 
-@functools.lru_cache(maxsize=64)
-def _buckets_by_reversed_distance(
-    limit: int, buckets: int, bucket_start: float, bucket_ratio: float, device: str, dtype: torch.dtype
-) -> torch.Tensor:
-    """Bucket ``[limit]`` of distance ``limit − 1 − i`` at ``i``, so ``[limit − L:]`` serves length ``L``."""
-    dist = torch.arange(limit - 1, -1, -1, device=device).float().clamp_min(bucket_start)
-    b = torch.floor(torch.log(dist / bucket_start) / math.log(bucket_ratio) + 1e-6).long()
-    return b.clamp_(0, buckets - 1).to(dtype)
-
-
-def bucket_indices(
-    length: int,
-    buckets: int,
-    bucket_start: float,
-    bucket_ratio: float,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.long,
-) -> torch.Tensor:
-    """Bucket ``[length]`` of each token ``j`` seen from ``t = length − 1``: the bucket of ``t − j``.
-
-    The same float32 arithmetic as :meth:`a2ats_tools.rope.DistanceBuckets.bucket_of`; computed once per
-    power-of-two size and cached (the result is a read-only view: do not modify it in place).
-    """
-    if buckets <= 1:
-        return torch.zeros(length, dtype=dtype, device=device)
-    limit = max(1024, 1 << max(length - 1, 0).bit_length())
-    table = _buckets_by_reversed_distance(
-        limit, buckets, float(bucket_start), float(bucket_ratio), str(device), dtype
-    )
-    return table[limit - length :]
-
-
 def _mask_forced_and_padding(
     scores: torch.Tensor, first_valid: torch.Tensor, n_sink: int, window: int
 ) -> torch.Tensor:
@@ -105,8 +71,7 @@ def score_torch(
     first_valid: torch.Tensor,
     n_sink: int,
     window: int,
-    bucket_start: float,
-    bucket_ratio: float,
+    buckets: DistanceBuckets,
     aggregation: str,
 ) -> torch.Tensor:
     """Scores ``[B,Hkv,length]`` (float32) of the first ``length`` cached tokens (codes ``[B,Hkv,Nmax]``).
@@ -118,7 +83,7 @@ def score_torch(
     _check_aggregation(aggregation)
     b, hkv, gp, p, c = tables.shape
     flat = tables.float().reshape(b, hkv, gp, p * c)
-    offset = bucket_indices(length, p, bucket_start, bucket_ratio, tables.device, torch.int32) * c
+    offset = buckets.row_buckets(length, tables.device).to(torch.int32) * c
     index = (codes[..., :length].to(torch.int32) + offset).long()  # [B,Hkv,L]
     if gp == 1:
         scores = flat[:, :, 0].gather(-1, index)
@@ -180,15 +145,14 @@ def score_triton(
     first_valid: torch.Tensor,
     n_sink: int,
     window: int,
-    bucket_start: float,
-    bucket_ratio: float,
+    buckets: DistanceBuckets,
     aggregation: str,
     block: int = 1024,
 ) -> torch.Tensor:
     """Triton version of :func:`score_torch` (same contract).
 
     One program per (block of tokens, sequence, KV head): load codes, look up each token's bucket (a
-    ``[length]`` int32 table from :func:`bucket_indices`, so bucket edges are bit-identical to the reference),
+    ``[length]`` int32 table from :meth:`~a2ats_tools.rope.DistanceBuckets.row_buckets`, the one bucket rule),
     gather ``tables[g, bucket, code]`` for the ``G'`` heads, aggregate, mask, store.
     """
     if triton is None:
@@ -203,13 +167,13 @@ def score_triton(
     scores = torch.empty(b, hkv, length, dtype=torch.float32, device=tables.device)
     if length == 0:
         return scores
-    buckets = bucket_indices(length, p, bucket_start, bucket_ratio, tables.device, torch.int32)
+    row_buckets = buckets.row_buckets(length, tables.device).to(torch.int32)
     block = max(16, min(block, triton.next_power_of_2(length)))
     grid = (triton.cdiv(length, block), b * hkv)
     _score_kernel[grid](
         tables,
         codes,
-        buckets,
+        row_buckets,
         first_valid.to(device=tables.device, dtype=torch.long).contiguous(),
         scores,
         length,
@@ -243,8 +207,7 @@ def score_select(
     first_valid: torch.Tensor,
     n_sink: int,
     window: int,
-    bucket_start: float,
-    bucket_ratio: float,
+    buckets: DistanceBuckets,
     aggregation: str,
     k: int,
     backend: str = "auto",
@@ -252,6 +215,6 @@ def score_select(
     """Score every cached token and select the top ``k`` per KV head -> ``(indices, keep)``."""
     score = score_triton if resolve_backend(backend, tables, codes) == "triton" else score_torch
     scores = score(
-        tables, codes, length, first_valid, n_sink, window, bucket_start, bucket_ratio, aggregation
+        tables, codes, length, first_valid, n_sink, window, buckets, aggregation
     )
     return select_topk(scores, k)

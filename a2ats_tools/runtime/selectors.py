@@ -389,8 +389,7 @@ class A2atsSelector(TokenSelector):
         """
 
         def compute() -> tuple[torch.Tensor, int]:
-            dist = (length - 1) - torch.arange(length, device=device)
-            bucket = self.buckets.bucket_of(dist)
+            bucket = self.buckets.row_buckets(length, device)
             used = int(bucket.max()) + 1 if length else 1
             return bucket.long() * self.codes_size, used
 
@@ -493,11 +492,9 @@ class A2atsSelector(TokenSelector):
 
         kernel = importlib.import_module("a2ats_tools.kernels.score_select")
         b, h = table.shape[:2]
-        edges = self.buckets.edges
-        start, ratio = (edges[0], edges[1] / edges[0]) if len(edges) > 1 else (64.0, 2.0)
         no_forced = torch.zeros(b, dtype=torch.long, device=table.device)  # select() masks sinks/window/padding
         tables = table.reshape(b, h, 1, used, self.codes_size)
-        return kernel.score_triton(tables, codes, length, no_forced, 0, 0, start, ratio, "sum")
+        return kernel.score_triton(tables, codes, length, no_forced, 0, 0, self.buckets, "sum")
 
 
 SELECTOR_CLASSES: dict[str, type[TokenSelector]] = {
