@@ -665,3 +665,35 @@ def test_unpadded_selection_is_a_true_top_k_whatever_the_scores_sign(tiny_checkp
             assert set(picked) >= set(range(2)) | set(range(n - 8, n))
             if dtype == torch.float32:
                 assert set(picked) == expected
+
+
+def test_sparse_decode_numerics_in_bf16_are_the_same_with_and_without_rerank_logits():
+    """bf16 K/V: attention from the re-ranking's float32 logits and from the gathered keys accumulate alike
+    (float32 products either way), so re-ranking does not change the attention's numerics."""
+    from a2ats_tools.runtime.attention import sparse_decode
+    from a2ats_tools.runtime.selectors import candidate_logits
+
+    g = torch.Generator().manual_seed(21)
+    b, hkv, grp, n, d, k = 2, 2, 3, 300, 64, 40
+    keys = (torch.randn(b, hkv, n, d, generator=g) * 3).to(torch.bfloat16)
+    values = torch.randn(b, hkv, n, d, generator=g).to(torch.bfloat16)
+    q = (torch.randn(b, hkv * grp, d, generator=g) * 3).to(torch.bfloat16)
+    idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(b * hkv)]).view(b, hkv, k)
+    keep = torch.ones(b, hkv, k, dtype=torch.bool)
+    state = type("State", (), {"keys": keys})()
+    logits = candidate_logits(state, q, idx, hkv)
+    with_logits = sparse_decode(q, keys, values, idx, keep, d**-0.5, logits, "torch")
+    from_keys = sparse_decode(q, keys, values, idx, keep, d**-0.5, None, "torch")
+    torch.testing.assert_close(with_logits, from_keys, atol=1e-6, rtol=1e-6)
+
+
+def test_load_converted_reads_and_attaches_the_artifacts_once(tiny_checkpoints, monkeypatch):
+    from a2ats_tools.runtime import hooks, loader
+
+    reads, installs = [], []
+    read, install = loader.read_codebooks, hooks.install
+    monkeypatch.setattr(loader, "read_codebooks", lambda *a, **k: reads.append(1) or read(*a, **k))
+    monkeypatch.setattr(hooks, "install", lambda *a, **k: installs.append(1) or install(*a, **k))
+    model, _ = load(tiny_checkpoints["llama"], budget=7, window=9)
+    assert len(reads) == 1 and len(installs) == 1
+    assert model.a2ats.settings.budget == 7 and model.a2ats.settings.window == 9  # the caller's settings hold

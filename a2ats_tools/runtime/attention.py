@@ -39,7 +39,8 @@ def sparse_decode(
     logits: torch.Tensor | None = None,
     kernels: str = "auto",
 ) -> torch.Tensor:
-    """Exact attention of ``q [B, Hq, d]`` over the selected rows ``indices/keep [B, Hkv, K]`` -> ``[B, Hq, d]``.
+    """Exact attention of ``q [B, Hq, d]`` over the selected rows ``indices/keep [B, Hkv, K]`` -> ``[B, Hq, d]``
+    (float32 on the torch path, accumulated in float32 whatever the K/V dtype).
 
     ``logits`` ``[B, Hkv, G, K]`` (unscaled ``q · k`` of those rows, e.g. left by exact re-ranking) spares the
     key gather and product; the result is the same. ``kernels``: the runtime setting (``auto``: the fused Triton
@@ -51,15 +52,15 @@ def sparse_decode(
         return kernel(q, keys, values, indices, keep, scale, backend="triton")
     b, hq, d = q.shape
     hkv = indices.shape[1]
-    v = gather_rows(values, indices, q.device)
-    if logits is None:
-        k = gather_rows(keys, indices, q.device)  # [B, Hkv, K, d]
-        logits = (q.reshape(b, hkv, hq // hkv, d) @ k.transpose(-1, -2)).float()  # [B, Hkv, G, K]
+    v = gather_rows(values, indices, q.device).float()
+    if logits is None:  # float32 products, as the re-ranking's logits are: the same numerics either way
+        k = gather_rows(keys, indices, q.device).float()  # [B, Hkv, K, d]
+        logits = q.float().reshape(b, hkv, hq // hkv, d) @ k.transpose(-1, -2)  # [B, Hkv, G, K]
     logits = logits * scale
     if not bool(keep.all()):
         logits = logits.masked_fill(~keep[:, :, None, :], float("-inf"))
-    probs = torch.softmax(logits, dim=-1).to(v.dtype)
-    return (probs @ v).reshape(b, hq, v.shape[-1])
+    probs = torch.softmax(logits, dim=-1)
+    return (probs @ v).reshape(b, hq, v.shape[-1])  # float32; the caller casts to the model's dtype
 
 
 def _valid_rows(step: StepContext, attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:

@@ -189,12 +189,17 @@ def load_converted(
     directory = checkpoint_dir(path_or_id)
     config = read_config(directory)
     settings = RuntimeSettings.from_config(config, budget=budget, offload=offload, **overrides)
-    codebooks, whitening = read_codebooks(directory, config)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     source = _model_source(directory, config)
-    model = load_model(source, dtype=dtype, device=device)  # with the quantizer registered this attaches already
-    attach(model, config, codebooks, whitening, settings)
+    model = load_model(source, dtype=dtype, device=device)
+    runtime = getattr(model, "a2ats", None)
+    if isinstance(runtime, A2atsRuntime):  # the registered quantizer attached this checkpoint's artifacts already
+        runtime.check(settings)
+        runtime.settings = settings
+    else:  # a --light checkpoint (weights referenced elsewhere) loads as the plain model
+        codebooks, whitening = read_codebooks(directory, config)
+        attach(model, config, codebooks, whitening, settings)
     tok_source = source if not (directory / "tokenizer_config.json").is_file() else ModelSource(str(directory))
     tokenizer = load_tokenizer(tok_source)
     return model, tokenizer
