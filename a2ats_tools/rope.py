@@ -68,6 +68,7 @@ class Rotary:
 
 
 BucketMode = Literal["single", "log"]
+WROPE_DISTANCE = 2048  # the paper's single WRoPE scoring distance
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class DistanceBuckets:
     edges: tuple[float, ...]  # lower edge of each bucket (log mode); empty for single
 
     @classmethod
-    def single(cls, distance: int = 2048) -> DistanceBuckets:
+    def single(cls, distance: int = WROPE_DISTANCE) -> DistanceBuckets:
         return cls("single", (int(distance),), ())
 
     @classmethod

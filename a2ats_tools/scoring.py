@@ -20,7 +20,8 @@ AGGREGATIONS: tuple[str, ...] = ("sum", "max", "softmax")
 
 @dataclass(frozen=True)
 class SelectionPolicy:
-    """What is always kept and how many more tokens are picked per KV head."""
+    """What is always kept and how many more tokens are picked per KV head. Its field defaults are the
+    project's selection defaults: ``RuntimeSettings`` and the checkpoint config take theirs from here."""
 
     n_sink: int = 8
     window: int = 64

@@ -174,7 +174,7 @@ def method_scores(
     if method == "a2ats":
         return bucketed_scores(q, q_pos, keys_vq, rotary, buckets), same
     if method == "wrope":
-        return bucketed_scores(q, q_pos, keys_vq, rotary, DistanceBuckets.single(2048)), same
+        return bucketed_scores(q, q_pos, keys_vq, rotary, DistanceBuckets.single()), same
     if method == "quest":
         cq, sq = rotary.cos_sin(q_pos)
         ck, sk = rotary.cos_sin(torch.arange(n))

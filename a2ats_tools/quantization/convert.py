@@ -80,7 +80,7 @@ def resolve_buckets(spec: str, max_positions: int) -> DistanceBuckets:
     if spec == "log":
         return DistanceBuckets.log_spaced(max_positions)
     if spec == "single":
-        return DistanceBuckets.single(2048)
+        return DistanceBuckets.single()
     raise A2atsError(f"--buckets must be 'log' or 'single', not {spec!r}")
 
 

@@ -10,7 +10,7 @@ import torch
 
 from ..artifacts.checkpoint import A2atsConfig
 from ..errors import A2atsError
-from ..rope import DistanceBuckets
+from ..rope import WROPE_DISTANCE, DistanceBuckets
 from ..scoring import AGGREGATIONS, SelectionPolicy
 
 OFFLOADS = (None, "cpu")
@@ -38,11 +38,11 @@ class RuntimeSettings:
     CPU kernel every aggregation on left-padded or unpadded batches with float32 K/V and tables).
     """
 
-    budget: float | int = 0.03
-    n_sink: int = 8
-    window: int = 64
-    buckets: DistanceBuckets = DistanceBuckets.single(2048)
-    aggregation: str = "sum"
+    budget: float | int = SelectionPolicy.budget
+    n_sink: int = SelectionPolicy.n_sink
+    window: int = SelectionPolicy.window
+    buckets: DistanceBuckets = DistanceBuckets.single()
+    aggregation: str = SelectionPolicy.aggregation
     selector: str = "a2ats"
     offload: str | None = None
     rerank: float = 3.0
@@ -236,7 +236,7 @@ def parse_buckets(spec: Any, current: DistanceBuckets, max_distance: int = 1 << 
     mode, _, arg = str(spec).partition(":")
     try:
         if mode == "single":
-            return DistanceBuckets.single(int(arg) if arg else (current.centres[0] if current.mode == "single" else 2048))
+            return DistanceBuckets.single(int(arg) if arg else (current.centres[0] if current.mode == "single" else WROPE_DISTANCE))
         if mode == "log":
             return DistanceBuckets.log_spaced(max_distance, **({"ratio": float(arg)} if arg else {}))
     except ValueError:
