@@ -112,7 +112,7 @@ def test_bfloat16_table_without_native_bf16_matches_the_bf16_product(monkeypatch
     bf16 product there is ~100x slower); either way the table equals torch's own bf16 product."""
     from a2ats_tools.models import rotary
     from a2ats_tools.rope import DistanceBuckets, apply_rope
-    from a2ats_tools.runtime import selectors
+    from a2ats_tools.runtime.selectors import a2ats as selectors
 
     from .conftest import build_tiny_model
 

@@ -88,7 +88,7 @@ def generate(
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", "-n", help="Tokens to generate (default 64; a --task's own)."),
     budget: str = typer.Option(None, "--budget", "-b", help="Top-K per KV head: fraction (0.03), percent (3%) or tokens (256)."),
     buckets: str = typer.Option(None, "--buckets", help="single, single:DIST, log (ratio 2, as convert writes) or log:RATIO (default: the checkpoint's)."),
-    selector: str = typer.Option(None, "--selector", help="a2ats (default), streaming, exact (oracle top-K), dense, or a registered selector."),
+    selector: str = typer.Option(None, "--selector", help="a2ats (default), streaming, exact (oracle top-K), quest (page bounds), dense, or a registered selector."),
     rerank: float = typer.Option(None, "--rerank", help="Exact re-ranking of RERANK×K over-fetched candidates (default 3; 0 = off)."),
     rerank_aggregation: str = typer.Option(
         None, "--rerank-aggregation", help="How a GQA group's exact logits rank candidates: softmax (default: attention mass), sum or max."

@@ -18,7 +18,6 @@ import torch
 
 from ..compat import cache_kwargs
 from ..errors import A2atsError
-from .baselines import make_quest_selector
 
 BASELINES: tuple[str, ...] = ("streaming", "quest", "wrope", "exact", "norerank")
 
@@ -82,7 +81,6 @@ class ModelUnderTest:
         self.model, self.tokenizer = load_converted(checkpoint, device=device, dtype=dtype)
         self.runtime = self.model.a2ats
         self.base_settings = self.runtime.settings
-        self._quest_ready = False
 
     @property
     def device(self) -> torch.device:
@@ -97,9 +95,6 @@ class ModelUnderTest:
         if variant.dense:
             detach(self.model)
             return lambda: DynamicCache(config=self.model.config)
-        if variant.overrides.get("selector") == "quest" and not self._quest_ready:
-            make_quest_selector()
-            self._quest_ready = True
         settings = self.base_settings.with_overrides(**variant.overrides)
         rt = self.runtime
         attach(self.model, rt.config, rt.codebooks, rt.whitening, settings)

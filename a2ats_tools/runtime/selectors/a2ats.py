@@ -1,0 +1,245 @@
+"""``a2ats``: VQ codes of pre-RoPE keys scored through per-step distance-bucket tables, then exact re-ranking."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from ...rope import DistanceBuckets, Rotary, apply_rope, undo_rope_keys
+from ...scoring import group_aggregate
+from ..settings import cpu_has_native_bf16, resolve_score_dtype, use_cpu_kernel, use_triton
+from .base import _KEY_TYPES, TokenSelector
+
+
+class _FusedPlan(NamedTuple):
+    kernel: Any  # kernels.cpu_decode.StepPlan
+    offsets_used: int  # buckets in use this step
+
+
+class A2atsSelector(TokenSelector):
+    """A²ATS: keys encoded once to VQ codes (nearest centroid in the whitened space, pre-RoPE); each step builds
+    a per-query table ``table[bucket, code] = (R(centre_bucket) q) . codebook[code]`` and gathers it."""
+
+    name = "a2ats"
+    reranks = True
+    ENCODE_TEMP_BYTES = 24 << 20  # bounds the [Hkv, rows, C] distance temporary of one encode matmul: kept near
+    # cache-sized, encoding 16K keys took 0.55 s instead of 0.77 s with 4096-row chunks (2-core AVX2 CPU)
+    ENCODE_BLOCK = 32  # decode steps: keys encoded together (at most the window, so pending keys are always kept)
+
+    def __init__(self, settings, layer_idx, num_heads, num_kv_heads, head_dim, *, codebook, whitening, rotary: Rotary):
+        super().__init__(settings, layer_idx, num_heads, num_kv_heads, head_dim)
+        cb, wf = codebook.float(), whitening.float()
+        self._whitening, self._encode_tables = wf, None
+        self.codebook_t = cb.transpose(1, 2).contiguous()  # [Hkv, d, C]
+        whitened = cb @ wf  # [Hkv, C, d]: centroids in the whitened space (rows times L)
+        self.encode_weight = (wf @ whitened.transpose(1, 2)).contiguous()  # [Hkv, d, C]
+        self.encode_bias = (-0.5 * whitened.pow(2).sum(-1)).unsqueeze(1).contiguous()  # [Hkv, 1, C]
+        self.codes_size = cb.shape[1]
+        buckets: DistanceBuckets = settings.buckets
+        self.buckets = buckets
+        cos, sin = rotary.cos_sin(torch.tensor(buckets.centres))
+        self.cos, self.sin = cos, sin  # [P, d]
+        self._scoring_codebooks: dict[torch.dtype, torch.Tensor] = {}  # the table's right operand, per dtype
+        self._codebook_tiles: torch.Tensor | None = None  # the fused CPU kernel's layouts, made on first use
+        self._encode_tiles: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> A2atsSelector:
+        for name in ("codebook_t", "encode_weight", "encode_bias", "cos", "sin", "_whitening"):
+            setattr(self, name, getattr(self, name).to(device))
+        self._scoring_codebooks, self._encode_tables, self._codebook_tiles, self._encode_tiles = {}, None, None, None
+        return self
+
+    def encode(self, keys_pre: torch.Tensor) -> torch.Tensor:
+        """Nearest centroid (whitened metric) of ``keys_pre [B, Hkv, n, d]`` -> codes ``[B, Hkv, n]`` int16."""
+        if use_triton(self.settings.kernels, keys_pre, self.codebook_t):  # fused encode (same codes, tested)
+            import importlib
+
+            kernel = importlib.import_module("a2ats_tools.kernels.encode")
+            if getattr(self, "_encode_tables", None) is None:
+                self._encode_tables = kernel.prepare_codebook(self.codebook_t.transpose(1, 2), self._whitening)
+            return kernel.encode(keys_pre, self._encode_tables, backend="triton")
+        b, h, n, d = keys_pre.shape
+        flat = keys_pre.float().transpose(0, 1).reshape(h, b * n, d)
+        if self.codes_size % 16 == 0 and self.codes_size <= 32767 and use_cpu_kernel(self.settings.kernels, keys_pre):
+            # the fused CPU kernel: matmul and argmax in one pass, no [rows, C] temporary (tested against the below)
+            from ..kernels import cpu_decode
+
+            if self._encode_tiles is None:
+                self._encode_tiles = cpu_decode.codebook_tiles(self.encode_weight.transpose(1, 2))
+            codes = cpu_decode.encode(flat, self._encode_tiles, self.encode_bias[:, 0])
+            return codes.reshape(h, b, n).transpose(0, 1)
+        out = torch.empty(h, b * n, dtype=torch.int16, device=keys_pre.device)
+        rows = max(64, self.ENCODE_TEMP_BYTES // (4 * h * self.codes_size))
+        for i in range(0, b * n, rows):
+            part = torch.baddbmm(self.encode_bias, flat[:, i : i + rows], self.encode_weight)
+            out[:, i : i + rows] = part.argmax(-1).to(torch.int16)
+        return out.reshape(h, b, n).transpose(0, 1)
+
+    def _codes_buffer(self, state, b: int, h: int) -> torch.Tensor:
+        codes = state.meta.get("codes")
+        if codes is None or codes.shape[-1] < state.capacity:
+            grown = torch.zeros(b, h, state.capacity, dtype=torch.int16, device=state.device)
+            if codes is not None:
+                grown[:, :, : codes.shape[-1]] = codes
+            state.meta["codes"] = codes = grown
+        return codes
+
+    def on_append(self, state, keys_pre, keys_post, start):
+        """Prefill chunks (and any caller with pre-RoPE keys): encode now, after the pending decode keys."""
+        self._flush(state)
+        b, h, n, _ = keys_pre.shape
+        self._codes_buffer(state, b, h)[:, :, start : start + n] = self.encode(keys_pre.to(state.device))
+
+    def on_decode_append(self, state, keys_post, rope, start):
+        """Decode steps defer encoding: a new key sits in the always-kept window, so its code is not read until
+        it leaves. Only the step's cos/sin are kept; once ``encode_block`` keys have gathered, they are read back
+        from the cache, taken back to pre-RoPE form and encoded together (one matmul instead of one per step,
+        and no per-step RoPE work). Pending rows never outnumber the window, so every row a selection ranks has
+        its code."""
+        meta = state.meta
+        block = max(1, min(self.ENCODE_BLOCK, self.settings.window))
+        cos, sin = rope  # [B or 1, n, d]
+        b, n = keys_post.shape[0], keys_post.shape[2]
+        count = meta.get("pending_count", 0)
+        if count + n > block:
+            self._flush(state)
+            count = 0
+        if count == 0:
+            meta["pending_start"] = start
+            room = max(block, n)
+            if meta.get("pending_cos") is None or meta["pending_cos"].shape[:2] != (b, room):
+                meta["pending_cos"] = torch.empty(b, room, cos.shape[-1], device=state.device)
+                meta["pending_sin"] = torch.empty_like(meta["pending_cos"])
+        meta["pending_cos"][:, count : count + n] = cos
+        meta["pending_sin"][:, count : count + n] = sin
+        meta["pending_count"] = count = count + n
+        if count >= block:
+            self._flush(state)
+
+    def _flush(self, state) -> None:
+        """Encode the pending decode keys (read back from the cache, RoPE undone with their stashed cos/sin)."""
+        count = state.meta.pop("pending_count", 0)
+        start = state.meta.pop("pending_start", None)
+        if not count:
+            return
+        cos, sin = state.meta["pending_cos"][:, :count], state.meta["pending_sin"][:, :count]
+        keys_post = state.keys[:, :, start : start + count].to(state.device)
+        b, h = keys_post.shape[:2]
+        self._codes_buffer(state, b, h)[:, :, start : start + count] = self.encode(undo_rope_keys(keys_post, cos, sin))
+
+    def bucket_index(self, state: Any, length: int, device: torch.device) -> tuple[torch.Tensor, int]:
+        """Offsets into one (sample, KV head)'s score table for this step: ``(offsets, used)``.
+
+        For row ``j < length`` (t = length - 1), ``offsets [length]`` (int64, what ``gather`` takes) is
+        ``bucket(t - j) * C``, the start of row ``j``'s bucket inside a ``[used * C]`` table; ``used`` is the
+        number of buckets in use. The same for every layer of a step, so computed once per step and shared.
+        """
+
+        def compute() -> tuple[torch.Tensor, int]:
+            bucket = self.buckets.row_buckets(length, device)
+            used = int(bucket.max()) + 1 if length else 1
+            return bucket.long() * self.codes_size, used
+
+        return state.step.shared(("bucket_offsets", self.buckets, self.codes_size, length, device), compute)
+
+    def rotated_queries(self, q_pre: torch.Tensor, used: int) -> torch.Tensor:
+        """``[Hkv, B, G', used, d]`` float32: each query rotated to the first ``used`` bucket centres (``G' = 1``
+        for ``sum``: the group's queries are folded first, since scores are linear in the query)."""
+        b, hq, d = q_pre.shape
+        q = q_pre.float().reshape(b, self.num_kv_heads, self.group, d)
+        if self.settings.aggregation == "sum":
+            q = q.sum(2, keepdim=True)
+        qw = apply_rope(q.unsqueeze(3), self.cos[:used], self.sin[:used])  # [B, Hkv, G', P, d]
+        return qw.transpose(0, 1)
+
+    def tables(self, q_pre: torch.Tensor, used: int) -> torch.Tensor:
+        """``[B, Hkv, G', used * C]`` score tables (``G' = 1`` for ``sum``), in ``score_dtype``."""
+        b = q_pre.shape[0]
+        rotated = self.rotated_queries(q_pre, used)
+        g = rotated.shape[2]
+        qw = rotated.reshape(self.num_kv_heads, b * g * used, -1)
+        dtype = resolve_score_dtype(self.settings.score_dtype, qw.device)
+        emulate = dtype == torch.bfloat16 and qw.device.type == "cpu" and not cpu_has_native_bf16()
+        codebook = self._scoring_codebooks.get(dtype)
+        if codebook is None or codebook.device != qw.device:
+            codebook = self.codebook_t.to(qw.device, dtype)
+            self._scoring_codebooks[dtype] = codebook = codebook.float() if emulate else codebook
+        if emulate:  # bf16 operands, float32 product, bf16 table: what a native bf16 product computes, ~100x faster
+            table = torch.bmm(qw.to(dtype).float(), codebook).to(dtype)
+        else:
+            table = torch.bmm(qw.to(dtype), codebook)  # [Hkv, B*G'*P, C]
+        return table.reshape(self.num_kv_heads, b, g, used * self.codes_size).transpose(0, 1)
+
+    def scores(self, state, q_pre, q_post, length):
+        b, h = q_pre.shape[0], self.num_kv_heads
+        codes = self._codes_buffer(state, b, h)[:, :, :length]  # pending (windowed) rows read stale codes
+        offsets, used = self.bucket_index(state, length, q_pre.device)
+        table = self.tables(q_pre, used)
+        g = table.shape[2]
+        if g == 1 and use_triton(self.settings.kernels, table, codes):
+            return self._scores_triton(table, codes, length, used)
+        index = offsets + codes  # [B, Hkv, N] int64: bucket * C + code, inside each (sample, KV head)'s table
+        if g == 1:  # gather the scores' bits (integer gather: ~2x faster than index_select or a bf16 gather here)
+            bits = table[:, :, 0].view(_KEY_TYPES[table.element_size()])
+            return bits.gather(-1, index).view(table.dtype)
+        s = table.gather(-1, index.unsqueeze(2).expand(-1, -1, g, -1))  # [B, Hkv, G', N]
+        return group_aggregate(s.reshape(b, self.num_heads, length), self.num_kv_heads, self.settings.aggregation, self.scale)
+
+    def fused_decode(self, state, q_post, rope, length, valid, scale):
+        """The fused CPU kernel (``kernels/cpu_decode``: scoring queries, tables, top-K, re-rank and attention in
+        one call) where it applies: ``kernels`` auto or cpu with everything on the CPU (:func:`use_cpu_kernel`),
+        float32 K/V and score tables, no padding or left padding, a codebook size divisible by 16."""
+        if not use_cpu_kernel(self.settings.kernels, state.keys, q_post):
+            return None
+        if (
+            state.keys.dtype != torch.float32
+            or self.codes_size % 16
+            or resolve_score_dtype(self.settings.score_dtype, q_post.device) != torch.float32
+        ):
+            return None
+        plan = self._step_plan(state, rope, length, valid)
+        if plan is None:
+            return None
+        from ..kernels import cpu_decode
+
+        if self._codebook_tiles is None:
+            self._codebook_tiles = cpu_decode.codebook_tiles(self.codebook_t.transpose(1, 2))
+        used = plan.offsets_used
+        return cpu_decode.decode_layer(
+            plan.kernel, q_post.float(), self.cos[:used], self.sin[:used], self._codebook_tiles,
+            self._codes_buffer(state, q_post.shape[0], self.num_kv_heads), state.keys, state.values, scale,
+        )
+
+    def _step_plan(self, state, rope, length: int, valid: torch.Tensor) -> _FusedPlan | None:
+        """The fused kernel's per-step arguments (None: padding other than left padding), built by the first
+        layer of a step and shared by the others (same rotary factors, mask and settings)."""
+        key = ("fused_plan", length, self.codes_size, self.settings)
+        return state.step.shared(key, lambda: self._plan(state, rope, length, valid), rope[0], rope[1], valid)
+
+    def _plan(self, state, rope, length: int, valid: torch.Tensor) -> _FusedPlan | None:
+        padding = self.left_padding(state, valid, length)
+        if padding is None:
+            return None
+        from ..kernels import cpu_decode
+
+        offsets, used = self.bucket_index(state, length, valid.device)
+        b = valid.shape[0]
+        cos, sin = (t.float().expand(b, -1) for t in rope)  # [1, d] where the batch shares positions
+        first, top = padding
+        s = self.settings
+        kernel = cpu_decode.plan_step(
+            cos, sin, offsets, length, s.n_sink, s.window, top, s.rerank, s.rerank_aggregation, first=first,
+            aggregation=s.aggregation,
+        )
+        return _FusedPlan(kernel, used)
+
+    def _scores_triton(self, table: torch.Tensor, codes: torch.Tensor, length: int, used: int) -> torch.Tensor:
+        """The same scores as the torch gather, from the fused Triton gather (one program per token block)."""
+        import importlib
+
+        kernel = importlib.import_module("a2ats_tools.kernels.score_select")
+        b, h = table.shape[:2]
+        no_forced = torch.zeros(b, dtype=torch.long, device=table.device)  # select() masks sinks/window/padding
+        tables = table.reshape(b, h, 1, used, self.codes_size)
+        return kernel.score_triton(tables, codes, length, no_forced, 0, 0, self.buckets, "sum")
