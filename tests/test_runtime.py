@@ -132,7 +132,7 @@ def test_low_budget_changes_output_and_respects_accounting(tiny_checkpoints):
                 assert len(rows) == keep[b, h].sum()  # no duplicates
 
 
-@pytest.mark.parametrize("selector", ["a2ats", "streaming", "exact"])
+@pytest.mark.parametrize("selector", ["a2ats", "streaming", "exact", "quest"])
 def test_greedy_generate_full_budget_equals_dense(tiny_checkpoints, tokenizer, selector):
     model, _ = load(tiny_checkpoints["qwen3"], budget=1.0, selector=selector)
     dense = dense_model("qwen3")

@@ -63,7 +63,7 @@ class A2atsSelector(TokenSelector):
         flat = keys_pre.float().transpose(0, 1).reshape(h, b * n, d)
         if self.codes_size % 16 == 0 and self.codes_size <= 32767 and use_cpu_kernel(self.settings.kernels, keys_pre):
             # the fused CPU kernel: matmul and argmax in one pass, no [rows, C] temporary (tested against the below)
-            from ..kernels import cpu_decode
+            from ...kernels import cpu_decode
 
             if self._encode_tiles is None:
                 self._encode_tiles = cpu_decode.codebook_tiles(self.encode_weight.transpose(1, 2))
@@ -201,7 +201,7 @@ class A2atsSelector(TokenSelector):
         plan = self._step_plan(state, rope, length, valid)
         if plan is None:
             return None
-        from ..kernels import cpu_decode
+        from ...kernels import cpu_decode
 
         if self._codebook_tiles is None:
             self._codebook_tiles = cpu_decode.codebook_tiles(self.codebook_t.transpose(1, 2))
@@ -221,7 +221,7 @@ class A2atsSelector(TokenSelector):
         padding = self.left_padding(state, valid, length)
         if padding is None:
             return None
-        from ..kernels import cpu_decode
+        from ...kernels import cpu_decode
 
         offsets, used = self.bucket_index(state, length, valid.device)
         b = valid.shape[0]
