@@ -7,7 +7,7 @@
 Every op takes ``backend="auto"|"torch"|"triton"``; ``auto`` runs Triton on CUDA tensors, torch otherwise.
 """
 
-from .encode import EncodeTables, encode, encode_torch, encode_triton, prepare_codebook
+from .encode import EncodeTables, code_dtype, encode, encode_torch, encode_triton, prepare_codebook
 from .score_select import (
     bucket_indices,
     build_tables_torch,
@@ -22,6 +22,7 @@ __all__ = [
     "EncodeTables",
     "build_tables_torch",
     "bucket_indices",
+    "code_dtype",
     "encode",
     "encode_torch",
     "encode_triton",

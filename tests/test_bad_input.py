@@ -1,0 +1,136 @@
+"""Inputs at and past the edges: codebooks too large for int16 codes, concurrent or failing writes of a
+converted checkpoint or a calibration, and budgets outside their rule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from a2ats_tools.artifacts.checkpoint import A2atsConfig, write_codebooks, write_config
+from a2ats_tools.compat import cache_kwargs
+from a2ats_tools.kernels import cpu_decode
+from a2ats_tools.kernels.encode import code_dtype
+from a2ats_tools.models import geometry, rotary
+from a2ats_tools.runtime.selectors import A2atsSelector
+from a2ats_tools.runtime.settings import RuntimeSettings
+
+from .conftest import build_tiny_model
+
+BIG_CODES = 40_000  # past int16: codes above 32767 would wrap negative
+needs_kernel = pytest.mark.skipif(not cpu_decode.available(), reason=cpu_decode.unavailable_reason() or "built")
+
+
+# --- codebooks beyond int16 --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("codes", "dtype"), [(1, torch.int16), (4096, torch.int16), (32767, torch.int16), (32768, torch.int32),
+                         (BIG_CODES, torch.int32)],
+)
+def test_code_dtype_holds_every_code(codes, dtype):
+    assert code_dtype(codes) == dtype
+    assert torch.iinfo(dtype).max >= codes - 1
+
+
+def big_selector(kernels: str, seed: int = 0) -> A2atsSelector:
+    """A selector over a random codebook of ``BIG_CODES`` codes (the tiny llama's rotary, head_dim 16)."""
+    g = torch.Generator().manual_seed(seed)
+    hkv, d = 2, 16
+    settings = RuntimeSettings(kernels=kernels, n_sink=2, window=4, budget=8)
+    return A2atsSelector(settings, 0, 4, hkv, d, codebook=torch.randn(hkv, BIG_CODES, d, generator=g),
+                         whitening=torch.eye(d).expand(hkv, d, d), rotary=rotary(build_tiny_model("llama")))
+
+
+@pytest.mark.parametrize("kernels", ["torch", "auto"])
+def test_encode_beyond_int16_gives_the_nearest_code_unwrapped(kernels):
+    """Keys near centroids past 32767 (and some below) come back as those codes, int32 and non-negative,
+    equal to a brute-force argmin; ``auto`` (the fused CPU kernel where built) falls back to torch."""
+    sel = big_selector(kernels)
+    centroids = sel.codebook_t.transpose(1, 2)  # [Hkv, C, d]
+    want = torch.tensor([[BIG_CODES - 1, 32767, 32768, 5, 39000], [33000, 0, 35000, 32766, 20000]])  # [Hkv, n]
+    g = torch.Generator().manual_seed(1)
+    keys = torch.stack([centroids[h, want[h]] for h in range(2)]).unsqueeze(0)  # [1, Hkv, n, d]
+    keys = keys + 1e-3 * torch.randn(keys.shape, generator=g)
+    codes = sel.encode(keys)
+    assert codes.dtype == torch.int32 and int(codes.min()) >= 0
+    brute = torch.cdist(keys[0], centroids).argmin(-1)  # identity whitening: plain distances
+    assert torch.equal(codes[0].long(), brute) and torch.equal(brute, want)
+
+
+@pytest.fixture(scope="module")
+def big_checkpoint(tmp_path_factory, tokenizer) -> Path:
+    """The tiny llama as a converted checkpoint with random codebooks of ``BIG_CODES`` codes."""
+    directory = tmp_path_factory.mktemp("big-codes")
+    model = build_tiny_model("llama")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    geo = geometry(model)
+    g = torch.Generator().manual_seed(2)
+    books = [torch.randn(geo.num_kv_heads, BIG_CODES, geo.head_dim, generator=g) for _ in range(geo.num_layers)]
+    eye = torch.eye(geo.head_dim).expand(geo.num_kv_heads, -1, -1).contiguous()
+    write_codebooks(directory, books, [eye.clone() for _ in range(geo.num_layers)])
+    cfg = json.loads((directory / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "a2ats", "config_file": "a2ats_config.json"}
+    (directory / "config.json").write_text(json.dumps(cfg))
+    write_config(directory, A2atsConfig(geometry=geo, codebook_size=BIG_CODES, whitening="plain"))
+    return directory
+
+
+@pytest.mark.parametrize("kernels", ["torch", "auto"])
+def test_decode_with_a_codebook_beyond_int16(big_checkpoint, kernels):
+    """Prefill and decode through the runtime: int32 codes in the cache, each a key's nearest centroid, and
+    the same logits whether the fused CPU kernel is allowed (it declines int32 codes) or not."""
+    from a2ats_tools import load_converted
+
+    model, _ = load_converted(big_checkpoint, budget=6, n_sink=2, window=4, kernels=kernels)
+    reference, _ = load_converted(big_checkpoint, budget=6, n_sink=2, window=4, kernels="torch")
+    ids = torch.randint(0, 49152, (2, 40), generator=torch.Generator().manual_seed(3))
+    caches, logits = [model.a2ats.new_cache(), reference.a2ats.new_cache()], []
+    with torch.no_grad():
+        for m, cache in zip((model, reference), caches, strict=True):
+            out = m(input_ids=ids, **cache_kwargs(cache), use_cache=True)
+            steps = [m(input_ids=ids[:, i : i + 1], **cache_kwargs(cache), use_cache=True).logits for i in range(3)]
+            logits.append(torch.cat([out.logits[:, -1:], *steps], 1))
+    assert torch.isfinite(logits[0]).all()
+    torch.testing.assert_close(logits[0], logits[1])
+    for layer in caches[0].layers:
+        codes = layer.state.meta["codes"][:, :, :40]
+        assert codes.dtype == torch.int32 and int(codes.min()) >= 0 and int(codes.max()) < BIG_CODES
+        assert torch.equal(codes, layer.selector.encode(_pre_rope_keys(layer, 40)))
+
+
+def _pre_rope_keys(layer, n: int) -> torch.Tensor:
+    """The first ``n`` cached keys of ``layer`` taken back to pre-RoPE form."""
+    from a2ats_tools.rope import undo_rope
+
+    rot = rotary(build_tiny_model("llama"))
+    cos, sin = rot.cos_sin(torch.arange(n))
+    return undo_rope(layer.state.keys[:, :, :n].float(), cos, sin)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("codes", "why"),
+    [
+        (torch.full((2, 2, 8), 3, dtype=torch.int32), "int16"),
+        (torch.tensor([-1, 3] * 4, dtype=torch.int16).expand(2, 2, 8), r"\[0, 32\)"),
+        (torch.tensor([32, 3] * 4, dtype=torch.int16).expand(2, 2, 8), r"\[0, 32\)"),
+    ],
+)
+def test_fused_kernel_refuses_codes_it_cannot_index(codes, why):
+    """The fused kernel reads score tables through raw codes: int32 codes, or codes outside the codebook,
+    are refused before it runs."""
+    b, hkv, hq, d, c, length = 2, 2, 4, 16, 32, 8
+    g = torch.Generator().manual_seed(4)
+    tiles = cpu_decode.codebook_tiles(torch.randn(hkv, c, d, generator=g))
+    cos, sin = torch.ones(b, d), torch.zeros(b, d)
+    plan = cpu_decode.plan_step(cos, sin, torch.zeros(length, dtype=torch.int64), length, 1, 2, 2, 0.0, "sum")
+    kv = torch.randn(b, hkv, length, d, generator=g)
+    with pytest.raises(ValueError, match=why):
+        cpu_decode.decode_layer(plan, torch.randn(b, hq, d, generator=g), cos[:1], sin[:1], tiles, codes, kv, kv, 0.25)
+    with pytest.raises(ValueError, match="32767"):
+        cpu_decode.encode(torch.randn(hkv, 3, d), cpu_decode.codebook_tiles(torch.randn(hkv, 32768, d)),
+                          torch.zeros(hkv, 32768))
