@@ -3,14 +3,19 @@ converted checkpoint or a calibration, and budgets outside their rule."""
 
 from __future__ import annotations
 
+import fcntl
+import importlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
-from a2ats_tools.artifacts.checkpoint import A2atsConfig, write_codebooks, write_config
+from a2ats_tools.artifacts.checkpoint import A2atsConfig, is_converted, write_codebooks, write_config
 from a2ats_tools.compat import cache_kwargs
+from a2ats_tools.errors import A2atsError
+from a2ats_tools.io import atomic_directory
 from a2ats_tools.kernels import cpu_decode
 from a2ats_tools.kernels.encode import code_dtype
 from a2ats_tools.models import geometry, rotary
@@ -134,3 +139,116 @@ def test_fused_kernel_refuses_codes_it_cannot_index(codes, why):
     with pytest.raises(ValueError, match="32767"):
         cpu_decode.encode(torch.randn(hkv, 3, d), cpu_decode.codebook_tiles(torch.randn(hkv, 32768, d)),
                           torch.zeros(hkv, 32768))
+
+
+# --- concurrent and failing writes of one output directory -------------------------------------------------
+
+
+def partials(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}.a2ats-*"))
+
+
+@contextmanager
+def held_lock(out: Path):
+    """Hold ``out``'s writer lock as another writer would."""
+    with open(out.parent / f".{out.name}.a2ats-lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+
+
+@pytest.mark.parametrize("before", ["missing", "empty", "full", "file"])
+def test_atomic_directory_swaps_in_and_clears_stale_partials(tmp_path, before):
+    out = tmp_path / "out"
+    if before == "empty":
+        out.mkdir()
+    elif before == "full":
+        out.mkdir()
+        (out / "old").write_text("old")
+    elif before == "file":
+        out.write_text("old")
+    (tmp_path / ".out.a2ats-partial-killed").mkdir()  # left by a killed run
+    with atomic_directory(out, overwrite=True) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".out.a2ats-partial-") and not any(tmp.iterdir())
+        assert not (tmp_path / ".out.a2ats-partial-killed").exists()
+        (tmp / "new").write_text("new")
+        assert before == "missing" or out.exists()  # the previous output stays until the swap
+    assert [p.name for p in out.iterdir()] == ["new"] and partials(out) == []
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_atomic_directory_failure_keeps_the_previous_output(tmp_path, error):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old").write_text("old")
+    with pytest.raises(error), atomic_directory(out, overwrite=True) as tmp:
+        (tmp / "half").write_text("x")
+        raise error
+    assert [p.name for p in out.iterdir()] == ["old"] and partials(out) == []
+
+
+def test_atomic_directory_refuses_a_second_writer(tmp_path):
+    out = tmp_path / "out"
+    with atomic_directory(out, overwrite=False, writer="convert"):
+        with pytest.raises(A2atsError, match=f"another convert is writing {out}") as err:
+            with atomic_directory(out, overwrite=True, writer="convert"):
+                pass
+        assert "\n" not in str(err.value)
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.fixture()
+def calibration(tmp_path, tiny_model_dirs) -> Path:
+    from .test_convert import make_calibration
+
+    return make_calibration(tmp_path / "calib", build_tiny_model("llama"), tiny_model_dirs["llama"], keys_per_head=128)
+
+
+def quick_convert(calib: Path, out: Path, **kw) -> Path:
+    from a2ats_tools.quantization import convert
+
+    return convert(calib, out, codes=16, iters=2, light=True, compare_plain=False, quiet=True, **kw)
+
+
+def test_two_converts_of_one_out(calibration, tmp_path, monkeypatch):
+    """A second convert of the same ``--out`` while the first runs fails at once with one line; the first
+    finishes and its checkpoint loads."""
+    from a2ats_tools import load_converted
+
+    convert_module = importlib.import_module("a2ats_tools.quantization.convert")
+    out, second = tmp_path / "ckpt", []
+    build_report = convert_module.build_report
+
+    def report_and_race(*args, **kwargs):  # the first convert is midway: its partial directory is being filled
+        with pytest.raises(A2atsError, match="another convert is writing") as err:
+            quick_convert(calibration, out, overwrite=True)
+        second.append(str(err.value))
+        return build_report(*args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "build_report", report_and_race)
+    quick_convert(calibration, out)
+    assert len(second) == 1 and "\n" not in second[0]
+    assert load_converted(out)[0].a2ats is not None and partials(out) == []
+
+
+def test_convert_while_the_lock_is_held_fails_cleanly(calibration, tmp_path):
+    out = tmp_path / "ckpt"
+    with held_lock(out), pytest.raises(A2atsError, match="another convert is writing"):
+        quick_convert(calibration, out)
+    assert not out.exists()
+    assert is_converted(quick_convert(calibration, out)) and partials(out) == []
+
+
+@pytest.mark.parametrize("error", [RuntimeError("report failed"), KeyboardInterrupt()])
+def test_failing_convert_keeps_the_previous_checkpoint(calibration, tmp_path, monkeypatch, error):
+    convert_module = importlib.import_module("a2ats_tools.quantization.convert")
+    out = quick_convert(calibration, tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(convert_module, "build_report", fail)
+    with pytest.raises(type(error)):
+        quick_convert(calibration, out, overwrite=True, seed=1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and is_converted(out)
+    assert partials(out) == []
