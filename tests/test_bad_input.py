@@ -252,3 +252,48 @@ def test_failing_convert_keeps_the_previous_checkpoint(calibration, tmp_path, mo
         quick_convert(calibration, out, overwrite=True, seed=1)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before and is_converted(out)
     assert partials(out) == []
+
+
+def tiny_calibrate(out: Path, model_dir: Path, corpus: Path, **kw):
+    from a2ats_tools.calibration import calibrate
+    from a2ats_tools.calibration.recipe import HeldoutSpec, Recipe, SourceSpec
+
+    recipe = Recipe(name="tiny", sources=(SourceSpec("files", 100, name="text", options={"path": str(corpus)}),),
+                    heldout=HeldoutSpec(1, 64, 8), chunk_size=50)
+    return calibrate(out, model=str(model_dir), recipe=recipe, positions="2048", max_length=128, quiet=True, **kw)
+
+
+@pytest.fixture()
+def corpus(tmp_path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(" ".join(f"Sentence {i} is about item {i * 7 % 13}." for i in range(200)))
+    return path
+
+
+@pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_failing_calibrate_overwrite_keeps_the_previous_calibration(tmp_path, tiny_model_dirs, corpus, monkeypatch,
+                                                                    error):
+    from a2ats_tools.calibration import CalibrationSet, accumulate
+
+    out = tmp_path / "calib"
+    tiny_calibrate(out, tiny_model_dirs["llama"], corpus)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    write_layer = accumulate.write_layer
+
+    def failing_write(directory, layer, stats):
+        if layer == 1:  # midway: layer 0 of the new calibration is written
+            raise error
+        write_layer(directory, layer, stats)
+
+    monkeypatch.setattr(accumulate, "write_layer", failing_write)
+    with pytest.raises(type(error)):
+        tiny_calibrate(out, tiny_model_dirs["llama"], corpus, overwrite=True, seed=1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert CalibrationSet(out).num_layers == 2 and partials(out) == []
+
+
+def test_calibrate_while_the_lock_is_held_fails_cleanly(tmp_path, tiny_model_dirs, corpus):
+    out = tmp_path / "calib"
+    with held_lock(out), pytest.raises(A2atsError, match="another calibrate is writing"):
+        tiny_calibrate(out, tiny_model_dirs["llama"], corpus)
+    assert not out.exists()
