@@ -297,3 +297,77 @@ def test_calibrate_while_the_lock_is_held_fails_cleanly(tmp_path, tiny_model_dir
     with held_lock(out), pytest.raises(A2atsError, match="another calibrate is writing"):
         tiny_calibrate(out, tiny_model_dirs["llama"], corpus)
     assert not out.exists()
+
+
+# --- budgets -----------------------------------------------------------------------------------------------
+
+GOOD_BUDGETS = [
+    (0.03, 0.03), ("3%", 0.03), ("0.5", 0.5), ("0.5%", 0.005), (1.0, 1.0), ("1.0", 1.0), ("100%", 1.0),
+    (1, 1), ("1", 1), (256, 256), ("256", 256), (512.0, 512), (" 8 ", 8),
+]
+BAD_BUDGETS = [
+    0, 0.0, "0", "0%", -1, -0.5, "-3%", 1.5, "1.5", "150%", "100.5%", 2.5, float("nan"), "nan", "nan%",
+    float("inf"), "inf", "lots", "", "%", True, None,
+]
+
+
+@pytest.mark.parametrize(("value", "want"), GOOD_BUDGETS)
+def test_good_budgets(value, want):
+    from a2ats_tools.runtime.settings import parse_budget
+
+    for got in (parse_budget(value), RuntimeSettings(budget=value).budget, RuntimeSettings().with_overrides(
+            budget=value).budget):
+        assert got == want and type(got) is type(want)
+
+
+@pytest.mark.parametrize("value", BAD_BUDGETS)
+def test_bad_budgets_are_one_line_errors_naming_the_rule(value):
+    from a2ats_tools.runtime.settings import parse_budget
+
+    for make in (parse_budget, lambda v: RuntimeSettings(budget=v)):
+        with pytest.raises(A2atsError, match=r"fraction in \(0, 1\].*percentage in \(0%, 100%\].*>= 1") as err:
+            make(value)
+        assert "\n" not in str(err.value)
+    if value is not None:  # with_overrides ignores None: no override
+        with pytest.raises(A2atsError, match="budget must be"):
+            RuntimeSettings().with_overrides(budget=value)
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory, tokenizer) -> Path:
+    from .test_runtime import make_checkpoint
+
+    return make_checkpoint(build_tiny_model("llama"), tmp_path_factory.mktemp("budget-ckpt"), tokenizer)
+
+
+@pytest.mark.parametrize("value", ["1.5", "150%", "0", "0%", "-2", "nan"])
+def test_generate_cli_refuses_a_bad_budget_with_one_line(small_checkpoint, monkeypatch, capsys, value):
+    import sys
+
+    from a2ats_tools.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["a2ats", "generate", str(small_checkpoint), "-p", "hi", "--budget", value])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert "budget must be a fraction in (0, 1]" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("value", [1.5, "150%", 0])
+def test_load_converted_configure_and_config_file_refuse_a_bad_budget(small_checkpoint, tmp_path, value):
+    import shutil
+
+    from a2ats_tools import load_converted
+
+    with pytest.raises(A2atsError, match="budget must be"):
+        load_converted(small_checkpoint, budget=value)
+    model, _ = load_converted(small_checkpoint)
+    with pytest.raises(A2atsError, match="budget must be"):
+        model.a2ats.configure(budget=value)
+    edited = Path(shutil.copytree(small_checkpoint, tmp_path / "edited"))
+    config = json.loads((edited / "a2ats_config.json").read_text())
+    config["budget"] = value
+    (edited / "a2ats_config.json").write_text(json.dumps(config))
+    with pytest.raises(A2atsError, match="budget must be"):
+        load_converted(edited)
