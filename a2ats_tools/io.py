@@ -1,15 +1,20 @@
 """Atomic writes: write to a temporary name in the same folder, fsync, then rename.
 
 A directory artifact is complete only once its manifest exists, and the manifest is always written last,
-so an interrupted run never leaves something that loads as valid.
+so an interrupted run never leaves something that loads as valid. Whole directory artifacts (a converted
+checkpoint, a calibration) are built in a partial directory of their own beside the output, under a lock that
+keeps a second writer of the same output out, and swapped in only once complete (:func:`atomic_directory`).
 """
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,3 +90,87 @@ def prepare_output_dir(path: str | os.PathLike, overwrite: bool, what: str = "ou
             path.unlink()
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+PARTIAL_MARK = "a2ats-partial"  # partial directories are ``.{name}.a2ats-partial-XXXX`` beside the output
+
+
+@contextmanager
+def atomic_directory(
+    out: str | os.PathLike, overwrite: bool, what: str = "output directory", writer: str = "run"
+) -> Iterator[Path]:
+    """Yield a fresh, empty partial directory beside ``out`` to build an artifact in; swap it in at ``out``
+    when the block succeeds, remove it when the block fails (any exception, KeyboardInterrupt included).
+
+    Throughout, an exclusive lock on ``.{name}.a2ats-lock`` beside ``out`` is held: a second ``writer`` of the
+    same ``out`` fails at once instead of both writing and one deleting the other's work. Partial directories
+    of ``out`` left by killed runs are removed once the lock is held (no live writer can own them). An
+    existing ``out`` is refused unless ``overwrite``, and stays whole until the new one is complete.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out, overwrite, what)
+    with _exclusive(out.parent / f".{out.name}.a2ats-lock", f"another {writer} is writing {out}; wait for it or "
+                    "choose another output directory"):
+        check_output_dir(out, overwrite, what)  # again: a writer that just finished may have created it
+        _remove_partials(out)
+        partial = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{PARTIAL_MARK}-"))
+        try:
+            yield partial
+            swap_in(partial, out)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)  # already gone once swapped in
+
+
+@contextmanager
+def _exclusive(lock: Path, busy: str) -> Iterator[None]:
+    """Hold a non-blocking ``flock`` on ``lock`` (created as needed), or raise ``A2atsError(busy)`` at once.
+
+    The file is removed on release; a writer that opened it just before then finds its inode gone from the
+    path after locking and counts as busy, so two writers never hold locks on different files of one name."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise A2atsError(busy) from None
+        if not _same_file(fd, lock):
+            raise A2atsError(busy)
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _remove_partials(out: Path) -> None:
+    """Remove the partial directories of ``out`` (only ever called under its lock)."""
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.{PARTIAL_MARK}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def swap_in(new: Path, out: Path) -> None:
+    """Move the complete directory ``new`` to ``out``: an existing ``out`` is renamed aside first and removed
+    only after ``new`` is in place (and renamed back if that fails), so ``out`` is never half-written."""
+    if not out.exists() and not out.is_symlink():
+        os.rename(new, out)
+        return
+    aside = out.parent / f".{out.name}.a2ats-old-{uuid.uuid4().hex[:12]}"
+    os.rename(out, aside)
+    try:
+        os.rename(new, out)
+    except BaseException:
+        os.rename(aside, out)
+        raise
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside)
+    else:
+        aside.unlink()

@@ -15,8 +15,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from ..compat import cache_kwargs
 from ..errors import A2atsError, DataError
-from ..io import prepare_output_dir
+from ..io import atomic_directory, check_output_dir
 from ..models import (
+    Geometry,
     ModelSource,
     check_supported,
     geometry,
@@ -171,8 +172,7 @@ def calibrate(
         raise DataError(f"recipe {rec.name}: two sources are named {dup!r}; give them distinct 'name's")
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise A2atsError(f"output directory {out} already exists; pass --overwrite to replace it")
+    check_output_dir(out, overwrite)  # fail fast, before loading the model; checked again under the lock
 
     if loaded is not None:
         lm, tokenizer = loaded
@@ -193,10 +193,36 @@ def calibrate(
     if max_len < 2 or chunk < 1:
         raise A2atsError(f"--max-length must be >= 2 and --chunk-size >= 1 (got {max_len}, {chunk})")
 
-    out = prepare_output_dir(out, overwrite, "output directory")
+    # built beside ``out`` and swapped in once complete: a failed run leaves the previous calibration whole
+    with atomic_directory(out, overwrite, writer="calibrate") as tmp:
+        _write_calibration(
+            tmp, rec, lm, tokenizer, source, geo, rel_positions, max_len, chunk, torch_device, dtype, seed, quiet,
+            console,
+        )
+    return CalibrationSet(out)
+
+
+def _write_calibration(
+    directory: Path,
+    rec: Recipe,
+    lm: Any,
+    tokenizer: Any,
+    source: ModelSource,
+    geo: Geometry,
+    rel_positions: list[int],
+    max_len: int,
+    chunk: int,
+    device: torch.device,
+    dtype: str,
+    seed: int,
+    quiet: bool,
+    console: Console,
+) -> None:
+    """Run the recipe's training and held-out text through ``lm`` and write the layers and manifest into the
+    (empty) ``directory``."""
     torch.manual_seed(seed)
     random.seed(seed)
-    acc = StatsAccumulator(out, geo)
+    acc = StatsAccumulator(directory, geo)
     held_spec = rec.heldout_source()
     held_len = min(rec.heldout.length, max_len)
     held_needed = rec.heldout.sequences * held_len if held_spec is not None else 0
@@ -206,10 +232,10 @@ def calibrate(
         with _Progress(quiet, rec.total_tokens + held_needed) as progress:
             for spec in rec.sources:
                 used[spec.label] = _train_on_source(
-                    spec, acc, lm, tokenizer, seed, max_len, chunk, torch_device, progress,
+                    spec, acc, lm, tokenizer, seed, max_len, chunk, device, progress,
                     heldout_tokens if spec is held_spec else None, held_needed,
                 )
-            heldout = _run_heldout(acc, lm, heldout_tokens, rec, held_len, chunk, torch_device, progress, console)
+            heldout = _run_heldout(acc, lm, heldout_tokens, rec, held_len, chunk, device, progress, console)
             for spec in rec.sources:
                 if used[spec.label] < spec.tokens:
                     console.print(
@@ -225,8 +251,8 @@ def calibrate(
         acc.discard_shards()
         raise
     write_manifest(
-        out,
-        model={**source.to_dict(), "dtype": dtype, "device": str(torch_device)},
+        directory,
+        model={**source.to_dict(), "dtype": dtype, "device": str(device)},
         geometry=geo,
         relative_positions=rel_positions,
         tokens_by_source=used,
@@ -242,7 +268,6 @@ def calibrate(
             "default_relative_position": 2048 if 2048 in rel_positions else rel_positions[0],
         },
     )
-    return CalibrationSet(out)
 
 
 def _train_on_source(

@@ -86,7 +86,10 @@ def generate(
     haystack: Path = typer.Option(None, "--haystack", help="Text file for the --task filler (default: built-in noise)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the tokenizer's chat template (instruct models)."),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", "-n", help="Tokens to generate (default 64; a --task's own)."),
-    budget: str = typer.Option(None, "--budget", "-b", help="Top-K per KV head: fraction (0.03), percent (3%) or tokens (256)."),
+    budget: str = typer.Option(
+        None, "--budget", "-b",
+        help="Top-K per KV head: fraction in (0, 1] (0.03), percent in (0%, 100%] (3%) or tokens >= 1 (256).",
+    ),
     buckets: str = typer.Option(None, "--buckets", help="single, single:DIST, log (ratio 2, as convert writes) or log:RATIO (default: the checkpoint's)."),
     selector: str = typer.Option(None, "--selector", help="a2ats (default), streaming, exact (oracle top-K), quest (page bounds), dense, or a registered selector."),
     rerank: float = typer.Option(None, "--rerank", help="Exact re-ranking of RERANK×K over-fetched candidates (default 3; 0 = off)."),

@@ -7,7 +7,7 @@
 Every op takes ``backend="auto"|"torch"|"triton"``; ``auto`` runs Triton on CUDA tensors, torch otherwise.
 """
 
-from .encode import EncodeTables, encode, encode_torch, encode_triton, prepare_codebook
+from .encode import EncodeTables, code_dtype, encode, encode_torch, encode_triton, prepare_codebook
 from .score_select import (
     build_tables_torch,
     score_select,
@@ -20,6 +20,7 @@ from .sparse_attention import sparse_decode, sparse_decode_torch, sparse_decode_
 __all__ = [
     "EncodeTables",
     "build_tables_torch",
+    "code_dtype",
     "encode",
     "encode_torch",
     "encode_triton",

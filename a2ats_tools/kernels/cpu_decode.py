@@ -26,6 +26,8 @@ from typing import NamedTuple
 
 import torch
 
+from .encode import code_dtype
+
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu++17", "-shared", "-fPIC")
 AGGREGATION_CODES = {"sum": 0, "max": 1, "softmax": 2}
@@ -181,9 +183,9 @@ def decode_layer(
     ``offsets [length]`` (int64, ``bucket(t - j) * C``), aggregated over the group's heads by ``aggregation``
     (``max`` of the scores, or ``softmax``: each head's softmax of ``scale`` times its scores over all
     ``length`` rows, summed, as :func:`a2ats_tools.scoring.group_aggregate`); ``codes
-    [B, Hkv, >= length]`` int16; ``keys``/``values [B, Hkv, cap, d]`` float32. It keeps the first ``n_sink``
-    and last ``window`` rows and ``top`` more: the best by approximate score, or with ``rerank`` > 0 the best of
-    ``ceil(top * rerank)`` candidates by exact score aggregated over the group (``rerank_aggregation``).
+    [B, Hkv, >= length]`` int16 in ``[0, C)`` (checked: :func:`check_codes`); ``keys``/``values [B, Hkv, cap, d]``
+    float32. It keeps the first ``n_sink`` and last ``window`` rows and ``top`` more: the best by approximate
+    score, or with ``rerank`` > 0 the best of ``ceil(top * rerank)`` candidates by exact score aggregated over the group (``rerank_aggregation``).
     Left padding: ``first [B]`` (int64) is each sample's first real row, ``top`` may be per sample ``[B]``;
     rows before ``first`` are never kept, and the sinks are the first real rows.
 
@@ -200,10 +202,9 @@ def decode_layer(
     for t in (q_post, bucket_cos, bucket_sin, tiles, keys, values):
         if t.dtype != torch.float32 or t.device.type != "cpu":
             raise ValueError("q_post, bucket cos/sin, tiles, keys and values must be float32 CPU tensors")
-    if codes.dtype != torch.int16:
-        raise ValueError("codes must be int16")
     if tiles.shape != (hkv, c // 16, d, 16) or not tiles.is_contiguous() or plan.cos.shape != (b, d):
         raise ValueError(f"unexpected shapes: tiles {tuple(tiles.shape)}, cos {tuple(plan.cos.shape)}")
+    check_codes(codes[:, :, : plan.length], c)
     q, bucket_cos, bucket_sin = q_post.contiguous(), bucket_cos.contiguous(), bucket_sin.contiguous()
     codes = _rows_contiguous(codes)
     keys, values = _rows_contiguous(keys, 2), _rows_contiguous(values, 2)
@@ -236,13 +237,32 @@ def encode(keys: torch.Tensor, tiles: torch.Tensor, bias: torch.Tensor) -> torch
     c = tiles.shape[1] * 16
     if keys.dtype != torch.float32 or tiles.shape != (hkv, c // 16, d, 16) or bias.shape != (hkv, c):
         raise ValueError(f"unexpected keys {tuple(keys.shape)} {keys.dtype}, tiles {tuple(tiles.shape)}")
-    if c > 32767:
-        raise ValueError("int16 codes hold at most 32767 centroids")
+    if not takes_codebook(c):
+        raise ValueError(f"the fused CPU kernel writes int16 codes: at most 32767 centroids, got {c}")
     keys, bias = keys.contiguous(), bias.float().contiguous()
     codes = torch.empty(hkv, m, dtype=torch.int16)
     lib.a2ats_cpu_encode(hkv, m, d, c, keys.data_ptr(), tiles.data_ptr(), bias.data_ptr(), codes.data_ptr(),
                          torch.get_num_threads())
     return codes
+
+
+def takes_codebook(num_codes: int) -> bool:
+    """Whether the kernel can index a codebook of ``num_codes``: it reads and writes int16 codes only, so a
+    larger codebook (int32 codes, :func:`~a2ats_tools.kernels.encode.code_dtype`) stays on the torch path."""
+    return code_dtype(num_codes) == torch.int16
+
+
+def check_codes(codes: torch.Tensor, num_codes: int) -> None:
+    """Refuse ``codes`` the kernel would read a score table out of bounds with: not int16, or outside
+    ``[0, num_codes)``. The kernel indexes raw memory, so this is the only guard (one pass over int16 codes,
+    far less than the kernel's own pass over codes, offsets and tables)."""
+    if codes.dtype != torch.int16 or not takes_codebook(num_codes):
+        raise ValueError(f"the fused CPU kernel reads int16 codes of at most 32767 centroids, got {codes.dtype} "
+                         f"codes of {num_codes}")
+    if codes.numel():
+        low, high = torch.aminmax(codes)
+        if int(low) < 0 or int(high) >= num_codes:
+            raise ValueError(f"codes must lie in [0, {num_codes}), got [{int(low)}, {int(high)}]")
 
 
 def _kept_rows(context: int, n_sink: int, window: int, top: int) -> int:

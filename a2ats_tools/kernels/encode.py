@@ -14,6 +14,14 @@ import torch
 
 from ._dispatch import resolve_backend, tl, triton
 
+INT16_CODES = torch.iinfo(torch.int16).max  # the most codes int16 holds: 0..32766 need C <= 32767
+
+
+def code_dtype(num_codes: int) -> torch.dtype:
+    """The dtype of a codes buffer for a codebook of ``num_codes``: int16 while every code fits (half the
+    memory, and what the fused CPU kernel reads), int32 above, so a code never wraps negative."""
+    return torch.int16 if num_codes <= INT16_CODES else torch.int32
+
 
 @dataclass(frozen=True)
 class EncodeTables:
@@ -30,8 +38,8 @@ class EncodeTables:
 
     @property
     def code_dtype(self) -> torch.dtype:
-        """int16 when every code fits, int32 otherwise."""
-        return torch.int16 if self.codes <= 32767 else torch.int32
+        """:func:`code_dtype` of this codebook."""
+        return code_dtype(self.codes)
 
     def to(self, device: torch.device | str) -> EncodeTables:
         return EncodeTables(self.whitening.to(device), self.wcodebook.to(device), self.wnorm.to(device))

@@ -3,15 +3,17 @@
 Jobs are (layer, KV head) pairs. In one process they are trained in batches of heads; under
 ``accelerate launch`` they are split across processes, each rank writes its part atomically, and the main
 process merges after ``wait_for_everyone()``. Each head's RNG depends only on (seed, layer, head), so the
-result is the same however the jobs are split. The checkpoint is assembled in a temporary folder beside
-``out`` (config last) and renamed into place, so an interrupted run never leaves something that loads.
+result is the same however the jobs are split. The checkpoint is assembled in a partial folder of this run's
+own beside ``out`` (config last), under a lock that fails a second convert of the same ``out`` at once, and
+swapped into place (:func:`a2ats_tools.io.atomic_directory`), so an interrupted run never leaves something that
+loads and never touches a previous ``out``.
 """
 
 from __future__ import annotations
 
 import math
-import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from ..artifacts.checkpoint import A2atsConfig, write_codebooks, write_config
 from ..artifacts.model_files import check_geometry, write_model_files
 from ..calibration.format import KEYS, QUERY_COUNT, WROPE_QUERY_MOMENT, CalibrationSet, layer_file
 from ..errors import A2atsError, DataError
-from ..io import write_json, write_safetensors
+from ..io import atomic_directory, check_output_dir, write_json, write_safetensors
 from ..models import ModelSource, load_model, load_tokenizer, resolve_source, rotary
 from ..rope import DistanceBuckets
 from ..scoring import SelectionPolicy
@@ -209,8 +211,30 @@ class _Progress:
             self.bar.update(self.task, advance=1, description=text)
 
 
-def _partial_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.a2ats-partial"
+@contextmanager
+def _partial_checkpoint(out: Path, overwrite: bool, state: Any) -> Iterator[Path]:
+    """The partial directory every rank writes its part into: the main process owns it (lock, swap into
+    ``out`` on success, removal on failure, :func:`atomic_directory`) and tells the other ranks its name."""
+    if state.num_processes == 1:
+        with atomic_directory(out, overwrite, writer="convert") as tmp:
+            yield tmp
+        return
+    from accelerate.utils import broadcast_object_list
+
+    if not state.is_main_process:
+        name = broadcast_object_list([None])[0]
+        if name is None:
+            raise A2atsError(f"the main process could not start writing {out}")
+        yield Path(name)
+        return
+    with ExitStack() as stack:
+        try:
+            tmp = stack.enter_context(atomic_directory(out, overwrite, writer="convert"))
+        except BaseException:
+            broadcast_object_list([None])  # the other ranks stop instead of waiting for a name
+            raise
+        broadcast_object_list([str(tmp)])
+        yield tmp
 
 
 def _state(device: torch.device):
@@ -262,8 +286,7 @@ def convert(
     if iters < 1:
         raise A2atsError("--iters must be at least 1")
     algorithm = resolve_algorithm(algorithm, torch_device)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise A2atsError(f"output directory {out} already exists; pass --overwrite to replace it")
+    check_output_dir(out, overwrite)  # fail fast; checked again under the lock
     calib = CalibrationSet(calibration)
     geo = calib.geometry
     pos = parse_positions(positions)
@@ -278,86 +301,78 @@ def convert(
     per_head = keys_per_head(calib) * geo.head_dim * 4
     batch = heads_per_batch or max(1, min(len(jobs), HEAD_BYTES_PER_BATCH // max(1, per_head), 32))
     also_plain = compare_plain and not plain
-    tmp = _partial_dir(out)
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    state.wait_for_everyone()
+    with _partial_checkpoint(out, overwrite, state) as tmp:
+        with state.split_between_processes(jobs) as mine:
+            mine = list(mine)
+            total = len(mine) * (2 if also_plain else 1)
+            with _Progress(total if main else 0, main and not quiet, console) as progress:
+                common = dict(codes=codes, iters=iters, tol=tol, seed=seed, device=torch_device, seeding=seeding,
+                              heads_per_batch=batch, algorithm=algorithm, progress=progress)
+                trained = train_jobs(calib, mine, factors, salt=0, **common)
+                plain_trained = {}
+                if also_plain:
+                    eye = [torch.eye(geo.head_dim, dtype=torch.float64).expand_as(f).clone() for f in factors]
+                    plain_trained = train_jobs(calib, mine, eye, salt=1, label="plain · ", **common)
+        part: dict[str, torch.Tensor] = {}
+        for name, (cb, inertia) in trained.items():
+            part[f"qa.{name}"], part[f"qa_inertia.{name}"] = cb, torch.tensor([inertia])
+        for name, (cb, _) in plain_trained.items():
+            part[f"plain.{name}"] = cb
+        write_safetensors(tmp / f"part-{state.process_index:03d}.safetensors", part)
+        state.wait_for_everyone()
+        if not main:
+            return out
 
-    with state.split_between_processes(jobs) as mine:
-        mine = list(mine)
-        total = len(mine) * (2 if also_plain else 1)
-        with _Progress(total if main else 0, main and not quiet, console) as progress:
-            common = dict(codes=codes, iters=iters, tol=tol, seed=seed, device=torch_device, seeding=seeding,
-                          heads_per_batch=batch, algorithm=algorithm, progress=progress)
-            trained = train_jobs(calib, mine, factors, salt=0, **common)
-            plain_trained = {}
-            if also_plain:
-                eye = [torch.eye(geo.head_dim, dtype=torch.float64).expand_as(f).clone() for f in factors]
-                plain_trained = train_jobs(calib, mine, eye, salt=1, label="plain · ", **common)
-    part: dict[str, torch.Tensor] = {}
-    for name, (cb, inertia) in trained.items():
-        part[f"qa.{name}"], part[f"qa_inertia.{name}"] = cb, torch.tensor([inertia])
-    for name, (cb, _) in plain_trained.items():
-        part[f"plain.{name}"] = cb
-    write_safetensors(tmp / f"part-{state.process_index:03d}.safetensors", part)
-    state.wait_for_everyone()
-    if not main:
-        return out
+        merged: dict[str, torch.Tensor] = {}
+        for path in sorted(tmp.glob("part-*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                merged.update({k: f.get_tensor(k) for k in f.keys()})
+            path.unlink()
 
-    merged: dict[str, torch.Tensor] = {}
-    for path in sorted(tmp.glob("part-*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            merged.update({k: f.get_tensor(k) for k in f.keys()})
-        path.unlink()
+        def stack(prefix: str, layer: int) -> torch.Tensor:
+            return torch.stack([merged[f"{prefix}.{layer}.{h}"] for h in range(geo.num_kv_heads)])
 
-    def stack(prefix: str, layer: int) -> torch.Tensor:
-        return torch.stack([merged[f"{prefix}.{layer}.{h}"] for h in range(geo.num_kv_heads)])
+        codebooks = [stack("qa", layer) for layer in range(geo.num_layers)]
+        inertia = [stack("qa_inertia", layer).flatten().tolist() for layer in range(geo.num_layers)]
+        plain_books = [stack("plain", layer) for layer in range(geo.num_layers)] if also_plain else None
+        factors32 = [f.float() for f in factors]
+        write_codebooks(tmp, codebooks, factors32)
 
-    codebooks = [stack("qa", layer) for layer in range(geo.num_layers)]
-    inertia = [stack("qa_inertia", layer).flatten().tolist() for layer in range(geo.num_layers)]
-    plain_books = [stack("plain", layer) for layer in range(geo.num_layers)] if also_plain else None
-    factors32 = [f.float() for f in factors]
-    write_codebooks(tmp, codebooks, factors32)
-
-    source, lm, tokenizer = _model(calib, model, loaded, light, console)
-    policy = SelectionPolicy()
-    config = A2atsConfig(
-        geometry=geo,
-        codebook_size=codes,
-        whitening="plain" if plain else "query_aware",
-        n_sink=policy.n_sink,
-        window=policy.window,
-        buckets=bucket_spec.to_config(),
-        budget=policy.budget,
-        aggregation=policy.aggregation,
-        seed=seed,
-        calibration={"path": str(Path(calibration).resolve()), "manifest": _manifest_summary(calib)},
-    )
-    check_geometry(config, lm)
-    console.print("writing the model files" + (" (light: weights referenced)" if light else ""), highlight=False)
-    weights = write_model_files(lm, tokenizer, tmp, light=light)
-    config.model = {"source": source.to_dict(), "weights": weights}
-
-    n = geo.num_layers
-    with _Progress(n, not quiet, console) as progress:
-        progress.describe("conversion report")
-        report = build_report(
-            calib, codebooks, factors32, plain_books, rotary(lm), bucket_spec, policy,
-            progress=lambda layer: progress.advance(f"report · layer {layer}"),
+        source, lm, tokenizer = _model(calib, model, loaded, light, console)
+        policy = SelectionPolicy()
+        config = A2atsConfig(
+            geometry=geo,
+            codebook_size=codes,
+            whitening="plain" if plain else "query_aware",
+            n_sink=policy.n_sink,
+            window=policy.window,
+            buckets=bucket_spec.to_config(),
+            budget=policy.budget,
+            aggregation=policy.aggregation,
+            seed=seed,
+            calibration={"path": str(Path(calibration).resolve()), "manifest": _manifest_summary(calib)},
         )
-    report["training"] = {
-        "codes": codes, "iters": iters, "tol": tol, "seeding": seeding, "algorithm": algorithm,
-        "coarse_cells": default_coarse(codes) if algorithm == "two-level" else None, "positions": pos,
-        "keys_per_head": keys_per_head(calib), "inertia": inertia, "cholesky_jitter": jitters,
-    }
-    write_json(tmp / "report.json", report)
-    print_report(report, console)
-    config.extra = {"positions": pos, "processes": state.num_processes, "algorithm": algorithm, "report": {"mean_recall": report["mean"]}}
-    write_config(tmp, config)  # last: only now does the folder load
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    tmp.rename(out)
+        check_geometry(config, lm)
+        console.print("writing the model files" + (" (light: weights referenced)" if light else ""), highlight=False)
+        weights = write_model_files(lm, tokenizer, tmp, light=light)
+        config.model = {"source": source.to_dict(), "weights": weights}
+
+        n = geo.num_layers
+        with _Progress(n, not quiet, console) as progress:
+            progress.describe("conversion report")
+            report = build_report(
+                calib, codebooks, factors32, plain_books, rotary(lm), bucket_spec, policy,
+                progress=lambda layer: progress.advance(f"report · layer {layer}"),
+            )
+        report["training"] = {
+            "codes": codes, "iters": iters, "tol": tol, "seeding": seeding, "algorithm": algorithm,
+            "coarse_cells": default_coarse(codes) if algorithm == "two-level" else None, "positions": pos,
+            "keys_per_head": keys_per_head(calib), "inertia": inertia, "cholesky_jitter": jitters,
+        }
+        write_json(tmp / "report.json", report)
+        print_report(report, console)
+        config.extra = {"positions": pos, "processes": state.num_processes, "algorithm": algorithm, "report": {"mean_recall": report["mean"]}}
+        write_config(tmp, config)  # last: only now does the folder load
     console.print(f"wrote {out}", highlight=False)
     return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -22,12 +23,13 @@ KERNELS = ("auto", "torch", "triton", "cpu")
 class RuntimeSettings:
     """How decode steps pick the tokens they attend to.
 
-    ``budget``: top-K size per KV head, a fraction of the context (float <= 1) or a token count (int); sinks and
-    window come on top. ``rerank``: over-fetch factor for exact re-ranking (0 = off; the default 3.0 fetches 3K
-    candidates by approximate score and keeps the K best by exact score). ``rerank_aggregation``: how the exact
-    logits of a GQA group's query heads rank the candidates (``softmax``, the default: each head's softmax over the
-    candidates, summed, i.e. the group's attention mass; ``sum``: summed logits; ``max``). ``prefill_chunk``: prefill in chunks of
-    this many tokens (None = one pass). ``score_dtype``: precision of the per-step score table ``q_w · codebook``
+    ``budget``: top-K size per KV head, a fraction of the context in (0, 1] or a token count >= 1 (int; strings
+    such as ``"5%"`` are accepted, :func:`parse_budget` is the rule); sinks and window come on top. ``rerank``:
+    over-fetch factor for exact re-ranking (0 = off; the default 3.0 fetches 3K candidates by approximate score
+    and keeps the K best by exact score). ``rerank_aggregation``: how the exact logits of a GQA group's query
+    heads rank the candidates (``softmax``, the default: each head's softmax over the candidates, summed, i.e.
+    the group's attention mass; ``sum``: summed logits; ``max``). ``prefill_chunk``: prefill in chunks of this
+    many tokens (None = one pass). ``score_dtype``: precision of the per-step score table ``q_w · codebook``
     (``auto``: float32 on the CPU, bfloat16 on accelerators; selection only, attention stays exact).
     ``kernels``: who runs the decode step's work (``auto``: on the CPU the fused C++ kernel of
     ``kernels/cpu_decode`` — tables, top-K, re-rank and attention in one call, built on first use where a C++
@@ -54,8 +56,7 @@ class RuntimeSettings:
     kernels: str = "auto"
 
     def __post_init__(self) -> None:
-        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or self.budget < 0:
-            raise A2atsError(f"budget must be a fraction in (0, 1] or a token count, got {self.budget!r}")
+        object.__setattr__(self, "budget", parse_budget(self.budget))  # validated and normalised by the one rule
         if self.n_sink < 0 or self.window < 1:
             raise A2atsError("n_sink must be >= 0 and window >= 1")
         if self.aggregation not in AGGREGATIONS:
@@ -195,20 +196,45 @@ def parse_overrides(spec: str) -> dict[str, Any]:
     return out
 
 
+BUDGET_RULE = (
+    "budget must be a fraction in (0, 1] (0.03), a percentage in (0%, 100%] (3%) or a whole token count >= 1 (256)"
+)
+
+
 def parse_budget(value: Any) -> float | int:
-    """``0.05`` or ``"5%"`` -> fraction; ``512`` or ``"512"`` -> tokens."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value) if isinstance(value, float) and value <= 1.0 else int(value)
+    """The one budget rule, for every way a budget arrives (settings, CLI, ``load_converted``, ``configure``, the
+    config file): ``0.05`` or ``"5%"`` -> the fraction 0.05; ``512``, ``512.0`` or ``"512"`` -> 512 tokens.
+
+    Fractions lie in (0, 1], percentages in (0%, 100%], token counts are whole numbers >= 1; anything else (0,
+    negatives, 1.5, "150%", "0%", NaN, text) is an :class:`A2atsError` naming the rule, never a silent
+    one-token budget. Exactly one is read by its spelling: the int ``1`` and ``"1"`` are one token, the float
+    ``1.0``, ``"1.0"`` and ``"100%"`` the whole context.
+    """
+    if isinstance(value, bool):
+        raise A2atsError(f"{BUDGET_RULE}, got {value!r}")
+    if isinstance(value, (int, float)):
+        return _budget_number(value, isinstance(value, float), value)
     text = str(value).strip()
+    percent = text.endswith("%")
     try:
-        if text.endswith("%"):
-            return float(text[:-1]) / 100.0
-        number = float(text)
+        number = float(text[:-1] if percent else text)
     except ValueError:
-        raise A2atsError(f"budget must be a fraction (0.03), a percentage (3%) or a token count (256), got {value!r}") from None
-    if number <= 1.0 and ("." in text or number < 1.0):
-        return number
-    return int(number)
+        raise A2atsError(f"{BUDGET_RULE}, got {value!r}") from None
+    if percent:
+        if not 0.0 < number <= 100.0:  # NaN fails too
+            raise A2atsError(f"{BUDGET_RULE}, got {value!r}")
+        return number / 100.0
+    return _budget_number(number, "." in text, value)
+
+
+def _budget_number(number: float, one_is_fraction: bool, value: Any) -> float | int:
+    """A fraction in (0, 1) (or exactly 1 with ``one_is_fraction``), else a whole token count >= 1."""
+    if math.isfinite(number):
+        if 0.0 < number < 1.0 or (number == 1.0 and one_is_fraction):
+            return float(number)
+        if number >= 1.0 and number == int(number):
+            return int(number)
+    raise A2atsError(f"{BUDGET_RULE}, got {value!r}")
 
 
 def parse_layers(value: Any) -> tuple[int, ...]:

@@ -36,6 +36,9 @@ class A2atsSelector(TokenSelector):
         self.encode_weight = (wf @ whitened.transpose(1, 2)).contiguous()  # [Hkv, d, C]
         self.encode_bias = (-0.5 * whitened.pow(2).sum(-1)).unsqueeze(1).contiguous()  # [Hkv, 1, C]
         self.codes_size = cb.shape[1]
+        from ...kernels.encode import code_dtype
+
+        self.code_dtype = code_dtype(self.codes_size)  # every codes buffer's dtype: int16, int32 past 32767 codes
         buckets: DistanceBuckets = settings.buckets
         self.buckets = buckets
         cos, sin = rotary.cos_sin(torch.tensor(buckets.centres))
@@ -51,7 +54,8 @@ class A2atsSelector(TokenSelector):
         return self
 
     def encode(self, keys_pre: torch.Tensor) -> torch.Tensor:
-        """Nearest centroid (whitened metric) of ``keys_pre [B, Hkv, n, d]`` -> codes ``[B, Hkv, n]`` int16."""
+        """Nearest centroid (whitened metric) of ``keys_pre [B, Hkv, n, d]`` -> codes ``[B, Hkv, n]`` of
+        :attr:`code_dtype`."""
         if use_triton(self.settings.kernels, keys_pre, self.codebook_t):  # fused encode (same codes, tested)
             import importlib
 
@@ -61,7 +65,7 @@ class A2atsSelector(TokenSelector):
             return kernel.encode(keys_pre, self._encode_tables, backend="triton")
         b, h, n, d = keys_pre.shape
         flat = keys_pre.float().transpose(0, 1).reshape(h, b * n, d)
-        if self.codes_size % 16 == 0 and self.codes_size <= 32767 and use_cpu_kernel(self.settings.kernels, keys_pre):
+        if self.codes_size % 16 == 0 and self.code_dtype == torch.int16 and use_cpu_kernel(self.settings.kernels, keys_pre):
             # the fused CPU kernel: matmul and argmax in one pass, no [rows, C] temporary (tested against the below)
             from ...kernels import cpu_decode
 
@@ -69,17 +73,17 @@ class A2atsSelector(TokenSelector):
                 self._encode_tiles = cpu_decode.codebook_tiles(self.encode_weight.transpose(1, 2))
             codes = cpu_decode.encode(flat, self._encode_tiles, self.encode_bias[:, 0])
             return codes.reshape(h, b, n).transpose(0, 1)
-        out = torch.empty(h, b * n, dtype=torch.int16, device=keys_pre.device)
+        out = torch.empty(h, b * n, dtype=self.code_dtype, device=keys_pre.device)
         rows = max(64, self.ENCODE_TEMP_BYTES // (4 * h * self.codes_size))
         for i in range(0, b * n, rows):
             part = torch.baddbmm(self.encode_bias, flat[:, i : i + rows], self.encode_weight)
-            out[:, i : i + rows] = part.argmax(-1).to(torch.int16)
+            out[:, i : i + rows] = part.argmax(-1)
         return out.reshape(h, b, n).transpose(0, 1)
 
     def _codes_buffer(self, state, b: int, h: int) -> torch.Tensor:
         codes = state.meta.get("codes")
         if codes is None or codes.shape[-1] < state.capacity:
-            grown = torch.zeros(b, h, state.capacity, dtype=torch.int16, device=state.device)
+            grown = torch.zeros(b, h, state.capacity, dtype=self.code_dtype, device=state.device)
             if codes is not None:
                 grown[:, :, : codes.shape[-1]] = codes
             state.meta["codes"] = codes = grown
@@ -189,12 +193,14 @@ class A2atsSelector(TokenSelector):
     def fused_decode(self, state, q_post, rope, length, valid, scale):
         """The fused CPU kernel (``kernels/cpu_decode``: scoring queries, tables, top-K, re-rank and attention in
         one call) where it applies: ``kernels`` auto or cpu with everything on the CPU (:func:`use_cpu_kernel`),
-        float32 K/V and score tables, no padding or left padding, a codebook size divisible by 16."""
+        float32 K/V and score tables, no padding or left padding, a codebook size divisible by 16 whose codes
+        fit int16 (the kernel's codes)."""
         if not use_cpu_kernel(self.settings.kernels, state.keys, q_post):
             return None
         if (
             state.keys.dtype != torch.float32
             or self.codes_size % 16
+            or self.code_dtype != torch.int16
             or resolve_score_dtype(self.settings.score_dtype, q_post.device) != torch.float32
         ):
             return None
