@@ -339,16 +339,12 @@ def convert(
         write_codebooks(tmp, codebooks, factors32)
 
         source, lm, tokenizer = _model(calib, model, loaded, light, console)
-        policy = SelectionPolicy()
+        policy = SelectionPolicy()  # the report's selection; the config's selection fields default to the same
         config = A2atsConfig(
             geometry=geo,
             codebook_size=codes,
             whitening="plain" if plain else "query_aware",
-            n_sink=policy.n_sink,
-            window=policy.window,
             buckets=bucket_spec.to_config(),
-            budget=policy.budget,
-            aggregation=policy.aggregation,
             seed=seed,
             calibration={"path": str(Path(calibration).resolve()), "manifest": _manifest_summary(calib)},
         )
