@@ -12,7 +12,8 @@ import torch
 
 from a2ats_tools.models import load_model, load_tokenizer, resolve_source, rotary
 from a2ats_tools.rope import DistanceBuckets
-from a2ats_tools.scoring import SelectionPolicy, bucketed_scores, exact_logits, mass_recall
+from a2ats_tools.runtime.settings import RuntimeSettings
+from a2ats_tools.scoring import bucketed_scores, exact_logits, mass_recall
 
 torch.manual_seed(0)
 src = resolve_source(None)
@@ -49,7 +50,7 @@ for i in layers:
     logits = exact_logits(qs, pos, k, rot)
     row = {}
     for agg in ["sum", "max", "softmax"]:
-        pol = SelectionPolicy(aggregation=agg)
+        pol = RuntimeSettings(aggregation=agg)
         for name, b in [
             ("single", DistanceBuckets.single(2048)),
             ("log√2", DistanceBuckets.log_spaced(8192)),

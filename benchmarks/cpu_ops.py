@@ -12,15 +12,10 @@ import time
 
 import torch
 
-from a2ats_tools.kernels import (
-    build_tables_torch,
-    encode_torch,
-    prepare_codebook,
-    score_torch,
-    select_topk,
-    sparse_decode_torch,
-)
+from a2ats_tools.kernels import build_tables, encode_torch, prepare_codebook, score_torch, sparse_decode_torch
 from a2ats_tools.rope import DistanceBuckets
+from a2ats_tools.runtime.settings import RuntimeSettings
+from a2ats_tools.selection import select
 
 
 def timed(fn, repeat: int) -> float:
@@ -70,10 +65,12 @@ def main() -> None:
     codebook = torch.randn(hkv, c, d)
     a = torch.randn(hkv, d, d)
     tables_enc = prepare_codebook(codebook, torch.linalg.cholesky(torch.eye(d) + 0.1 * a @ a.transpose(1, 2)))
-    rotations = torch.randn(p, d, d)
+    angles = torch.rand(p, d // 2) * 6.3
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    codebook_t = codebook.transpose(1, 2).contiguous()
     q = torch.randn(b, hkv * g, d)
     codes = torch.randint(0, c, (b, hkv, n), dtype=torch.int16)
-    first_valid = torch.zeros(b, dtype=torch.long)
+    valid = torch.ones(b, n, dtype=torch.bool)
     k_cache = torch.randn(b, hkv, n, d, dtype=torch.bfloat16)
     v_cache = torch.randn(b, hkv, n, d, dtype=torch.bfloat16)
     step_key = torch.randn(b, hkv, 1, d, dtype=torch.bfloat16)
@@ -83,26 +80,26 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={b} Hkv={hkv} G={g} d={d} C={c} P={p} N={n} K={k}"
     )
     results = {}
-    buckets = DistanceBuckets.geometric(p, 64.0, args.ratio)
+    offsets = buckets.row_buckets(n).long() * c
     for agg in ("sum", "max"):
-        tables = build_tables_torch(q, codebook, rotations, agg)
-        scores = score_torch(tables, codes, n, first_valid, 8, 64, buckets, agg)
+        tables = build_tables(q, codebook_t, cos, sin, agg)
+        scores = score_torch(tables, codes, offsets, agg)
         results[f"build_tables ({agg})"] = timed(
-            lambda agg=agg: build_tables_torch(q, codebook, rotations, agg), args.repeat
+            lambda agg=agg: build_tables(q, codebook_t, cos, sin, agg), args.repeat
         )
         results[f"score ({agg})"] = timed(
-            lambda t=tables, agg=agg: score_torch(t, codes, n, first_valid, 8, 64, buckets, agg),
-            args.repeat,
+            lambda t=tables, agg=agg: score_torch(t, codes, offsets, agg), args.repeat
         )
-    results["select_topk"] = timed(lambda: select_topk(scores, k), args.repeat)
-    indices, keep = select_topk(scores, k)
+    policy = RuntimeSettings(budget=args.topk)
+    results["select (top-K)"] = timed(lambda: select(scores, valid, policy), args.repeat)
+    indices, keep, _ = select(scores, valid, policy)
     results["sparse_decode (bf16 cache)"] = timed(
         lambda: sparse_decode_torch(q, k_cache, v_cache, indices, keep, d**-0.5), args.repeat
     )
     results["encode (1 new key/seq)"] = timed(lambda: encode_torch(step_key, tables_enc), args.repeat)
     step = sum(
         results[name]
-        for name in ("build_tables (sum)", "score (sum)", "select_topk", "sparse_decode (bf16 cache)")
+        for name in ("build_tables (sum)", "score (sum)", "select (top-K)", "sparse_decode (bf16 cache)")
     )
     step += results["encode (1 new key/seq)"]
     for name, ms in results.items():

@@ -117,15 +117,11 @@ def compile_only(arch: int, head_dim: int, group: int) -> int:
                 dict(
                     tables_ptr="*fp32",
                     codes_ptr="*i16",
-                    buckets_ptr="*i32",
-                    first_valid_ptr="*i64",
+                    offsets_ptr="*i64",
                     scores_ptr="*fp32",
                     length=i32,
                     n_kv_heads=i32,
-                    n_codes=i32,
-                    n_buckets=i32,
-                    n_sink=i32,
-                    window=i32,
+                    table_size=i32,
                     stride_cb=i32,
                     stride_ch=i32,
                 ),
@@ -232,17 +228,18 @@ def main() -> int:
     args = parser.parse_args()
 
     from a2ats_tools.kernels import (
-        build_tables_torch,
+        build_tables,
         encode_torch,
         encode_triton,
         prepare_codebook,
         score_torch,
         score_triton,
-        select_topk,
         sparse_decode_torch,
         sparse_decode_triton,
     )
     from a2ats_tools.rope import DistanceBuckets
+    from a2ats_tools.runtime.settings import RuntimeSettings
+    from a2ats_tools.selection import select
 
     cuda = torch.cuda.is_available()
     if args.tiny or not cuda:
@@ -275,13 +272,16 @@ def main() -> int:
     keys = rand(b, hkv, args.prefill, d).to(dtype)
     codebook = rand(hkv, c, d)
     q = rand(b, hkv * g, d)
-    lookup = build_tables_torch(q, codebook, rand(p, d, d), "sum")
+    angles = rand(p, d // 2) * 6.3
+    lookup = build_tables(q, codebook.transpose(1, 2).contiguous(), torch.cat([angles.cos()] * 2, -1),
+                          torch.cat([angles.sin()] * 2, -1), "sum")
     codes = torch.randint(0, c, (b, hkv, n), generator=gen, dtype=torch.int16).to(device)
-    first_valid = torch.zeros(b, dtype=torch.long, device=device)
     k_cache = rand(b, hkv, n, d).to(dtype)
     v_cache = rand(b, hkv, n, d).to(dtype)
-    score_args = (lookup, codes, n, first_valid, 8, 64, DistanceBuckets.geometric(p, 64.0, 2.0), "sum")
-    indices, keep = select_topk(score_torch(*score_args), k)
+    offsets = DistanceBuckets.geometric(p, 64.0, 2.0).row_buckets(n, device).long() * c
+    score_args = (lookup, codes, offsets, "sum")
+    valid = torch.ones(b, n, dtype=torch.bool, device=device)
+    indices, keep, _ = select(score_torch(*score_args), valid, RuntimeSettings(budget=k))
     q_dec = q.to(dtype)
 
     # correctness first
@@ -302,7 +302,7 @@ def main() -> int:
         "score": (
             lambda: score_triton(*score_args),
             lambda: score_torch(*score_args),
-            b * hkv * n * (code_bytes + 4 + 4) + n * 4,  # codes, one table read, score write; bucket table
+            b * hkv * n * (code_bytes + 4 + 4) + n * 8,  # codes, one table read, score write; offsets
             0.0,
         ),
         "sparse_decode": (

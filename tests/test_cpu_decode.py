@@ -1,5 +1,5 @@
 """The fused CPU decode kernel (kernels/cpu_decode.cpp) against its torch reference: the selector's ``select``
-followed by ``sparse_decode``, i.e. what the runtime runs with ``kernels=torch``."""
+followed by ``sparse_decode_torch``, i.e. what the runtime runs with ``kernels=torch``."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from a2ats_tools.compat import cache_kwargs
 from a2ats_tools.errors import A2atsError
 from a2ats_tools.kernels import cpu_decode
+from a2ats_tools.kernels.sparse_attention import sparse_decode_torch
 from a2ats_tools.rope import DistanceBuckets, undo_rope
-from a2ats_tools.runtime.attention import sparse_decode
 from a2ats_tools.runtime.cache import LayerState
 from a2ats_tools.runtime.selectors import A2atsSelector
 from a2ats_tools.runtime.settings import RuntimeSettings, use_cpu_kernel
@@ -50,8 +50,8 @@ def make_step(length: int, *, seed: int = 0, distinct_codes: bool = True, pad: t
 def reference(sel, state, q_post, rope, valid):
     """What the attention function runs on the torch path: undo RoPE, select, sparse attention."""
     q_pre = undo_rope(q_post, rope[0][:, None], rope[1][:, None])
-    indices, keep = sel.select(state, q_pre, q_post, state.length, valid)
-    out = sparse_decode(q_post, state.keys, state.values, indices, keep, sel.scale, sel.exact_logits, "torch")
+    indices, keep, logits = sel.select(state, q_pre, q_post, state.length, valid)
+    out = sparse_decode_torch(q_post, state.keys, state.values, indices, keep, sel.scale, logits)
     return out, indices.masked_fill(~keep, -1).sort(-1).values
 
 

@@ -43,7 +43,7 @@ def test_cpu_ops_benchmark_reports_each_op():
         "--threads",
         "1",
     )
-    for name in ("build_tables (sum)", "score (max)", "select_topk", "sparse_decode", "decode step"):
+    for name in ("build_tables (sum)", "score (max)", "select (top-K)", "sparse_decode", "decode step"):
         assert name in out, out
 
 

@@ -9,14 +9,8 @@ import torch
 
 from a2ats_tools.models import rotary
 from a2ats_tools.rope import DistanceBuckets, apply_rope, undo_rope
-from a2ats_tools.scoring import (
-    SelectionPolicy,
-    exact_logits,
-    forced_mask,
-    group_aggregate,
-    mass_recall,
-    select,
-)
+from a2ats_tools.runtime.settings import RuntimeSettings
+from a2ats_tools.scoring import exact_logits, group_aggregate, mass_recall
 
 from .conftest import build_tiny_model
 
@@ -63,30 +57,6 @@ def test_log_buckets_cover_distances():
     assert DistanceBuckets.single(2048).bucket_of(d).eq(0).all()
 
 
-def test_forced_mask_with_left_padding():
-    valid = torch.tensor([[False, False, True, True, True, True, True, True]])
-    forced = forced_mask(valid, n_sink=2, window=3)
-    assert forced.tolist() == [[False, False, True, True, False, True, True, True]]
-
-
-def test_select_keeps_forced_and_budget():
-    scores = torch.tensor([[0.0, 5.0, 1.0, 9.0, 2.0, 3.0, 0.5, 0.1, 0.2, 0.3]])
-    valid = torch.ones(1, 10, dtype=torch.bool)
-    policy = SelectionPolicy(n_sink=1, window=2, budget=2)
-    idx, keep = select(scores, valid, policy)
-    chosen = set(idx[keep].tolist())
-    assert chosen == {0, 8, 9, 3, 1}
-
-
-def test_select_never_picks_invalid():
-    scores = torch.randn(2, 20)
-    valid = torch.zeros(2, 20, dtype=torch.bool)
-    valid[:, 15:] = True
-    idx, keep = select(scores, valid, SelectionPolicy(n_sink=2, window=2, budget=10))
-    assert valid.gather(1, idx)[keep].all()
-    assert keep.sum(-1).tolist() == [5, 5]
-
-
 def test_group_aggregation_shapes_and_sum():
     s = torch.randn(2, 6, 7)
     assert torch.allclose(group_aggregate(s, 2, "sum"), s.reshape(2, 2, 3, 7).sum(2))
@@ -104,8 +74,27 @@ def test_mass_recall_full_budget_is_one(rot):
     q, k = torch.randn(4, 6, 16), torch.randn(2, 50, 16)
     pos = torch.tensor([10, 20, 30, 40, 45, 49])
     logits = exact_logits(q, pos, k, rot)
-    full = mass_recall(logits, None, pos, SelectionPolicy(budget=1000), 0.25, 2)
+    full = mass_recall(logits, None, pos, RuntimeSettings(budget=1000), 0.25, 2)
     assert torch.allclose(full, torch.ones_like(full), atol=1e-5)
-    small = mass_recall(logits, torch.randn_like(logits), pos, SelectionPolicy(n_sink=1, window=1, budget=2), 0.25, 2)
-    oracle = mass_recall(logits, None, pos, SelectionPolicy(n_sink=1, window=1, budget=2), 0.25, 2)
+    small = mass_recall(logits, torch.randn_like(logits), pos, RuntimeSettings(n_sink=1, window=1, budget=2), 0.25, 2)
+    oracle = mass_recall(logits, None, pos, RuntimeSettings(n_sink=1, window=1, budget=2), 0.25, 2)
     assert (small <= 1 + 1e-6).all() and oracle.mean() >= small.mean() - 0.05
+
+
+@pytest.mark.parametrize("length", [1, 63, 64, 65, 200, 8192])
+@pytest.mark.parametrize("ratio", [2.0, math.sqrt(2)])
+def test_row_buckets_follow_the_bucket_edges(length, ratio):
+    buckets = DistanceBuckets.log_spaced(8192, start=64, ratio=ratio)
+    got = buckets.row_buckets(length)
+    edges = buckets.edges
+    for j in range(length):  # brute force: the last bucket whose lower edge is at most the distance (to 1e-9)
+        dist = length - 1 - j
+        want = max([b for b, e in enumerate(edges) if e * (1 - 1e-9) <= dist], default=0)
+        assert int(got[j]) == want
+    assert torch.equal(DistanceBuckets.single(2048).row_buckets(length), torch.zeros(length, dtype=torch.long))
+
+
+def test_bucket_of_honours_stored_edges_that_are_not_geometric():
+    buckets = DistanceBuckets.from_config({"mode": "log", "centres": [80, 300, 2000], "edges": [64.0, 128.0, 1000.0]})
+    dist = torch.tensor([0, 63, 64, 127, 128, 500, 999, 1000, 5000])
+    assert buckets.bucket_of(dist).tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2]

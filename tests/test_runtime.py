@@ -521,10 +521,17 @@ def test_beam_search_full_budget_equals_dense(tiny_checkpoints):
 
 def selection_keys(s: torch.Tensor):
     """Float scores with +inf (kept) / -inf (never kept) -> the selector's integer keys with their sentinels."""
-    from a2ats_tools.runtime.selectors import rank_keys
+    from a2ats_tools.selection import rank_keys
 
     keys, high, low = rank_keys(s)
     return keys.masked_fill(s == float("inf"), high).masked_fill(s == float("-inf"), low), high, low
+
+
+def exact_of(sel, state, q_post):
+    """The exact-logit callback the selector hands :func:`a2ats_tools.selection.select` for this state and query."""
+    from a2ats_tools.runtime.selectors import candidate_logits
+
+    return lambda rows: candidate_logits(state, q_post, rows, sel.num_kv_heads)
 
 
 def prefilled_layer(path, n: int, batch: int, **settings):
@@ -540,7 +547,8 @@ def prefilled_layer(path, n: int, batch: int, **settings):
 def test_uniform_rerank_matches_the_general_path_and_reuses_its_logits(tiny_checkpoints, how):
     """Without padding, re-ranking takes a shortcut (no ordering or masking, exact logits kept for attention):
     it keeps the same rows as the general path, and attention from its logits equals attention from the keys."""
-    from a2ats_tools.runtime.attention import sparse_decode
+    from a2ats_tools.kernels.sparse_attention import sparse_decode_torch as sparse_decode
+    from a2ats_tools.selection import rerank
 
     sel, state = prefilled_layer(tiny_checkpoints["llama"], 100, 2, budget=6, n_sink=2, window=8, rerank=2.0,
                                  rerank_aggregation=how)
@@ -550,13 +558,13 @@ def test_uniform_rerank_matches_the_general_path_and_reuses_its_logits(tiny_chec
     q_post = torch.randn(2, sel.num_heads, sel.head_dim, generator=g)
     approx = torch.randn(2, sel.num_kv_heads, n, generator=g)  # tie-free scores (VQ codes repeat)
     sel.scores = lambda *args: approx.clone()
-    idx, keep = sel.select(state, q_pre, q_post, n, torch.ones(2, n, dtype=torch.bool))
-    logits = sel.exact_logits
+    idx, keep, logits = sel.select(state, q_pre, q_post, n, torch.ones(2, n, dtype=torch.bool))
     assert logits is not None and keep.all() and idx.shape[-1] == 2 + 8 + 6
     s = approx.clone()
     s[..., :2] = float("inf")
     s[..., n - 8 :] = float("inf")
-    general_idx, general_keep = sel._rerank(state, *selection_keys(s), q_post, torch.full((2,), 16), torch.full((2,), 6), n)
+    general_idx, general_keep, _ = rerank(*selection_keys(s), torch.full((2,), 16), torch.full((2,), 6),
+                                          exact_of(sel, state, q_post), sel.settings, sel.scale)
     for b in range(2):
         for h in range(sel.num_kv_heads):
             assert set(idx[b, h].tolist()) == set(general_idx[b, h][general_keep[b, h]].tolist())
@@ -570,6 +578,7 @@ def test_rerank_of_a_padded_sample_ignores_its_padding(tiny_checkpoints, how):
     """A left-padded sample re-ranks as it would alone: padding rows fetched to fill the batch's largest candidate
     set never count (not even in the softmax normaliser of its candidates)."""
     from a2ats_tools.runtime.cache import LayerState
+    from a2ats_tools.selection import rerank
 
     sel, state = prefilled_layer(tiny_checkpoints["llama"], 100, 2, budget=6, n_sink=2, window=8, rerank=2.0,
                                  rerank_aggregation=how)
@@ -584,11 +593,12 @@ def test_rerank_of_a_padded_sample_ignores_its_padding(tiny_checkpoints, how):
     s[0, :, :2] = s[1, :, pad : pad + 2] = float("inf")
     s[..., n - 8 :] = float("inf")
     rows, top = torch.tensor([30, 30]), torch.tensor([20, 20])
-    idx, keep = sel._rerank(state, *selection_keys(s), q_post, rows, top, n)
+    idx, keep, _ = rerank(*selection_keys(s), rows, top, exact_of(sel, state, q_post), sel.settings, sel.scale)
     alone = LayerState()
     alone.keys, alone.values = state.keys[1:, :, pad:n].contiguous(), state.values[1:, :, pad:n].contiguous()
     alone.length = n - pad
-    alone_idx, alone_keep = sel._rerank(alone, *selection_keys(s[1:, :, pad:]), q_post[1:], rows[1:], top[1:], n - pad)
+    alone_idx, alone_keep, _ = rerank(*selection_keys(s[1:, :, pad:]), rows[1:], top[1:],
+                                      exact_of(sel, alone, q_post[1:]), sel.settings, sel.scale)
     for h in range(sel.num_kv_heads):
         assert set(idx[1, h][keep[1, h]].tolist()) == {i + pad for i in alone_idx[0, h][alone_keep[0, h]].tolist()}
 
@@ -622,7 +632,7 @@ def test_a2ats_scores_equal_a_per_token_computation(tiny_checkpoints, aggregatio
 def test_rank_keys_order_rows_as_their_scores_do(dtype):
     """The integer keys the top-K runs on sort exactly as the scores (negatives, zeros, infinities included) and
     stay strictly between the kept/never-kept sentinels."""
-    from a2ats_tools.runtime.selectors import rank_keys
+    from a2ats_tools.selection import rank_keys
 
     g = torch.Generator().manual_seed(3)
     s = (torch.randn(4, 300, generator=g) * 50).to(dtype)
@@ -650,7 +660,7 @@ def test_unpadded_selection_is_a_true_top_k_whatever_the_scores_sign(tiny_checkp
     approx = (torch.randn(2, sel.num_kv_heads, n, generator=g) + shift).to(dtype)
     sel.scores = lambda *args: approx.clone()
     q = torch.randn(2, sel.num_heads, sel.head_dim, generator=g)
-    idx, keep = sel.select(state, q, q, n, torch.ones(2, n, dtype=torch.bool))
+    idx, keep, _ = sel.select(state, q, q, n, torch.ones(2, n, dtype=torch.bool))
     assert keep.all() and idx.shape[-1] == 2 + 8 + 6
     assert bool((idx[..., 1:] > idx[..., :-1]).all())  # ascending rows
     middle = approx[..., 2 : n - 8].float()
@@ -670,7 +680,7 @@ def test_unpadded_selection_is_a_true_top_k_whatever_the_scores_sign(tiny_checkp
 def test_sparse_decode_numerics_in_bf16_are_the_same_with_and_without_rerank_logits():
     """bf16 K/V: attention from the re-ranking's float32 logits and from the gathered keys accumulate alike
     (float32 products either way), so re-ranking does not change the attention's numerics."""
-    from a2ats_tools.runtime.attention import sparse_decode
+    from a2ats_tools.kernels.sparse_attention import sparse_decode_torch
     from a2ats_tools.runtime.selectors import candidate_logits
 
     g = torch.Generator().manual_seed(21)
@@ -682,8 +692,8 @@ def test_sparse_decode_numerics_in_bf16_are_the_same_with_and_without_rerank_log
     keep = torch.ones(b, hkv, k, dtype=torch.bool)
     state = type("State", (), {"keys": keys})()
     logits = candidate_logits(state, q, idx, hkv)
-    with_logits = sparse_decode(q, keys, values, idx, keep, d**-0.5, logits, "torch")
-    from_keys = sparse_decode(q, keys, values, idx, keep, d**-0.5, None, "torch")
+    with_logits = sparse_decode_torch(q, keys, values, idx, keep, d**-0.5, logits)
+    from_keys = sparse_decode_torch(q, keys, values, idx, keep, d**-0.5)
     torch.testing.assert_close(with_logits, from_keys, atol=1e-6, rtol=1e-6)
 
 

@@ -18,7 +18,7 @@ from ..errors import ArtifactError
 from ..io import read_json, write_json, write_safetensors
 from ..models import Geometry
 from ..rope import DistanceBuckets
-from ..scoring import SelectionPolicy
+from ..runtime.settings import RuntimeSettings
 
 SCHEMA = "a2ats.checkpoint"
 SCHEMA_VERSION = 1
@@ -41,11 +41,11 @@ class A2atsConfig:
     geometry: Geometry
     codebook_size: int
     whitening: str = "query_aware"  # or "plain"
-    n_sink: int = SelectionPolicy.n_sink
-    window: int = SelectionPolicy.window
-    buckets: dict[str, Any] = field(default_factory=lambda: DistanceBuckets.single().to_config())
-    budget: float | int = SelectionPolicy.budget
-    aggregation: str = SelectionPolicy.aggregation
+    n_sink: int = RuntimeSettings.n_sink
+    window: int = RuntimeSettings.window
+    buckets: dict[str, Any] = field(default_factory=RuntimeSettings.buckets.to_config)
+    budget: float | int = RuntimeSettings.budget
+    aggregation: str = RuntimeSettings.aggregation
     dense_layers: list[int] = field(default_factory=list)  # layers that decode densely (optional; default none)
     seed: int = 0
     model: dict[str, Any] = field(default_factory=dict)  # {"source": ModelSource dict, "weights": "copied"|"referenced"}

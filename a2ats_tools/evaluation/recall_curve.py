@@ -1,23 +1,22 @@
 """Retrieval quality on held-out text: attention-mass recall and top-K recall against exact attention, per
 layer and overall, for each method and budget.
 
-Queries and keys are captured pre-RoPE with the calibration capture (:mod:`a2ats_tools.calibration.capture`),
-keys are encoded with the checkpoint's codebooks (nearest whitened centroid, :func:`kernels.encode`), and
-every method is scored with the reference semantics of :mod:`a2ats_tools.scoring`:
+Queries and keys are captured pre-RoPE with the calibration capture (:mod:`a2ats_tools.calibration.capture`).
+Each layer's keys fill a cache state as a prefill would (the A²ATS selector encodes them with the checkpoint's
+codebooks, Quest keeps its page bounds), and every method is the runtime's own selector, asked at each query
+position for the rows it keeps, over the cache as it stands at that position:
 
-* ``a2ats``: our default, the checkpoint's distance buckets over the VQ keys, then exact re-ranking: the
-  ``rerank``·K best tokens by approximate score are fetched and the K best of them by exact score kept (the
-  runtime's ``rerank`` and ``rerank_aggregation`` settings; rerank 0 turns it off);
-* ``norerank``: the approximate scores alone (the ablation of re-ranking);
-* ``wrope``: the paper's single-distance WRoPE (2048) over the same VQ keys;
-* ``quest``: page min/max bounds of the exact post-RoPE keys (pages of 16);
-* ``streaming``: sinks plus the most recent tokens (the window enlarged to the same budget);
-* ``oracle``: exact logits (the upper bound for the budget).
+* ``a2ats``: the ``a2ats`` selector with the runtime's settings (distance buckets, then exact re-ranking with
+  ``rerank`` and ``rerank_aggregation``; rerank 0 turns it off);
+* ``norerank``: the same without re-ranking (the ablation of re-ranking);
+* ``wrope``: the paper's single-distance WRoPE (2048) over the same VQ codes, without re-ranking;
+* ``quest``: the ``quest`` selector (page min/max bounds of the post-RoPE keys);
+* ``streaming``: the ``streaming`` selector (sinks plus the most recent tokens, the same budget);
+* ``oracle``: the ``exact`` selector (top-K by exact logits: the upper bound for the budget).
 """
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,19 +26,12 @@ from typing import Any
 import torch
 
 from ..errors import DataError
-from ..kernels.encode import encode, prepare_codebook
-from ..rope import DistanceBuckets, Rotary, apply_rope
+from ..rope import WROPE_DISTANCE, DistanceBuckets, Rotary, apply_rope
+from ..runtime.cache import LayerState
+from ..runtime.selectors import SELECTOR_CLASSES, A2atsSelector, TokenSelector
 from ..runtime.settings import RuntimeSettings
-from ..scoring import (
-    SelectionPolicy,
-    bucketed_scores,
-    exact_logits,
-    forced_mask,
-    group_aggregate,
-    mass_recall,
-    select,
-)
-from .baselines import quest_token_scores
+from ..runtime.step import StepContext
+from ..selection import chosen_mask
 
 RECALL_METHODS: tuple[str, ...] = ("a2ats", "norerank", "wrope", "quest", "streaming", "oracle")
 
@@ -98,93 +90,46 @@ def query_positions(length: int, count: int, window: int) -> torch.Tensor:
     return torch.linspace(lo, length - 1, count).round().long().unique()
 
 
-def topk_recall(
-    true_logits: torch.Tensor, approx: torch.Tensor | None, q_pos: torch.Tensor, policy: SelectionPolicy,
-    num_kv_heads: int,
-) -> torch.Tensor:
-    """Share of the exact top-(sinks+window+K) tokens (group-aggregated per KV head) that the method selects ``[Hkv, M]``."""
-    hq, m, n = true_logits.shape
-    valid = torch.arange(n).reshape(1, n) <= q_pos.reshape(m, 1)
-    exact = group_aggregate(true_logits.masked_fill(~valid, float("-inf")).transpose(0, 1), num_kv_heads, "sum")
-    source = exact if approx is None else group_aggregate(
-        approx.masked_fill(~valid, float("-inf")).transpose(0, 1), num_kv_heads, policy.aggregation
-    )
-    out = []
-    for i in range(m):
-        ctx = int(q_pos[i]) + 1
-        t_idx, t_keep = select(exact[i], valid[i], policy, context=ctx)
-        s_idx, s_keep = select(source[i], valid[i], policy, context=ctx)
-        truth = torch.zeros(num_kv_heads, n, dtype=torch.bool).scatter_(1, t_idx, t_keep)
-        got = torch.zeros(num_kv_heads, n, dtype=torch.bool).scatter_(1, s_idx, s_keep)
-        out.append((truth & got).sum(-1).float() / truth.sum(-1).clamp_min(1).float())
-    return torch.stack(out, 1)
+METHOD_SELECTORS: dict[str, tuple[str, dict[str, Any]]] = {  # method -> (selector, settings it changes)
+    "a2ats": ("a2ats", {}),
+    "norerank": ("a2ats", {"rerank": 0}),
+    "wrope": ("a2ats", {"rerank": 0, "buckets": DistanceBuckets.single(WROPE_DISTANCE)}),
+    "quest": ("quest", {}),
+    "streaming": ("streaming", {}),
+    "oracle": ("exact", {}),
+}
 
 
-def reranked_scores(
-    true_logits: torch.Tensor, approx: torch.Tensor, q_pos: torch.Tensor, policy: SelectionPolicy,
-    num_kv_heads: int, factor: float, rerank_aggregation: str = "sum", scale: float = 1.0,
-) -> torch.Tensor:
-    """Scores ``[Hq, M, N]`` whose selection under ``policy`` is ``approx`` with exact re-ranking.
-
-    Per KV head, the ``ceil(factor·K)`` best non-forced tokens by group-aggregated ``approx`` are the
-    candidates; every other token scores 0, and a candidate scores so that the top-K are the candidates with
-    the best exact score (the same rows the runtime's ``rerank`` keeps): for ``rerank_aggregation="sum"`` its
-    exact logit shifted to be >= 1 (``policy`` then sums the group's logits; for ``"max"`` the group's largest,
-    spread evenly over its heads); for ``"softmax"`` the group's
-    summed softmax probability, each head normalised over candidates + forced tokens (``scale`` is the
-    attention scale), spread evenly over the group's heads plus 1/G (so that ``policy``'s sum restores it).
-    """
-    hq, m, n = true_logits.shape
-    g = hq // num_kv_heads
-    valid = torch.arange(n).reshape(1, n) <= q_pos.reshape(m, 1)
-    agg = group_aggregate(approx.masked_fill(~valid, float("-inf")).transpose(0, 1), num_kv_heads, policy.aggregation)
-    out = torch.zeros_like(true_logits, dtype=torch.float32)
-    for i in range(m):
-        ctx = int(q_pos[i]) + 1
-        forced = forced_mask(valid[i], policy.n_sink, policy.window)
-        fetch = min(n, math.ceil(policy.budget_tokens(ctx) * factor))
-        vals, cand = torch.topk(agg[i].masked_fill(forced, float("-inf")), fetch, dim=-1)
-        picked = torch.zeros(num_kv_heads, n, dtype=torch.bool).scatter_(1, cand, vals > float("-inf"))
-        t = true_logits[:, i].float()
-        if rerank_aggregation == "softmax":
-            pool = (picked | forced).repeat_interleave(g, 0)  # what the runtime's candidate softmax sees
-            probs = torch.softmax(t.masked_fill(~pool, float("-inf")) * scale, -1)
-            mass = probs.reshape(num_kv_heads, g, n).sum(1)  # [Hkv, N]
-            value = ((mass + 1.0) / g).repeat_interleave(g, 0)
-        elif rerank_aggregation == "sum":
-            value = t - t.masked_fill(~valid[i], float("inf")).amin(-1, keepdim=True) + 1.0
-        elif rerank_aggregation == "max":  # the group's largest logit, shifted by one constant per group
-            grouped = t.reshape(num_kv_heads, g, n)
-            low = grouped.masked_fill(~valid[i], float("inf")).amin((1, 2), keepdim=True)
-            value = ((grouped.amax(1, keepdim=True) - low + 1.0) / g).expand(-1, g, -1).reshape(hq, n)
-        else:
-            raise ValueError(f"unknown rerank_aggregation {rerank_aggregation!r}")
-        picked = picked.repeat_interleave(g, 0)
-        out[:, i] = torch.where(picked, value, torch.zeros_like(t))
-    return out
+def method_selector(
+    method: str, settings: RuntimeSettings, layer: int, geometry: tuple[int, int, int], codebook: torch.Tensor,
+    whitening: torch.Tensor, rotary: Rotary, scale: float,
+) -> TokenSelector:
+    """The runtime selector that ``method`` measures, for one layer (``geometry``: query heads, KV heads, head dim)."""
+    if method not in METHOD_SELECTORS:
+        raise ValueError(f"unknown recall method {method!r}; choose from {', '.join(METHOD_SELECTORS)}")
+    name, changes = METHOD_SELECTORS[method]
+    chosen = settings.with_overrides(selector=name, kernels="torch", **changes)
+    cls = SELECTOR_CLASSES[name]
+    if issubclass(cls, A2atsSelector):
+        selector = cls(chosen, layer, *geometry, codebook=codebook, whitening=whitening, rotary=rotary)
+    else:
+        selector = cls(chosen, layer, *geometry)
+    selector.scale = scale
+    return selector
 
 
-def method_scores(
-    method: str, q: torch.Tensor, q_pos: torch.Tensor, keys: torch.Tensor, keys_vq: torch.Tensor | None,
-    rotary: Rotary, buckets: DistanceBuckets, num_kv_heads: int,
-) -> tuple[torch.Tensor | None, Callable[[SelectionPolicy], SelectionPolicy]]:
-    """Approximate scores ``[Hq, M, N]`` of ``method`` (None = exact) and how it adapts the policy."""
-    same: Callable[[SelectionPolicy], SelectionPolicy] = lambda p: p  # noqa: E731
-    n = keys.shape[1]
-    if method == "a2ats":
-        return bucketed_scores(q, q_pos, keys_vq, rotary, buckets), same
-    if method == "wrope":
-        return bucketed_scores(q, q_pos, keys_vq, rotary, DistanceBuckets.single()), same
-    if method == "quest":
-        cq, sq = rotary.cos_sin(q_pos)
-        ck, sk = rotary.cos_sin(torch.arange(n))
-        return quest_token_scores(apply_rope(q.float(), cq, sq), apply_rope(keys.float(), ck, sk), num_kv_heads), same
-    if method == "streaming":
-        recency = torch.arange(n, dtype=torch.float32).expand(q.shape[0], q.shape[1], n)
-        return recency.contiguous(), lambda p: SelectionPolicy(p.n_sink, p.window, p.budget, "max")
-    if method == "oracle":
-        return None, same
-    raise ValueError(f"unknown recall method {method!r}")
+def prefilled_state(keys_pre: torch.Tensor, rotary: Rotary, selectors: Sequence[TokenSelector]) -> LayerState:
+    """A one-sample cache state holding ``keys_pre [Hkv, N, d]`` (stored post-RoPE), with the metadata of each of
+    ``selectors`` (each keeps its own entries of ``meta``) built by its prefill hook."""
+    n = keys_pre.shape[1]
+    cos, sin = rotary.cos_sin(torch.arange(n))
+    pre = keys_pre.float().unsqueeze(0)
+    post = apply_rope(pre, cos, sin)
+    state = LayerState()
+    state.keys, state.values, state.length, state.capacity = post, post, n, n
+    for selector in selectors:
+        selector.on_prefill(state, pre, post, 0)
+    return state
 
 
 def recall_curve(
@@ -192,23 +137,21 @@ def recall_curve(
     codebooks: list[torch.Tensor],
     whitening: list[torch.Tensor],
     rotary: Rotary,
-    buckets: DistanceBuckets,
+    settings: RuntimeSettings,
     budgets: Sequence[float | int],
     *,
-    n_sink: int = RuntimeSettings.n_sink,
-    window: int = RuntimeSettings.window,
-    aggregation: str = RuntimeSettings.aggregation,
     methods: Sequence[str] = RECALL_METHODS,
     queries_per_sequence: int = 16,
-    rerank: float = RuntimeSettings.rerank,
-    rerank_aggregation: str = RuntimeSettings.rerank_aggregation,
     scale: float | None = None,
     progress: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Mass and top-K recall per method, budget and layer (means over query heads, queries and sequences).
 
-    ``scale`` is the model's softmax scale (its attention modules' ``scaling``; None: ``head_dim**-0.5``): it
-    weighs the attention mass and the re-ranking's group softmax, as in the runtime.
+    ``settings``: the runtime settings the methods share (sinks, window, buckets, aggregation, re-ranking); each
+    budget of ``budgets`` replaces its budget. ``scale`` is the model's softmax scale (its attention modules'
+    ``scaling``; None: ``head_dim**-0.5``): it weighs the attention mass and the re-ranking's group softmax, as in
+    the runtime. Top-K recall is the share of the exact top rows (the ``exact`` selector by summed logits, the same
+    budget) that a method keeps.
 
     Returns ``{"methods": [...], "budgets": [...], "per_layer": {method: {budget: {"mass": [L], "topk": [L]}}},
     "overall": {method: {budget: {"mass": x, "topk": y}}}}`` (budget keys as strings).
@@ -219,30 +162,11 @@ def recall_curve(
     for seq in captured:
         counts += 1
         for layer in range(n_layers):
-            q_all, keys = seq.queries[layer].float(), seq.keys[layer].float()
-            hkv, n, d = keys.shape
-            q_pos = query_positions(n, queries_per_sequence, window)
-            q = q_all[:, q_pos]
-            true = exact_logits(q, q_pos, keys, rotary)
-            softmax_scale = scale if scale is not None else d**-0.5
-            keys_vq = None
-            if {"a2ats", "norerank", "wrope"} & set(methods):
-                codes = encode(keys.unsqueeze(0), prepare_codebook(codebooks[layer], whitening[layer]))[0].long()
-                keys_vq = codebooks[layer].float().gather(1, codes.unsqueeze(-1).expand(hkv, n, d))
-            for method in methods:
-                base = "a2ats" if method == "norerank" else method
-                scores, adapt = method_scores(base, q, q_pos, keys, keys_vq, rotary, buckets, hkv)
-                for budget in budgets:
-                    policy = adapt(SelectionPolicy(n_sink, window, budget, aggregation))  # type: ignore[arg-type]
-                    approx = scores
-                    if method == "a2ats" and rerank > 0 and scores is not None:
-                        approx = reranked_scores(
-                            true, scores, q_pos, policy, hkv, rerank, rerank_aggregation, softmax_scale
-                        )
-                    mass = mass_recall(true, approx, q_pos, policy, softmax_scale, hkv).mean().item()
-                    top = topk_recall(true, approx, q_pos, policy, hkv).mean().item()
-                    for metric, value in (("mass", mass), ("topk", top)):
-                        sums.setdefault((method, str(budget), metric), [0.0] * n_layers)[layer] += value
+            for (method, budget, metric), value in layer_recall(
+                seq.queries[layer].float(), seq.keys[layer].float(), codebooks[layer], whitening[layer], rotary,
+                settings, budgets, methods, queries_per_sequence, scale, layer,
+            ).items():
+                sums.setdefault((method, budget, metric), [0.0] * n_layers)[layer] += value
             if progress is not None:
                 progress()
     per_layer: dict[str, dict[str, dict[str, list[float]]]] = {}
@@ -252,3 +176,52 @@ def recall_curve(
         per_layer.setdefault(method, {}).setdefault(budget, {})[metric] = layer_means
         overall.setdefault(method, {}).setdefault(budget, {})[metric] = sum(layer_means) / n_layers
     return {"methods": list(methods), "budgets": [str(b) for b in budgets], "per_layer": per_layer, "overall": overall}
+
+
+def layer_recall(
+    queries: torch.Tensor, keys: torch.Tensor, codebook: torch.Tensor, whitening: torch.Tensor, rotary: Rotary,
+    settings: RuntimeSettings, budgets: Sequence[float | int], methods: Sequence[str], queries_per_sequence: int,
+    scale: float | None, layer: int,
+) -> dict[tuple[str, str, str], float]:
+    """``{(method, budget, "mass" | "topk"): mean over query heads and positions}`` of one layer of one sequence:
+    ``queries [Hq, N, d]`` and ``keys [Hkv, N, d]`` pre-RoPE."""
+    hq, n, d = queries.shape
+    geometry = (hq, keys.shape[0], d)
+    softmax_scale = scale if scale is not None else d**-0.5
+    chosen = {(m, b): method_selector(m, settings.with_overrides(budget=b), layer, geometry, codebook, whitening,
+                                      rotary, softmax_scale) for m in methods for b in budgets}
+    truth = {b: method_selector("oracle", settings.with_overrides(budget=b, aggregation="sum"), layer, geometry,
+                                codebook, whitening, rotary, softmax_scale) for b in budgets}
+    builders = {type(s): s for s in chosen.values()}  # one selector of each class fills the state's metadata
+    state = prefilled_state(keys, rotary, list(builders.values()))
+    positions = query_positions(n, queries_per_sequence, settings.window)
+    cos, sin = rotary.cos_sin(positions)
+    q_post_all = apply_rope(queries[:, positions].float(), cos, sin)  # [Hq, M, d]
+    out: dict[tuple[str, str, str], float] = {}
+    for i, t in enumerate(positions.tolist()):
+        length = t + 1
+        q_pre, q_post = queries[None, :, t], q_post_all[None, :, i]
+        valid = torch.ones(1, length, dtype=torch.bool)
+        logits = (q_post_all[:, i : i + 1] @ state.keys[0, :, :length].repeat_interleave(hq // keys.shape[0], 0)
+                  .transpose(1, 2))[:, 0]  # [Hq, length]
+        probs = torch.softmax(logits * softmax_scale, -1)
+        state.step = StepContext()  # what one query position derives is shared by its selectors only
+        exact_top = {b: _rows(truth[b], state, q_pre, q_post, length, valid, hq) for b in budgets}
+        for (method, budget), selector in chosen.items():
+            rows = _rows(selector, state, q_pre, q_post, length, valid, hq)
+            top = exact_top[budget]
+            values = {"mass": float((probs * rows).sum(-1).mean()),
+                      "topk": float(((rows & top).sum(-1).float() / top.sum(-1).clamp_min(1)).mean())}
+            for metric, value in values.items():
+                key = (method, str(budget), metric)
+                out[key] = out.get(key, 0.0) + value / len(positions)
+    return out
+
+
+def _rows(
+    selector: TokenSelector, state: LayerState, q_pre: torch.Tensor, q_post: torch.Tensor, length: int,
+    valid: torch.Tensor, num_heads: int,
+) -> torch.Tensor:
+    """``[Hq, length]`` bool: the rows ``selector`` keeps at this position, spread over each group's query heads."""
+    kept = chosen_mask(selector.select(state, q_pre, q_post, length, valid), length)[0]  # [Hkv, length]
+    return kept.repeat_interleave(num_heads // kept.shape[0], 0)

@@ -34,10 +34,8 @@ def run_recall(
     rt = mut.runtime
     buckets: DistanceBuckets = settings.buckets
     result = recall_curve(
-        captured, rt.codebooks, rt.whitening, rt.rotary, buckets, budgets,
-        n_sink=settings.n_sink, window=settings.window, aggregation=settings.aggregation,
-        methods=RECALL_METHODS, queries_per_sequence=queries, rerank=settings.rerank,
-        rerank_aggregation=settings.rerank_aggregation, scale=attention_scale(mut.model), progress=tick,
+        captured, rt.codebooks, rt.whitening, rt.rotary, settings, budgets, methods=RECALL_METHODS,
+        queries_per_sequence=queries, scale=attention_scale(mut.model), progress=tick,
     )
     result.update({"length": length, "sequences": sequences, "queries_per_sequence": queries,
                    "buckets": buckets.to_config(), "rerank": settings.rerank,

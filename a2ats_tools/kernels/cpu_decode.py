@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..selection import kept_rows
 from .encode import code_dtype
 
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
@@ -154,7 +155,7 @@ def plan_step(
     b = cos.shape[0]
     first = torch.zeros(b, dtype=torch.int64) if first is None else first.to(torch.int64).contiguous()
     top = torch.full((b,), top, dtype=torch.int64) if isinstance(top, int) else top.to(torch.int64).contiguous()
-    k = max(_kept_rows(length - f, n_sink, window, t) for f, t in zip(first.tolist(), top.tolist(), strict=True))
+    k = int(kept_rows(length - first, top, n_sink, window).max())
     return StepPlan(
         cos.contiguous(), sin.contiguous(), offsets.contiguous(), length, n_sink, window, first, top, k,
         float(rerank or 0.0), AGGREGATION_CODES[rerank_aggregation], AGGREGATION_CODES[aggregation],
@@ -263,13 +264,6 @@ def check_codes(codes: torch.Tensor, num_codes: int) -> None:
         low, high = torch.aminmax(codes)
         if int(low) < 0 or int(high) >= num_codes:
             raise ValueError(f"codes must lie in [0, {num_codes}), got [{int(low)}, {int(high)}]")
-
-
-def _kept_rows(context: int, n_sink: int, window: int, top: int) -> int:
-    """Rows one sample keeps per KV head: sinks and window (within its ``context`` real rows) and ``top`` more."""
-    sinks = min(n_sink, context)
-    middle = max(context - window, sinks) - sinks
-    return context - middle + min(top, middle)
 
 
 _SCRATCH = threading.local()

@@ -1,9 +1,10 @@
 """Encode pre-RoPE keys to their nearest codebook centroid in the query-aware (whitened) space.
 
 With ``H = L Lᵀ`` the key whitening, the distance that matters is ``‖(k − c) L‖²``. Expanding it and dropping
-the per-key constant ``‖k L‖²`` leaves ``argmin_c ‖c L‖² − 2 (k L)·(c L)``: one matmul of whitened keys
-against the whitened codebook plus a per-code norm, both prepared once per checkpoint
-(:func:`prepare_codebook`).
+the per-key constant ``‖k L‖²`` leaves ``argmax_c k · (L (c L)ᵀ) − ½ ‖c L‖²``: one matmul of the raw keys
+against a folded weight plus a per-code bias, both prepared once per checkpoint (:func:`prepare_codebook`). The
+torch version is what the runtime runs off the fused kernels; the Triton version whitens in the kernel instead,
+and the fused CPU kernel (``cpu_decode.encode``) reads the folded weight.
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ def code_dtype(num_codes: int) -> torch.dtype:
 
 @dataclass(frozen=True)
 class EncodeTables:
-    """Per-(layer) encoding tables: ``whitening [Hkv,d,d]``, ``wcodebook = codebook @ whitening [Hkv,C,d]``
-    and ``wnorm = ‖wcodebook‖² [Hkv,C]`` (all float32)."""
+    """Per-(layer) encoding tables (all float32): ``whitening [Hkv,d,d]``, ``wcodebook = codebook @ whitening
+    [Hkv,C,d]``, ``wnorm = ‖wcodebook‖² [Hkv,C]``, and their fold ``weight = whitening @ wcodebookᵀ [Hkv,d,C]``
+    with ``bias = −½ wnorm [Hkv,1,C]``."""
 
     whitening: torch.Tensor
     wcodebook: torch.Tensor
     wnorm: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
 
     @property
     def codes(self) -> int:
@@ -42,31 +46,34 @@ class EncodeTables:
         return code_dtype(self.codes)
 
     def to(self, device: torch.device | str) -> EncodeTables:
-        return EncodeTables(self.whitening.to(device), self.wcodebook.to(device), self.wnorm.to(device))
+        return EncodeTables(*(t.to(device) for t in (self.whitening, self.wcodebook, self.wnorm, self.weight, self.bias)))
 
 
 def prepare_codebook(codebook: torch.Tensor, whitening: torch.Tensor) -> EncodeTables:
     """Whiten the codebook ``[Hkv,C,d]`` with ``whitening [Hkv,d,d]`` (row vectors: ``c L``) once."""
     whitening = whitening.float().contiguous()
     wcodebook = torch.bmm(codebook.float(), whitening).contiguous()
-    return EncodeTables(whitening, wcodebook, (wcodebook * wcodebook).sum(-1).contiguous())
+    wnorm = (wcodebook * wcodebook).sum(-1).contiguous()
+    weight = (whitening @ wcodebook.transpose(1, 2)).contiguous()
+    return EncodeTables(whitening, wcodebook, wnorm, weight, (-0.5 * wnorm).unsqueeze(1).contiguous())
 
 
-def encode_torch(keys: torch.Tensor, tables: EncodeTables, chunk: int = 4096) -> torch.Tensor:
+TEMP_BYTES = 24 << 20  # bounds one chunk's [Hkv, rows, C] score temporary: near cache size, and few matmuls
+
+
+def encode_torch(keys: torch.Tensor, tables: EncodeTables, temp_bytes: int = TEMP_BYTES) -> torch.Tensor:
     """Codes ``[B,Hkv,N]`` (int16, or int32 beyond 32767 codes) of pre-RoPE ``keys [B,Hkv,N,d]``.
 
-    Chunked over the ``B·N`` rows of each KV head, so at most ``Hkv × chunk × C`` distances exist at once.
+    Chunked over the ``B·N`` rows of each KV head so that one chunk's scores take at most ``temp_bytes`` (at
+    least 64 rows a chunk).
     """
-    b, hkv, n, d = keys.shape
-    rows = keys.float().transpose(0, 1).reshape(hkv, b * n, d)  # [Hkv, B*N, d]
-    wct = tables.wcodebook.transpose(1, 2)  # [Hkv, d, C]
-    wnorm = tables.wnorm.unsqueeze(1)  # [Hkv, 1, C]
-    codes = torch.empty(hkv, b * n, dtype=torch.long, device=keys.device)
-    for lo in range(0, b * n, chunk):  # chunks of tokens, bounded memory
-        w = torch.bmm(rows[:, lo : lo + chunk], tables.whitening)  # [Hkv, c, d]
-        dist = torch.baddbmm(wnorm, w, wct, alpha=-2.0)  # [Hkv, c, C]
-        codes[:, lo : lo + chunk] = dist.argmin(-1)
-    return codes.to(tables.code_dtype).reshape(hkv, b, n).transpose(0, 1).contiguous()
+    b, h, n, d = keys.shape
+    flat = keys.float().transpose(0, 1).reshape(h, b * n, d)
+    out = torch.empty(h, b * n, dtype=tables.code_dtype, device=keys.device)
+    rows = max(64, temp_bytes // (4 * h * tables.codes))
+    for i in range(0, b * n, rows):
+        out[:, i : i + rows] = torch.baddbmm(tables.bias, flat[:, i : i + rows], tables.weight).argmax(-1)
+    return out.reshape(h, b, n).transpose(0, 1)
 
 
 if triton is not None:

@@ -11,22 +11,26 @@ import torch
 from ._dispatch import resolve_backend, tl, triton
 
 
-def _rows(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """View ``cache [B,Hkv,N,d]`` as rows ``[R,d]`` of its storage, and the first row ``[B,Hkv,1]`` of each head.
+def gather_rows(buffer: torch.Tensor, indices: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """``buffer [B, Hkv, cap, d]`` rows at ``indices [B, Hkv, K]`` -> ``[B, Hkv, K, d]`` on ``device`` (default:
+    the buffer's).
 
-    Zero-copy when rows are contiguous (a slice of a larger preallocated cache is fine); copies otherwise.
-    Gathering with ``index_select`` on this view is many times faster than ``gather`` with an expanded index.
+    One ``index_select`` over the buffer's rows (many times faster than ``gather`` with an expanded index), zero
+    copy when rows are packed (a slice of a larger preallocated cache is fine). When the buffer lives on the host
+    (offload), the gather runs there and only the selected rows move.
     """
-    b, h, n, d = cache.shape
-    s0, s1, s2, s3 = cache.stride()
+    b, h, n, d = buffer.shape
+    s0, s1, s2, s3 = buffer.stride()
     if not (s3 == 1 and s2 == d and s1 % d == 0 and s0 % d == 0):
-        cache = cache.contiguous()
-        s0, s1, s2 = cache.stride()[:3]
+        buffer = buffer.contiguous()
+        s0, s1, s2 = buffer.stride()[:3]
     count = ((b - 1) * s0 + (h - 1) * s1) // d + n
-    rows = cache.as_strided((count, d), (d, 1))
-    first = torch.arange(b, device=cache.device).reshape(b, 1, 1) * (s0 // d)
-    first = first + torch.arange(h, device=cache.device).reshape(1, h, 1) * (s1 // d)
-    return rows, first
+    rows = buffer.as_strided((count, d), (d, 1))
+    idx = indices.to(buffer.device)
+    first = torch.arange(b, device=buffer.device).view(b, 1, 1) * (s0 // d)
+    first = first + torch.arange(h, device=buffer.device).view(1, h, 1) * (s1 // d)
+    picked = rows.index_select(0, (idx + first).reshape(-1)).view(*idx.shape, d)
+    return picked if device is None else picked.to(device, non_blocking=True)
 
 
 def sparse_decode_torch(
@@ -36,23 +40,30 @@ def sparse_decode_torch(
     indices: torch.Tensor,
     keep: torch.Tensor,
     scale: float,
+    logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``out [B,Hq,d]`` (``q``'s dtype) of RoPE'd ``q [B,Hq,d]`` over ``k_cache/v_cache [B,Hkv,Nmax,d]``.
+    """``out [B,Hq,d]`` (``q``'s dtype) of RoPE'd ``q [B,Hq,d]`` over ``k_cache/v_cache [B,Hkv,Nmax,d]``, accumulated
+    in float32 whatever the K/V dtype (the runtime's CPU path; K/V may live on the host).
 
-    ``indices [B,Hkv,K]`` (int64) select rows; entries with ``keep = False`` are ignored (their index must
-    still lie in ``[0, Nmax)``). A head with nothing kept outputs zeros.
+    ``indices [B,Hkv,K]`` (int64) select rows; entries with ``keep = False`` are ignored (their index must still
+    lie in ``[0, Nmax)``). A head with nothing kept outputs zeros. ``logits [B,Hkv,G,K]`` (unscaled float32
+    ``q · k`` of those rows, e.g. left by exact re-ranking) spares the key gather and product; the result is the
+    same.
     """
     b, hq, d = q.shape
-    hkv, n_sel = k_cache.shape[1], indices.shape[-1]
-    k_rows, k_first = _rows(k_cache)
-    v_rows, v_first = _rows(v_cache)
-    k = k_rows.index_select(0, (indices + k_first).reshape(-1)).float().reshape(b, hkv, n_sel, d)
-    v = v_rows.index_select(0, (indices + v_first).reshape(-1)).float().reshape(b, hkv, n_sel, -1)
-    qg = q.float().reshape(b, hkv, hq // hkv, d)
-    logits = torch.matmul(qg, k.transpose(-1, -2)).mul_(scale)  # [B,Hkv,G,K]
-    logits.masked_fill_(~keep.unsqueeze(2), float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
-    return torch.matmul(probs, v).reshape(b, hq, -1).to(q.dtype)
+    hkv = indices.shape[1]
+    v = gather_rows(v_cache, indices, q.device).float()
+    if logits is None:  # float32 products, as the re-ranking's logits are: the same numerics either way
+        k = gather_rows(k_cache, indices, q.device).float()  # [B, Hkv, K, d]
+        logits = q.float().reshape(b, hkv, hq // hkv, d) @ k.transpose(-1, -2)  # [B, Hkv, G, K]
+    logits = logits * scale
+    masked = not bool(keep.all())
+    if masked:
+        logits = logits.masked_fill(~keep[:, :, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if masked:
+        probs = probs.nan_to_num_(0.0)  # a head with nothing kept
+    return (probs @ v).reshape(b, hq, v.shape[-1]).to(q.dtype)
 
 
 if triton is not None:

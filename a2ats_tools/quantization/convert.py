@@ -30,7 +30,7 @@ from ..errors import A2atsError, DataError
 from ..io import atomic_directory, check_output_dir, write_json, write_safetensors
 from ..models import ModelSource, load_model, load_tokenizer, resolve_source, rotary
 from ..rope import DistanceBuckets
-from ..scoring import SelectionPolicy
+from ..runtime.settings import RuntimeSettings
 from . import whitening
 from .kmeans import SEEDINGS, head_generator, kmeans
 from .report import build_report, print_report
@@ -339,7 +339,7 @@ def convert(
         write_codebooks(tmp, codebooks, factors32)
 
         source, lm, tokenizer = _model(calib, model, loaded, light, console)
-        policy = SelectionPolicy()  # the report's selection; the config's selection fields default to the same
+        policy = RuntimeSettings()  # the report's selection; the config's selection fields default to the same
         config = A2atsConfig(
             geometry=geo,
             codebook_size=codes,

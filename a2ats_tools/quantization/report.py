@@ -15,7 +15,8 @@ from rich.table import Table
 
 from ..calibration.format import HELDOUT_KEYS, HELDOUT_POSITIONS, HELDOUT_QUERIES, CalibrationSet
 from ..rope import DistanceBuckets, Rotary
-from ..scoring import SelectionPolicy, bucketed_scores, exact_logits, mass_recall
+from ..runtime.settings import RuntimeSettings
+from ..scoring import bucketed_scores, exact_logits, mass_recall
 from .kmeans import assign
 
 METHODS = ("query_aware_vq", "plain_vq", "exact_keys", "oracle")
@@ -36,7 +37,7 @@ def layer_recall(
     codebooks: dict[str, tuple[torch.Tensor, torch.Tensor]],
     rotary: Rotary,
     buckets: DistanceBuckets,
-    policy: SelectionPolicy,
+    policy: RuntimeSettings,
 ) -> dict[str, float]:
     """Mean recall of one layer for each method; ``codebooks`` maps a method to ``(codebook, whitening)``."""
     keys = calib.tensor(layer, HELDOUT_KEYS).float()  # [S, Hkv, L, d]
@@ -63,7 +64,7 @@ def build_report(
     plain: list[torch.Tensor] | None,
     rotary: Rotary,
     buckets: DistanceBuckets,
-    policy: SelectionPolicy,
+    policy: RuntimeSettings,
     progress: Any = None,
 ) -> dict[str, Any]:
     """Per-layer and mean recall for every method, as a JSON-ready dict."""

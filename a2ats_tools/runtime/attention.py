@@ -13,8 +13,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..kernels import sparse_attention
 from ..rope import undo_rope
-from .selectors import gather_rows
 from .settings import use_triton
 from .step import StepContext
 
@@ -27,40 +27,6 @@ def a2ats_mask(*args, **kwargs):
     function uses SDPA's ``is_causal`` (about 2x faster than an explicit mask for a 4K prefill on CPU); a chunk
     after the first, or any padding, gets the explicit mask."""
     return sdpa_mask(*args, **kwargs)
-
-
-def sparse_decode(
-    q: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    indices: torch.Tensor,
-    keep: torch.Tensor,
-    scale: float,
-    logits: torch.Tensor | None = None,
-    kernels: str = "auto",
-) -> torch.Tensor:
-    """Exact attention of ``q [B, Hq, d]`` over the selected rows ``indices/keep [B, Hkv, K]`` -> ``[B, Hq, d]``
-    (float32 on the torch path, accumulated in float32 whatever the K/V dtype).
-
-    ``logits`` ``[B, Hkv, G, K]`` (unscaled ``q · k`` of those rows, e.g. left by exact re-ranking) spares the
-    key gather and product; the result is the same. ``kernels``: the runtime setting (``auto``: the fused Triton
-    kernel when everything is on CUDA).
-    """
-    if use_triton(kernels, q, keys, values):  # fused Triton kernel (same semantics, tested against this code)
-        from ..kernels.sparse_attention import sparse_decode as kernel
-
-        return kernel(q, keys, values, indices, keep, scale, backend="triton")
-    b, hq, d = q.shape
-    hkv = indices.shape[1]
-    v = gather_rows(values, indices, q.device).float()
-    if logits is None:  # float32 products, as the re-ranking's logits are: the same numerics either way
-        k = gather_rows(keys, indices, q.device).float()  # [B, Hkv, K, d]
-        logits = q.float().reshape(b, hkv, hq // hkv, d) @ k.transpose(-1, -2)  # [B, Hkv, G, K]
-    logits = logits * scale
-    if not bool(keep.all()):
-        logits = logits.masked_fill(~keep[:, :, None, :], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return (probs @ v).reshape(b, hq, v.shape[-1])  # float32; the caller casts to the model's dtype
 
 
 def _valid_rows(step: StepContext, attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
@@ -114,12 +80,13 @@ def a2ats_attention_forward(module, query, key, value, attention_mask, scaling=N
         layer.last_selection = picked  # -1 pads the rows of samples that keep fewer (left padding)
         return out.to(query.dtype).unsqueeze(1), None
     q_pre = undo_rope(q_post.float(), cos[:, -1:].float(), sin[:, -1:].float())
-    indices, keep = layer.selector.select(st, q_pre, q_post, st.length, valid)
-    layer.last_selection = (indices, keep)
-    logits = layer.selector.exact_logits
-    kernels = layer.selector.settings.kernels
-    out = sparse_decode(q_post, st.keys, st.values, indices, keep, scale, logits, kernels).to(query.dtype)
-    return out.unsqueeze(1), None  # [B, 1, Hq, d]
+    chosen = layer.selector.select(st, q_pre, q_post, st.length, valid)
+    layer.last_selection = (chosen.indices, chosen.keep)
+    if use_triton(layer.selector.settings.kernels, q_post, st.keys, st.values):
+        out = sparse_attention.sparse_decode_triton(q_post, st.keys, st.values, chosen.indices, chosen.keep, scale)
+    else:
+        out = sparse_attention.sparse_decode_torch(q_post, st.keys, st.values, chosen.indices, chosen.keep, scale, chosen.logits)
+    return out.to(query.dtype).unsqueeze(1), None  # [B, 1, Hq, d]
 
 
 def register() -> None:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..artifacts.checkpoint import A2atsConfig
 from ..errors import A2atsError
 from ..rope import WROPE_DISTANCE, DistanceBuckets
-from ..scoring import AGGREGATIONS, SelectionPolicy
+from ..scoring import AGGREGATIONS
+
+if TYPE_CHECKING:
+    from ..artifacts.checkpoint import A2atsConfig
 
 OFFLOADS = (None, "cpu")
 SCORE_DTYPES = ("auto", "float32", "bfloat16")
@@ -40,11 +42,11 @@ class RuntimeSettings:
     CPU kernel every aggregation on left-padded or unpadded batches with float32 K/V and tables).
     """
 
-    budget: float | int = SelectionPolicy.budget
-    n_sink: int = SelectionPolicy.n_sink
-    window: int = SelectionPolicy.window
+    budget: float | int = 0.03
+    n_sink: int = 8
+    window: int = 64
     buckets: DistanceBuckets = DistanceBuckets.single()
-    aggregation: str = SelectionPolicy.aggregation
+    aggregation: str = "sum"
     selector: str = "a2ats"
     offload: str | None = None
     rerank: float = 3.0
@@ -79,9 +81,6 @@ class RuntimeSettings:
             raise A2atsError("kernels=triton cannot read K/V offloaded to the host; use kernels=auto with offload=cpu")
         if any(i < 0 for i in self.dense_layers):
             raise A2atsError(f"dense_layers are layer indices >= 0, got {self.dense_layers}")
-
-    def policy(self) -> SelectionPolicy:
-        return SelectionPolicy(self.n_sink, self.window, self.budget, self.aggregation)  # type: ignore[arg-type]
 
     def with_overrides(self, **overrides: Any) -> RuntimeSettings:
         """A copy with ``overrides`` applied (``None`` values are ignored; ``buckets`` accepts a spec string)."""

@@ -9,7 +9,7 @@ overrides ``scores`` (and the metadata hooks it needs), passed to :func:`registe
 from __future__ import annotations
 
 from .a2ats import A2atsSelector
-from .base import TokenSelector, candidate_logits, gather_rows, rank_keys
+from .base import TokenSelector, candidate_logits, gather_rows
 from .dense import DenseSelector
 from .exact import ExactTopKSelector
 from .quest import QuestSelector
@@ -28,5 +28,5 @@ def register_selector(cls: type[TokenSelector]) -> type[TokenSelector]:
 
 __all__ = [
     "SELECTOR_CLASSES", "A2atsSelector", "DenseSelector", "ExactTopKSelector", "QuestSelector", "StreamingSelector",
-    "TokenSelector", "candidate_logits", "gather_rows", "rank_keys", "register_selector",
+    "TokenSelector", "candidate_logits", "gather_rows", "register_selector",
 ]

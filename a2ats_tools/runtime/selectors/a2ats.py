@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, NamedTuple
 
 import torch
 
-from ...rope import DistanceBuckets, Rotary, apply_rope, undo_rope_keys
-from ...scoring import group_aggregate
+from ...kernels.score_select import build_tables, score
+from ...rope import DistanceBuckets, Rotary, undo_rope_keys
 from ..settings import cpu_has_native_bf16, resolve_score_dtype, use_cpu_kernel, use_triton
-from .base import _KEY_TYPES, TokenSelector
+from .base import TokenSelector
 
 
 class _FusedPlan(NamedTuple):
@@ -23,22 +24,17 @@ class A2atsSelector(TokenSelector):
 
     name = "a2ats"
     reranks = True
-    ENCODE_TEMP_BYTES = 24 << 20  # bounds the [Hkv, rows, C] distance temporary of one encode matmul: kept near
-    # cache-sized, encoding 16K keys took 0.55 s instead of 0.77 s with 4096-row chunks (2-core AVX2 CPU)
     ENCODE_BLOCK = 32  # decode steps: keys encoded together (at most the window, so pending keys are always kept)
 
     def __init__(self, settings, layer_idx, num_heads, num_kv_heads, head_dim, *, codebook, whitening, rotary: Rotary):
         super().__init__(settings, layer_idx, num_heads, num_kv_heads, head_dim)
-        cb, wf = codebook.float(), whitening.float()
-        self._whitening, self._encode_tables = wf, None
-        self.codebook_t = cb.transpose(1, 2).contiguous()  # [Hkv, d, C]
-        whitened = cb @ wf  # [Hkv, C, d]: centroids in the whitened space (rows times L)
-        self.encode_weight = (wf @ whitened.transpose(1, 2)).contiguous()  # [Hkv, d, C]
-        self.encode_bias = (-0.5 * whitened.pow(2).sum(-1)).unsqueeze(1).contiguous()  # [Hkv, 1, C]
-        self.codes_size = cb.shape[1]
-        from ...kernels.encode import code_dtype
+        from ...kernels.encode import prepare_codebook
 
-        self.code_dtype = code_dtype(self.codes_size)  # every codes buffer's dtype: int16, int32 past 32767 codes
+        cb = codebook.float()
+        self.codebook_t = cb.transpose(1, 2).contiguous()  # [Hkv, d, C]
+        self.encode_tables = prepare_codebook(cb, whitening)
+        self.codes_size = cb.shape[1]
+        self.code_dtype = self.encode_tables.code_dtype  # every codes buffer's dtype: int16, int32 past 32767 codes
         buckets: DistanceBuckets = settings.buckets
         self.buckets = buckets
         cos, sin = rotary.cos_sin(torch.tensor(buckets.centres))
@@ -48,37 +44,30 @@ class A2atsSelector(TokenSelector):
         self._encode_tiles: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> A2atsSelector:
-        for name in ("codebook_t", "encode_weight", "encode_bias", "cos", "sin", "_whitening"):
+        for name in ("codebook_t", "cos", "sin"):
             setattr(self, name, getattr(self, name).to(device))
-        self._scoring_codebooks, self._encode_tables, self._codebook_tiles, self._encode_tiles = {}, None, None, None
+        self.encode_tables = self.encode_tables.to(device)
+        self._scoring_codebooks, self._codebook_tiles, self._encode_tiles = {}, None, None
         return self
 
     def encode(self, keys_pre: torch.Tensor) -> torch.Tensor:
         """Nearest centroid (whitened metric) of ``keys_pre [B, Hkv, n, d]`` -> codes ``[B, Hkv, n]`` of
         :attr:`code_dtype`."""
+        kernel = importlib.import_module("a2ats_tools.kernels.encode")  # the module (the package exports a function)
+        tables = self.encode_tables
         if use_triton(self.settings.kernels, keys_pre, self.codebook_t):  # fused encode (same codes, tested)
-            import importlib
-
-            kernel = importlib.import_module("a2ats_tools.kernels.encode")
-            if getattr(self, "_encode_tables", None) is None:
-                self._encode_tables = kernel.prepare_codebook(self.codebook_t.transpose(1, 2), self._whitening)
-            return kernel.encode(keys_pre, self._encode_tables, backend="triton")
-        b, h, n, d = keys_pre.shape
-        flat = keys_pre.float().transpose(0, 1).reshape(h, b * n, d)
+            return kernel.encode_triton(keys_pre, tables)
         if self.codes_size % 16 == 0 and self.code_dtype == torch.int16 and use_cpu_kernel(self.settings.kernels, keys_pre):
-            # the fused CPU kernel: matmul and argmax in one pass, no [rows, C] temporary (tested against the below)
+            # the fused CPU kernel: matmul and argmax in one pass, no [rows, C] temporary (tested against torch)
             from ...kernels import cpu_decode
 
+            b, h, n, d = keys_pre.shape
             if self._encode_tiles is None:
-                self._encode_tiles = cpu_decode.codebook_tiles(self.encode_weight.transpose(1, 2))
-            codes = cpu_decode.encode(flat, self._encode_tiles, self.encode_bias[:, 0])
+                self._encode_tiles = cpu_decode.codebook_tiles(tables.weight.transpose(1, 2))
+            flat = keys_pre.float().transpose(0, 1).reshape(h, b * n, d)
+            codes = cpu_decode.encode(flat, self._encode_tiles, tables.bias[:, 0])
             return codes.reshape(h, b, n).transpose(0, 1)
-        out = torch.empty(h, b * n, dtype=self.code_dtype, device=keys_pre.device)
-        rows = max(64, self.ENCODE_TEMP_BYTES // (4 * h * self.codes_size))
-        for i in range(0, b * n, rows):
-            part = torch.baddbmm(self.encode_bias, flat[:, i : i + rows], self.encode_weight)
-            out[:, i : i + rows] = part.argmax(-1)
-        return out.reshape(h, b, n).transpose(0, 1)
+        return kernel.encode_torch(keys_pre, tables)
 
     def _codes_buffer(self, state, b: int, h: int) -> torch.Tensor:
         codes = state.meta.get("codes")
@@ -147,48 +136,23 @@ class A2atsSelector(TokenSelector):
 
         return state.step.shared(("bucket_offsets", self.buckets, self.codes_size, length, device), compute)
 
-    def rotated_queries(self, q_pre: torch.Tensor, used: int) -> torch.Tensor:
-        """``[Hkv, B, G', used, d]`` float32: each query rotated to the first ``used`` bucket centres (``G' = 1``
-        for ``sum``: the group's queries are folded first, since scores are linear in the query)."""
-        b, hq, d = q_pre.shape
-        q = q_pre.float().reshape(b, self.num_kv_heads, self.group, d)
-        if self.settings.aggregation == "sum":
-            q = q.sum(2, keepdim=True)
-        qw = apply_rope(q.unsqueeze(3), self.cos[:used], self.sin[:used])  # [B, Hkv, G', P, d]
-        return qw.transpose(0, 1)
-
     def tables(self, q_pre: torch.Tensor, used: int) -> torch.Tensor:
-        """``[B, Hkv, G', used * C]`` score tables (``G' = 1`` for ``sum``), in ``score_dtype``."""
-        b = q_pre.shape[0]
-        rotated = self.rotated_queries(q_pre, used)
-        g = rotated.shape[2]
-        qw = rotated.reshape(self.num_kv_heads, b * g * used, -1)
-        dtype = resolve_score_dtype(self.settings.score_dtype, qw.device)
-        emulate = dtype == torch.bfloat16 and qw.device.type == "cpu" and not cpu_has_native_bf16()
+        """``[B, Hkv, G', used * C]`` score tables (``G' = 1`` for ``sum``) in ``score_dtype``
+        (:func:`~a2ats_tools.kernels.score_select.build_tables`, the codebook kept in each dtype it is read in)."""
+        dtype = resolve_score_dtype(self.settings.score_dtype, q_pre.device)
+        emulate = dtype == torch.bfloat16 and q_pre.device.type == "cpu" and not cpu_has_native_bf16()
         codebook = self._scoring_codebooks.get(dtype)
-        if codebook is None or codebook.device != qw.device:
-            codebook = self.codebook_t.to(qw.device, dtype)
+        if codebook is None or codebook.device != q_pre.device:
+            codebook = self.codebook_t.to(q_pre.device, dtype)
             self._scoring_codebooks[dtype] = codebook = codebook.float() if emulate else codebook
-        if emulate:  # bf16 operands, float32 product, bf16 table: what a native bf16 product computes, ~100x faster
-            table = torch.bmm(qw.to(dtype).float(), codebook).to(dtype)
-        else:
-            table = torch.bmm(qw.to(dtype), codebook)  # [Hkv, B*G'*P, C]
-        return table.reshape(self.num_kv_heads, b, g, used * self.codes_size).transpose(0, 1)
+        return build_tables(q_pre, codebook, self.cos[:used], self.sin[:used], self.settings.aggregation, dtype, emulate)
 
     def scores(self, state, q_pre, q_post, length):
-        b, h = q_pre.shape[0], self.num_kv_heads
-        codes = self._codes_buffer(state, b, h)[:, :, :length]  # pending (windowed) rows read stale codes
+        codes = self._codes_buffer(state, q_pre.shape[0], self.num_kv_heads)  # pending (windowed) rows: stale codes
         offsets, used = self.bucket_index(state, length, q_pre.device)
         table = self.tables(q_pre, used)
-        g = table.shape[2]
-        if g == 1 and use_triton(self.settings.kernels, table, codes):
-            return self._scores_triton(table, codes, length, used)
-        index = offsets + codes  # [B, Hkv, N] int64: bucket * C + code, inside each (sample, KV head)'s table
-        if g == 1:  # gather the scores' bits (integer gather: ~2x faster than index_select or a bf16 gather here)
-            bits = table[:, :, 0].view(_KEY_TYPES[table.element_size()])
-            return bits.gather(-1, index).view(table.dtype)
-        s = table.gather(-1, index.unsqueeze(2).expand(-1, -1, g, -1))  # [B, Hkv, G', N]
-        return group_aggregate(s.reshape(b, self.num_heads, length), self.num_kv_heads, self.settings.aggregation, self.scale)
+        backend = "triton" if use_triton(self.settings.kernels, table, codes) else "torch"
+        return score(table, codes, offsets, self.settings.aggregation, self.scale, backend)
 
     def fused_decode(self, state, q_post, rope, length, valid, scale):
         """The fused CPU kernel (``kernels/cpu_decode``: scoring queries, tables, top-K, re-rank and attention in
@@ -239,13 +203,3 @@ class A2atsSelector(TokenSelector):
             aggregation=s.aggregation,
         )
         return _FusedPlan(kernel, used)
-
-    def _scores_triton(self, table: torch.Tensor, codes: torch.Tensor, length: int, used: int) -> torch.Tensor:
-        """The same scores as the torch gather, from the fused Triton gather (one program per token block)."""
-        import importlib
-
-        kernel = importlib.import_module("a2ats_tools.kernels.score_select")
-        b, h = table.shape[:2]
-        no_forced = torch.zeros(b, dtype=torch.long, device=table.device)  # select() masks sinks/window/padding
-        tables = table.reshape(b, h, 1, used, self.codes_size)
-        return kernel.score_triton(tables, codes, length, no_forced, 0, 0, self.buckets, "sum")
