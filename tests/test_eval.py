@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 from a2ats_tools.artifacts.checkpoint import A2atsConfig, write_codebooks, write_config
 from a2ats_tools.compat import cache_kwargs
 from a2ats_tools.errors import A2atsError
-from a2ats_tools.evaluation.baselines import PAGE, page_bounds, quest_token_scores
 from a2ats_tools.models import geometry, rotary
 from a2ats_tools.rope import DistanceBuckets
+from a2ats_tools.runtime.selectors.quest import PAGE, page_bounds, page_scores
 from a2ats_tools.runtime.settings import RuntimeSettings
 
 from .conftest import build_tiny_model
@@ -42,15 +42,14 @@ def tiny_checkpoint(tmp_path_factory, tokenizer) -> Path:
 
 def test_quest_page_score_bounds_every_token_logit():
     g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(4, 3, 8, generator=g), torch.randn(2, 37, 8, generator=g)  # partial last page
-    bound = quest_token_scores(q, k, num_kv_heads=2)
-    exact = torch.einsum("hmd,hnd->hmn", q.reshape(2, 6, 8), k).reshape(4, 3, 37)
-    assert bound.shape == exact.shape
-    assert (bound >= exact - 1e-5).all()
+    q, k = torch.randn(2, 2, 8, generator=g), torch.randn(2, 37, 8, generator=g)  # [Hkv, G, d]; partial last page
     kmin, kmax = page_bounds(k)
     assert kmin.shape == (2, 3, 8)
     assert torch.equal(kmax[:, 2], k[:, 2 * PAGE :].amax(1))  # padding does not widen the last page
-    assert bound[..., 0].eq(bound[..., PAGE - 1]).all()  # one score per page
+    bound = page_scores(q, kmin, kmax).repeat_interleave(PAGE, -1)[..., :37]  # each token gets its page's bound
+    exact = torch.einsum("hgd,hnd->hgn", q, k)
+    assert bound.shape == exact.shape
+    assert (bound >= exact - 1e-5).all()
 
 
 def test_quest_selector_tracks_page_bounds_in_the_runtime(tiny_checkpoint):
