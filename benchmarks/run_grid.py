@@ -33,7 +33,7 @@ FULL = {
                    "--baselines", "streaming,quest,wrope,exact,norerank"],
     "tasks": ["--tasks", "all", "--lengths", "1024,2048,4096,8192", "--samples", "3", "--budgets", "0.03",
               "--baselines", "streaming,quest,wrope,norerank"],
-    "bench": ["--contexts", "1024,2048,4096,8192", "--batches", "1,4,8", "--steps", "8", "--repeats", "3", "--offload"],
+    "bench": ["--contexts", "1024,2048,4096,8192", "--batches", "1,4,8", "--steps", "8", "--repeats", "3", "--also", "offload=cpu"],
 }
 QUICK = {
     "recall": ["--recall-length", "4096", "--recall-sequences", "1", "--budgets", "0.01,0.03,0.1"],

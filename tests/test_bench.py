@@ -54,15 +54,16 @@ def test_bench_command_end_to_end(tiny_checkpoint, tmp_path):  # noqa: F811
 
     out = tmp_path / "bench"
     result = CliRunner().invoke(app, ["bench", str(tiny_checkpoint), "--out", str(out), "--contexts", "64",
-                                      "--batches", "1,2", "--steps", "2", "--repeats", "2", "--offload", "--quiet",
-                                      "--also", "score_dtype=bfloat16,rerank=2"])
+                                      "--batches", "1,2", "--steps", "2", "--repeats", "2", "--also", "offload=cpu", "--quiet",
+                                      "--also", "score_dtype=bfloat16,rerank=2", "--rerank", "1.5"])
     assert result.exit_code == 0, result.output
     data = json.loads((out / "bench.json").read_text())
     assert [(p["context"], p["batch"]) for p in data["points"]] == [(64, 1), (64, 2)]
     c = data["points"][0]["contenders"]
-    assert list(c) == ["dense", "a2ats", "a2ats+offload", "a2ats[score_dtype=bfloat16,rerank=2]"]
+    assert list(c) == ["dense", "a2ats", "a2ats[offload=cpu]", "a2ats[score_dtype=bfloat16,rerank=2]"]
     assert c["a2ats"]["speedup_vs_dense"]["median"] > 0
-    assert c["a2ats+offload"]["kv_device_bytes"] < c["a2ats"]["kv_device_bytes"]  # K/V moved to the host side
+    assert c["a2ats[offload=cpu]"]["kv_device_bytes"] < c["a2ats"]["kv_device_bytes"]  # K/V moved to the host side
+    assert data["runtime"]["rerank"] == 1.5 and data["runtime"]["offload"] is None  # the runtime options set a2ats
     assert (out / "throughput.png").read_bytes()[:4] == b"\x89PNG"
     from a2ats_tools.kernels import cpu_decode
 

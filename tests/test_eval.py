@@ -307,3 +307,23 @@ def test_greedy_agreement_script_runs_and_a_full_budget_never_diverges(tiny_chec
     assert full["identical"] == 2 and full["token_agreement"] == 1.0 and full["loses_dense_answers"] == []
     assert set(result["summary"]) == {"full", "small"} and len(result["rows"]) == 2
     assert all(len(r["tokens"]) >= 1 and set(r["configs"]) == {"full", "small"} for r in result["rows"])
+
+
+def test_eval_runtime_options_set_every_retrieval_configuration(tiny_checkpoint, tmp_path):
+    """``eval`` takes the runtime options ``generate`` takes: they set the base of every A²ATS configuration and
+    baseline, and the results record them; the baselines' budget defaults to the checkpoint's."""
+    from a2ats_tools.cli import app
+
+    out = tmp_path / "eval"
+    args = ["eval", str(tiny_checkpoint), "--out", str(out), "--stages", "perplexity", "--budgets", "0.05",
+            "--baselines", "norerank", "--ppl-length", "120", "--ppl-tokens", "4", "--quiet", "--rerank", "2",
+            "--kernels", "torch", "--score-dtype", "bfloat16"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    runtime = data["settings"]["runtime"]
+    assert (runtime["rerank"], runtime["kernels"], runtime["score_dtype"]) == (2.0, "torch", "bfloat16")
+    assert data["settings"]["baseline_budget"] == runtime["budget"]  # the checkpoint's
+    bad = CliRunner().invoke(app, ["eval", str(tiny_checkpoint), "--out", str(tmp_path / "x"), "--kernels", "gpu"])
+    assert isinstance(bad.exception, A2atsError) and "kernels" in str(bad.exception)
+    assert not (tmp_path / "x").exists()

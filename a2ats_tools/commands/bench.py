@@ -12,28 +12,41 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from . import options
+
 
 def bench(
-    checkpoint: str = typer.Argument(..., help="Converted checkpoint directory (from a2ats convert)."),
+    checkpoint: options.Checkpoint,
     out: Path = typer.Option(Path("runs/bench"), "--out", "-o", help="Directory for bench.json and throughput.png."),
     contexts: str = typer.Option("1024,2048,4096,8192", "--contexts", help="Context lengths (tokens; GPU: up to 128k)."),
     batches: str = typer.Option("1,4,8", "--batches", help="Batch sizes."),
-    budget: str = typer.Option(None, "--budget", help="Top-K budget (default: the checkpoint's)."),
     steps: int = typer.Option(16, "--steps", help="Timed decode steps per block."),
     repeats: int = typer.Option(3, "--repeats", help="Alternating blocks per contender (min/median/max over them)."),
-    offload: bool = typer.Option(False, "--offload", help="Also run A²ATS with the KV cache offloaded to CPU."),
     also: list[str] = typer.Option(
-        None, "--also", help="Another A²ATS contender with runtime overrides, e.g. 'score_dtype=float32' (repeatable)."
+        None, "--also", help="Another A²ATS contender with runtime overrides on top of the runtime options, e.g. "
+        "'offload=cpu' or 'score_dtype=float32' (repeatable).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the random prompt tokens."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out directory."),
+    device: options.Device = "cpu",
+    dtype: options.Dtype = "float32",
+    overwrite: options.Overwrite = False,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no table."),
+    budget: options.Budget = None,
+    buckets: options.Buckets = None,
+    selector: options.Selector = None,
+    rerank: options.Rerank = None,
+    rerank_aggregation: options.RerankAggregation = None,
+    aggregation: options.Aggregation = None,
+    prefill_chunk: options.PrefillChunk = None,
+    offload: options.Offload = None,
+    dense_layers: options.DenseLayers = None,
+    score_dtype: options.ScoreDtype = None,
+    kernels: options.Kernels = None,
 ) -> None:
     """Decode throughput (tokens/s), per-step latency and memory of retrieval attention vs dense attention.
 
-    The dense baseline is the same model with plain SDPA and a DynamicCache. Each grid point runs one chunked
+    The dense baseline is the same model with plain SDPA and a DynamicCache; the runtime options set the A²ATS
+    contender, and each --also adds one more on top of them. Each grid point runs one chunked
     dense prefill (timed; A²ATS prefill is dense too), fills the A²ATS cache from it (timed: each key encoded
     once), then alternates blocks of timed decode steps between the contenders in this process; ratios are per
     block pair, reported as min/median/max. Writes bench.json and
@@ -45,7 +58,7 @@ def bench(
 
       a2ats bench runs/ckpt --contexts 8k --batches 4 --steps 8 --repeats 3 -o runs/bench-8k
 
-      a2ats bench runs/ckpt --device cuda --contexts 8k,32k,128k --batches 1,8 --offload -o runs/bench-gpu
+      a2ats bench runs/ckpt --device cuda --contexts 8k,32k,128k --batches 1,8 --also offload=cpu -o runs/bench-gpu
 
       a2ats bench runs/ckpt --contexts 8k --batches 4 --also rerank=0 --also score_dtype=float32 -o runs/bench-knobs
     """
@@ -65,7 +78,12 @@ def bench(
         raise A2atsError("--steps and --repeats must be positive")
     check_output_dir(out, overwrite, "bench output directory")  # fail fast; created once every option has checked out
     console = Console(stderr=True, quiet=quiet)
-    mut = ModelUnderTest(checkpoint, device=device, dtype=dtype)
+    options.check_device_and_dtype(device, dtype)
+    mut = ModelUnderTest(checkpoint, device=device, dtype=dtype, **options.runtime_overrides(
+        buckets=buckets, selector=selector, rerank=rerank, rerank_aggregation=rerank_aggregation,
+        aggregation=aggregation, prefill_chunk=prefill_chunk, offload=offload, dense_layers=dense_layers,
+        score_dtype=score_dtype, kernels=kernels,
+    ))
     max_len = mut.runtime.config.geometry.max_position_embeddings
     overrides = {"budget": parse_budget(budget)} if budget is not None else {}
     notes = []
@@ -84,11 +102,9 @@ def bench(
         fill = None if extra is None else (lambda prefix: mut.runtime.cache_from(prefix, reserve=prefix.get_seq_length() + decode))
         return Contender(name, prepare, lambda: holder["make"](), fill)
 
-    contenders = [variant("dense", None), variant("a2ats", {**overrides, "selector": "a2ats"})]
-    if offload:
-        contenders.append(variant("a2ats+offload", {**overrides, "selector": "a2ats", "offload": "cpu"}))
+    contenders = [variant("dense", None), variant(mut.base_settings.selector, overrides)]
     for spec in also or []:
-        extra = {**overrides, "selector": "a2ats", **parse_overrides(spec)}
+        extra = {**overrides, **parse_overrides(spec)}
         mut.base_settings.with_overrides(**extra)  # a bad key or value fails here, before any timing
         contenders.append(variant(f"a2ats[{spec}]", extra))
     out = prepare_output_dir(out, overwrite, "bench output directory")
@@ -115,7 +131,7 @@ def bench(
     result = {
         "schema": "a2ats.bench", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": platform.node(), "checkpoint": str(checkpoint), "device": str(mut.device), "dtype": dtype,
-        "torch_threads": torch.get_num_threads(), "runtime": {"budget": mut.base_settings.with_overrides(**overrides).budget},
+        "torch_threads": torch.get_num_threads(), "runtime": mut.base_settings.with_overrides(**overrides).to_record(),
         "points": points, "kernels": kernels, "notes": notes,
     }
     write_json(out / "bench.json", result)

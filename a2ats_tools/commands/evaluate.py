@@ -8,17 +8,21 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from . import options
+
 STAGES = ("recall", "tasks", "perplexity")
 
 
 def evaluate(
-    checkpoint: str = typer.Argument(..., help="Converted checkpoint directory (from a2ats convert)."),
+    checkpoint: options.Checkpoint,
     out: Path = typer.Option(Path("runs/eval"), "--out", "-o", help="Directory for results.json and the PNG plots."),
     budgets: str = typer.Option("0.01,0.02,0.03,0.05,0.1", "--budgets", help="Top-K budgets: fractions, 5%, or tokens."),
     baselines: str = typer.Option(
         "streaming,quest,wrope", "--baselines", help="Baselines at --baseline-budget: streaming, quest, wrope, exact, norerank, all, none."
     ),
-    baseline_budget: str = typer.Option("0.03", "--baseline-budget", help="Per-KV-head budget of the baselines."),
+    baseline_budget: str = typer.Option(
+        None, "--baseline-budget", help="Per-KV-head budget of the baselines and --also (default: the checkpoint's)."
+    ),
     also: list[str] = typer.Option(
         None, "--also",
         help="Another A²ATS configuration at --baseline-budget, as runtime overrides, e.g. 'score_dtype=float32' "
@@ -41,14 +45,25 @@ def evaluate(
         "moves by a few percent between texts: use 4 or more to compare configurations.",
     ),
     seed: int = typer.Option(1234, "--seed", help="Seed of the task samples and held-out text (differs from calibration's)."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out directory."),
+    device: options.Device = "cpu",
+    dtype: options.Dtype = "float32",
+    overwrite: options.Overwrite = False,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no tables."),
+    buckets: options.Buckets = None,
+    selector: options.Selector = None,
+    rerank: options.Rerank = None,
+    rerank_aggregation: options.RerankAggregation = None,
+    aggregation: options.Aggregation = None,
+    prefill_chunk: options.PrefillChunk = None,
+    offload: options.Offload = None,
+    dense_layers: options.DenseLayers = None,
+    score_dtype: options.ScoreDtype = None,
+    kernels: options.Kernels = None,
 ) -> None:
     """Compare a converted checkpoint with dense attention on held-out recall, long-context tasks and
     decode-mode perplexity. Everything is generated offline from --seed; the dense model runs on the same
-    prompts in the same process.
+    prompts in the same process. The runtime options set every A²ATS configuration and baseline (a baseline's
+    own selector, buckets and re-ranking still apply).
 
     Writes results.json, recall.png and recall_topk.png (attention-mass and top-K recall vs budget) and
     tasks.png (score vs context length) to --out.
@@ -83,14 +98,19 @@ def evaluate(
     budget_list = parse_budget_list(budgets)
     task_list = parse_tasks(tasks)
     length_list = parse_int_list(lengths, "--lengths")
-    base_budget = parse_budget(baseline_budget)
     baseline_list = parse_baselines(baselines)
     if samples < 1 or recall_sequences < 1 or queries < 1 or ppl_tokens < 1 or ppl_texts < 1:
         raise A2atsError("--samples, --recall-sequences, --queries, --ppl-tokens and --ppl-texts must be positive")
     check_output_dir(out, overwrite, "eval output directory")  # fail fast; created once every option has checked out
 
     console = Console(stderr=True, quiet=quiet)
-    mut = ModelUnderTest(checkpoint, device=device, dtype=dtype)
+    options.check_device_and_dtype(device, dtype)
+    mut = ModelUnderTest(checkpoint, device=device, dtype=dtype, **options.runtime_overrides(
+        buckets=buckets, selector=selector, rerank=rerank, rerank_aggregation=rerank_aggregation,
+        aggregation=aggregation, prefill_chunk=prefill_chunk, offload=offload, dense_layers=dense_layers,
+        score_dtype=score_dtype, kernels=kernels,
+    ))
+    base_budget = mut.base_settings.budget if baseline_budget is None else parse_budget(baseline_budget)
     max_len = mut.runtime.config.geometry.max_position_embeddings
     notes = []
     kept = [n for n in length_list if n <= max_len]
@@ -107,7 +127,7 @@ def evaluate(
     settings = {
         "budgets": budget_list, "baselines": baseline_list, "baseline_budget": base_budget, "stages": chosen,
         "tasks": task_list, "lengths": kept, "samples": samples, "seed": seed, "device": device, "dtype": dtype,
-        "haystack": str(haystack) if haystack else "builtin:noise", "runtime": _settings_dict(mut.base_settings),
+        "haystack": str(haystack) if haystack else "builtin:noise", "runtime": mut.base_settings.to_record(),
     }
     results = new_results(str(checkpoint), settings)
     results["notes"] = notes
@@ -147,10 +167,3 @@ def evaluate(
         print_results(results, Console())
         console.print(f"wrote {path}", highlight=False)
 
-
-def _settings_dict(settings) -> dict:
-    return {
-        "budget": settings.budget, "n_sink": settings.n_sink, "window": settings.window,
-        "buckets": settings.buckets.to_config(), "aggregation": settings.aggregation,
-        "rerank": settings.rerank, "rerank_aggregation": settings.rerank_aggregation,
-    }

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..errors import A2atsError
+from . import options
 
 
 def _read_prompt(prompt: str | None, prompt_file: Path | None, task: str | None) -> str | None:
@@ -73,7 +74,7 @@ def retrieval_summary(cache) -> str:
 
 
 def generate(
-    checkpoint: Path = typer.Argument(..., help="Converted checkpoint directory (from a2ats convert)."),
+    checkpoint: options.Checkpoint,
     prompt: str = typer.Option(None, "--prompt", "-p", help="Prompt text."),
     prompt_file: Path = typer.Option(None, "--prompt-file", "-f", help="Read the prompt from this UTF-8 file."),
     task: str = typer.Option(
@@ -86,34 +87,22 @@ def generate(
     haystack: Path = typer.Option(None, "--haystack", help="Text file for the --task filler (default: built-in noise)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the tokenizer's chat template (instruct models)."),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", "-n", help="Tokens to generate (default 64; a --task's own)."),
-    budget: str = typer.Option(
-        None, "--budget", "-b",
-        help="Top-K per KV head: fraction in (0, 1] (0.03), percent in (0%, 100%] (3%) or tokens >= 1 (256).",
-    ),
-    buckets: str = typer.Option(None, "--buckets", help="single, single:DIST, log (ratio 2, as convert writes) or log:RATIO (default: the checkpoint's)."),
-    selector: str = typer.Option(None, "--selector", help="a2ats (default), streaming, exact (oracle top-K), quest (page bounds), dense, or a registered selector."),
-    rerank: float = typer.Option(None, "--rerank", help="Exact re-ranking of RERANK×K over-fetched candidates (default 3; 0 = off)."),
-    rerank_aggregation: str = typer.Option(
-        None, "--rerank-aggregation", help="How a GQA group's exact logits rank candidates: softmax (default: attention mass), sum or max."
-    ),
-    aggregation: str = typer.Option(
-        None, "--aggregation", help="How a GQA group shares approximate scores: sum (default, fastest), max or softmax (best quality, slower)."
-    ),
-    prefill_chunk: int = typer.Option(None, "--prefill-chunk", help="Prefill in chunks of this many tokens."),
-    offload: str = typer.Option(None, "--offload", help="'cpu': keep the full K/V in host memory."),
-    dense_layers: str = typer.Option(None, "--dense-layers", help="Layers that decode densely, e.g. '0,1' ('none' = off)."),
-    score_dtype: str = typer.Option(None, "--score-dtype", help="Score-table precision: auto (float32 on CPU, bf16 on GPU), float32 or bfloat16."),
-    kernels: str = typer.Option(
-        None,
-        "--kernels",
-        help="auto (default: on CPU the fused C++ decode kernel, built on first use where a compiler is found; "
-        "Triton kernels on CUDA; torch paths otherwise), torch, cpu or triton.",
-    ),
+    budget: options.Budget = None,
+    buckets: options.Buckets = None,
+    selector: options.Selector = None,
+    rerank: options.Rerank = None,
+    rerank_aggregation: options.RerankAggregation = None,
+    aggregation: options.Aggregation = None,
+    prefill_chunk: options.PrefillChunk = None,
+    offload: options.Offload = None,
+    dense_layers: options.DenseLayers = None,
+    score_dtype: options.ScoreDtype = None,
+    kernels: options.Kernels = None,
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy; > 0 samples."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    device: options.Device = "cpu",
+    dtype: options.Dtype = "float32",
     compare_dense: bool = typer.Option(False, "--compare-dense", help="Also generate with dense attention and show both."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the generated text (no streaming, no stats)."),
 ) -> None:
@@ -141,17 +130,13 @@ def generate(
     _check_task_options(task, task_length, task_sample, haystack, chat)
     if max_new_tokens is not None and max_new_tokens < 1:
         raise A2atsError("--max-new-tokens must be at least 1")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise A2atsError(f"unknown --dtype {dtype!r}; use float32, bfloat16 or float16")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise A2atsError("--device cuda requested but no CUDA device is available")
+    options.check_device_and_dtype(device, dtype)
     err = Console(stderr=True)
-    model, tok = load_converted(
-        checkpoint, device=device, dtype=getattr(torch, dtype), budget=budget, offload=offload,
-        buckets=buckets, selector=selector, rerank=rerank, rerank_aggregation=rerank_aggregation,
-        aggregation=aggregation, prefill_chunk=prefill_chunk, dense_layers=dense_layers, score_dtype=score_dtype,
-        kernels=kernels,
-    )
+    model, tok = load_converted(checkpoint, device=device, dtype=getattr(torch, dtype), **options.runtime_overrides(
+        budget=budget, offload=offload, buckets=buckets, selector=selector, rerank=rerank,
+        rerank_aggregation=rerank_aggregation, aggregation=aggregation, prefill_chunk=prefill_chunk,
+        dense_layers=dense_layers, score_dtype=score_dtype, kernels=kernels,
+    ))
     sample = None
     if task is not None:
         sample = _task_sample(task, tok, task_length, task_sample, task_seed, haystack)

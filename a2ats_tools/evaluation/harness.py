@@ -18,6 +18,7 @@ import torch
 
 from ..compat import cache_kwargs
 from ..errors import A2atsError
+from ..rope import WROPE_DISTANCE
 
 BASELINES: tuple[str, ...] = ("streaming", "quest", "wrope", "exact", "norerank")
 
@@ -49,7 +50,7 @@ def build_variants(budgets: Sequence[float | int], baselines: Sequence[str], bas
         elif name == "quest":
             out.append(Variant(f"quest@{label}", {"budget": baseline_budget, "selector": "quest"}))
         elif name == "wrope":
-            wrope = {"budget": baseline_budget, "selector": "a2ats", "buckets": "single:2048", "rerank": 0}  # the paper's
+            wrope = {"budget": baseline_budget, "selector": "a2ats", "buckets": f"single:{WROPE_DISTANCE}", "rerank": 0}
             out.append(Variant(f"wrope2048@{label}", wrope))
         elif name == "exact":
             out.append(Variant(f"exact@{label}", {"budget": baseline_budget, "selector": "exact"}))
@@ -75,10 +76,11 @@ def parse_baselines(spec: str) -> list[str]:
 class ModelUnderTest:
     """A converted checkpoint loaded once; :meth:`use` switches it to a variant and returns its cache factory."""
 
-    def __init__(self, checkpoint: str, device: str = "cpu", dtype: str = "float32"):
+    def __init__(self, checkpoint: str, device: str = "cpu", dtype: str = "float32", **overrides: Any):
+        """``overrides``: runtime settings on top of the checkpoint's, the base of every retrieval variant."""
         from ..runtime.loader import load_converted
 
-        self.model, self.tokenizer = load_converted(checkpoint, device=device, dtype=dtype)
+        self.model, self.tokenizer = load_converted(checkpoint, device=device, dtype=dtype, **overrides)
         self.runtime = self.model.a2ats
         self.base_settings = self.runtime.settings
 

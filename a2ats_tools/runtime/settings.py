@@ -82,6 +82,13 @@ class RuntimeSettings:
         if any(i < 0 for i in self.dense_layers):
             raise A2atsError(f"dense_layers are layer indices >= 0, got {self.dense_layers}")
 
+    def to_record(self) -> dict[str, Any]:
+        """Every setting as JSON-ready values (buckets as their config), for the results files that ran them."""
+        record = {f.name: getattr(self, f.name) for f in fields(self)}
+        record["buckets"] = self.buckets.to_config()
+        record["dense_layers"] = list(self.dense_layers)
+        return record
+
     def with_overrides(self, **overrides: Any) -> RuntimeSettings:
         """A copy with ``overrides`` applied (``None`` values are ignored; ``buckets`` accepts a spec string)."""
         names = {f.name for f in fields(self)}
