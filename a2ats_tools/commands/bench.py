@@ -56,14 +56,14 @@ def bench(
     from ..errors import A2atsError
     from ..evaluation.harness import ModelUnderTest, Variant
     from ..evaluation.options import parse_int_list
-    from ..io import check_output_dir, prepare_output_dir, write_json
+    from ..io import atomic_directory, check_output_dir, write_json
     from ..runtime.settings import parse_budget, parse_overrides
 
     ctx_list = parse_int_list(contexts, "--contexts")
     batch_list = parse_int_list(batches, "--batches")
     if steps < 1 or repeats < 1:
         raise A2atsError("--steps and --repeats must be positive")
-    check_output_dir(out, overwrite, "bench output directory")  # fail fast; created once every option has checked out
+    check_output_dir(out, overwrite, "bench output directory")  # fail fast; written once the timings are in
     console = Console(stderr=True, quiet=quiet)
     mut = ModelUnderTest(checkpoint, device=device, dtype=dtype)
     max_len = mut.runtime.config.geometry.max_position_embeddings
@@ -91,7 +91,6 @@ def bench(
         extra = {**overrides, "selector": "a2ats", **parse_overrides(spec)}
         mut.base_settings.with_overrides(**extra)  # a bad key or value fails here, before any timing
         contenders.append(variant(f"a2ats[{spec}]", extra))
-    out = prepare_output_dir(out, overwrite, "bench output directory")
     gen = torch.Generator().manual_seed(seed)
     vocab = mut.model.config.get_text_config().vocab_size
     points = []
@@ -118,8 +117,9 @@ def bench(
         "torch_threads": torch.get_num_threads(), "runtime": {"budget": mut.base_settings.with_overrides(**overrides).budget},
         "points": points, "kernels": kernels, "notes": notes,
     }
-    write_json(out / "bench.json", result)
-    plot_throughput(points, out / "throughput.png", title=f"decode throughput ({mut.device.type})")
+    with atomic_directory(out, overwrite, "bench output directory", writer="bench") as tmp:  # a previous --out stays whole until now
+        write_json(tmp / "bench.json", result)
+        plot_throughput(points, tmp / "throughput.png", title=f"decode throughput ({mut.device.type})")
     if not quiet:
         Console().print(bench_table(points))
         for n in notes:
