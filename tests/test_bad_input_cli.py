@@ -281,6 +281,22 @@ def test_bad_input(name, inputs, tmp_path, monkeypatch, capsys):
     assert snapshot(tmp_path) == before and junk(tmp_path) == []
 
 
+@pytest.mark.parametrize("command", ["calibrate", "convert"])
+def test_an_uncreatable_out_fails_before_the_model_loads(command, inputs, monkeypatch, capsys):
+    import importlib
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    for module in ("a2ats_tools.calibration.run", "a2ats_tools.quantization.convert"):
+        monkeypatch.setattr(importlib.import_module(module), "load_model", no_loading)
+    out = inputs["file"] / "out"
+    args = (calibrate_args(inputs["llama"], inputs["corpus"], out) if command == "calibrate"
+            else ["convert", inputs["calib"], "--out", out, *TINY_CONVERT])
+    outcome = run_cli(monkeypatch, capsys, *args)
+    assert outcome.code == CLI_ERROR and "cannot create" in outcome.one_line()
+
+
 # --- what already works, and what the flags allow ----------------------------------------------------------
 
 
