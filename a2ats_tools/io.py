@@ -68,11 +68,13 @@ def open_safetensors(path: str | os.PathLike) -> Iterator[Any]:
         with safe_open(str(path), framework="pt") as f:
             yield f
     except SafetensorError as exc:
-        raise ArtifactError(f"{path} is truncated or corrupt ({_first_line(str(exc))}); write it again") from None
+        raise ArtifactError(f"{path} is truncated or corrupt ({first_line(exc)}); write it again") from None
 
 
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else "unreadable"
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none), for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:

