@@ -1,11 +1,13 @@
 """The ``a2ats`` command line: calibrate → convert → generate, plus eval and bench.
 
 Errors caused by input (missing model, bad data, existing output, ...) print one red line and exit 2;
-they never show a traceback. Set ``A2ATS_DEBUG=1`` to see the traceback anyway.
+they never show a traceback. Ctrl-C prints one line naming the command and exits 130. Set ``A2ATS_DEBUG=1``
+to see the traceback anyway.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import sys
@@ -15,7 +17,7 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from .errors import A2atsError
+from .errors import A2atsError, Interrupted
 
 app = typer.Typer(
     name="a2ats",
@@ -67,7 +69,21 @@ def reflow_help(doc: str | None) -> str:
 
 
 def _command(name: str, fn: Callable[..., object], **kwargs: object) -> None:
-    app.command(name=name, help=reflow_help(fn.__doc__), **kwargs)(fn)
+    app.command(name=name, help=reflow_help(fn.__doc__), **kwargs)(_reporting_interrupts(name, fn))
+
+
+def _reporting_interrupts(name: str, fn: Callable[..., object]) -> Callable[..., object]:
+    """``fn`` with Ctrl-C turned into :class:`Interrupted`: Typer maps a ``KeyboardInterrupt`` leaving a
+    command to a silent exit 130, so the command's name must be attached before it gets there."""
+
+    @functools.wraps(fn)
+    def run(*args: object, **kwargs: object) -> object:
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise Interrupted(name) from None
+
+    return run
 
 
 def _register() -> None:
@@ -92,8 +108,10 @@ def main() -> None:
             raise
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]: nothing partial was left that loads as valid")
+    except Interrupted as exc:
+        if os.environ.get("A2ATS_DEBUG"):
+            raise
+        err_console.print(f"[yellow]interrupted:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(130)
 
 

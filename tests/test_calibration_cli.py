@@ -53,7 +53,8 @@ def test_cli_tiny_run_with_source_and_tokens(monkeypatch, capsys, tmp_path, tiny
     monkeypatch.setattr(
         sys, "argv",
         ["a2ats", "calibrate", "--model", str(tiny_model_dirs["mistral"]), "--recipe", "none", "--source", str(data),
-         "--tokens", "200", "--positions", "1024,2048", "--chunk-size", "64", "--out", str(out), "--quiet"],
+         "--tokens", "200", "--positions", "1024,2048", "--chunk-size", "64", "--out", str(out), "--quiet",
+         "--allow-few-tokens"],
     )
     with pytest.raises(SystemExit) as exit_info:
         main()
@@ -79,7 +80,8 @@ def test_cli_on_embedded_model(monkeypatch, capsys, tmp_path):
     code = 0
     from a2ats_tools.cli import main
 
-    monkeypatch.setattr(sys, "argv", ["a2ats", "calibrate", "--recipe", str(recipe), "--out", str(out), "--quiet"])
+    monkeypatch.setattr(sys, "argv", ["a2ats", "calibrate", "--recipe", str(recipe), "--out", str(out), "--quiet",
+                                      "--allow-few-tokens"])
     try:
         main()
     except SystemExit as exc:

@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from .. import __version__
 from ..errors import ArtifactError
-from ..io import read_json, write_json, write_safetensors
+from ..io import open_safetensors, read_json, write_json, write_safetensors
 from ..models import Geometry
 from ..rope import DistanceBuckets
 from ..runtime.settings import RuntimeSettings
@@ -107,7 +106,7 @@ def read_codebooks(directory: str | Path, config: A2atsConfig) -> tuple[list[tor
         raise ArtifactError(f"{directory} has no {CODEBOOKS_FILE}")
     geo = config.geometry
     codebooks, factors = [], []
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         names = set(f.keys())
         for i in range(geo.num_layers):
             if codebook_key(i) not in names or whitening_key(i) not in names:

@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from .. import __version__
 from ..errors import ArtifactError
-from ..io import read_json, write_json, write_safetensors
+from ..io import open_safetensors, read_json, write_json, write_safetensors
 from ..models import Geometry
 
 SCHEMA = "a2ats.calibration"
@@ -136,12 +135,12 @@ class CalibrationSet:
 
     def tensor(self, layer: int, name: str) -> torch.Tensor:
         """One tensor of one layer, read without loading the rest of the file."""
-        with safe_open(str(self.path / layer_file(layer)), framework="pt") as f:
+        with open_safetensors(self.path / layer_file(layer)) as f:
             if name not in f.keys():
                 raise ArtifactError(f"{layer_file(layer)} in {self.path} has no tensor {name!r}")
             return f.get_tensor(name)
 
     def layer(self, layer: int) -> LayerStats:
         """All statistics of one layer."""
-        with safe_open(str(self.path / layer_file(layer)), framework="pt") as f:
+        with open_safetensors(self.path / layer_file(layer)) as f:
             return LayerStats(**{name: f.get_tensor(name) for name in LayerStats.__dataclass_fields__})

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..compat import cache_kwargs
+from ..defaults import MIN_TOKENS
 from ..errors import A2atsError, DataError
 from ..io import atomic_directory, check_output_dir
 from ..models import (
@@ -151,12 +152,14 @@ def calibrate(
     dtype: str = "float32",
     overwrite: bool = False,
     quiet: bool = False,
+    allow_few_tokens: bool = False,
     loaded: tuple[Any, Any] | None = None,
 ) -> CalibrationSet:
     """Run the model over the recipe's text and write a calibration directory; returns it, opened.
 
     ``tokens`` scales the recipe's training-token mix to that total; ``sources`` adds local files sources
-    (``PATH`` or ``PATH=TOKENS``). ``loaded`` passes an already loaded ``(model, tokenizer)`` pair (tests).
+    (``PATH`` or ``PATH=TOKENS``). Fewer than :data:`MIN_TOKENS` training tokens, asked for or obtained, are an
+    error unless ``allow_few_tokens``. ``loaded`` passes an already loaded ``(model, tokenizer)`` pair (tests).
     """
     console = Console(stderr=True)
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
@@ -170,6 +173,7 @@ def calibrate(
     if len(set(labels)) != len(labels):
         dup = next(label for label in labels if labels.count(label) > 1)
         raise DataError(f"recipe {rec.name}: two sources are named {dup!r}; give them distinct 'name's")
+    few_tokens(rec.total_tokens, allow_few_tokens, f"recipe {rec.name} asks for {rec.total_tokens:,} training tokens")
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     out = Path(out)
     check_output_dir(out, overwrite)  # fail fast, before loading the model; checked again under the lock
@@ -197,7 +201,7 @@ def calibrate(
     with atomic_directory(out, overwrite, writer="calibrate") as tmp:
         _write_calibration(
             tmp, rec, lm, tokenizer, source, geo, rel_positions, max_len, chunk, torch_device, dtype, seed, quiet,
-            console,
+            allow_few_tokens, console,
         )
     return CalibrationSet(out)
 
@@ -216,6 +220,7 @@ def _write_calibration(
     dtype: str,
     seed: int,
     quiet: bool,
+    allow_few_tokens: bool,
     console: Console,
 ) -> None:
     """Run the recipe's training and held-out text through ``lm`` and write the layers and manifest into the
@@ -235,16 +240,8 @@ def _write_calibration(
                     spec, acc, lm, tokenizer, seed, max_len, chunk, device, progress,
                     heldout_tokens if spec is held_spec else None, held_needed,
                 )
+            _check_tokens_used(rec, used, allow_few_tokens, console)
             heldout = _run_heldout(acc, lm, heldout_tokens, rec, held_len, chunk, device, progress, console)
-            for spec in rec.sources:
-                if used[spec.label] < spec.tokens:
-                    console.print(
-                        f"[yellow]warning:[/] source {spec.label} gave {used[spec.label]:,} of the "
-                        f"{spec.tokens:,} tokens asked for; continuing with {used[spec.label]:,}",
-                        highlight=False,
-                    )
-            if sum(used.values()) == 0:
-                raise DataError(f"the calibration data of recipe {rec.name} is empty: no tokens to calibrate on")
             progress.update("writing layers")
             acc.finish(rotary(lm), rel_positions)
     except BaseException:
@@ -268,6 +265,36 @@ def _write_calibration(
             "default_relative_position": 2048 if 2048 in rel_positions else rel_positions[0],
         },
     )
+
+
+def few_tokens(count: int, allow_few_tokens: bool, what: str) -> bool:
+    """Whether ``count`` training tokens fall short of :data:`MIN_TOKENS`; raises a one-line
+    :class:`DataError` (``what`` first) unless ``allow_few_tokens``. Convert needs a key per code, so a
+    calibration below the minimum fails there with the default codebook."""
+    if count >= MIN_TOKENS:
+        return False
+    if not allow_few_tokens:
+        raise DataError(
+            f"{what}, below the {MIN_TOKENS:,} a calibration needs (one key per code of convert's default "
+            "codebook); add data or raise --tokens, or pass --allow-few-tokens"
+        )
+    return True
+
+
+def _check_tokens_used(rec: Recipe, used: dict[str, int], allow_few_tokens: bool, console: Console) -> None:
+    """After training: refuse no tokens at all, and too few unless allowed; warn about each source that gave
+    less than asked for."""
+    total = sum(used.values())
+    if total == 0:
+        raise DataError(f"the calibration data of recipe {rec.name} is empty: no tokens to calibrate on")
+    short = [f"source {s.label} gave {used[s.label]:,} of the {s.tokens:,} tokens asked for" for s in rec.sources
+             if used[s.label] < s.tokens]
+    if few_tokens(total, allow_few_tokens, f"the calibration data gave {total:,} training tokens ({'; '.join(short)})"):
+        console.print(f"[yellow]warning:[/] calibrating on {total:,} tokens, below the {MIN_TOKENS:,} minimum "
+                      f"(--allow-few-tokens): convert needs --codes {total} or fewer, or --allow-shrink",
+                      highlight=False)
+    for line in short:
+        console.print(f"[yellow]warning:[/] {line}; continuing with fewer", highlight=False)
 
 
 def _train_on_source(

@@ -69,14 +69,14 @@ def bench(
     from ..errors import A2atsError
     from ..evaluation.harness import ModelUnderTest, Variant
     from ..evaluation.options import parse_int_list
-    from ..io import check_output_dir, prepare_output_dir, write_json
+    from ..io import atomic_directory, check_output_dir, write_json
     from ..runtime.settings import parse_budget, parse_overrides
 
     ctx_list = parse_int_list(contexts, "--contexts")
     batch_list = parse_int_list(batches, "--batches")
     if steps < 1 or repeats < 1:
         raise A2atsError("--steps and --repeats must be positive")
-    check_output_dir(out, overwrite, "bench output directory")  # fail fast; created once every option has checked out
+    check_output_dir(out, overwrite, "bench output directory")  # fail fast; written once the timings are in
     console = Console(stderr=True, quiet=quiet)
     options.check_device_and_dtype(device, dtype)
     mut = ModelUnderTest(checkpoint, device=device, dtype=dtype, **options.runtime_overrides(
@@ -107,7 +107,6 @@ def bench(
         extra = {**overrides, **parse_overrides(spec)}
         mut.base_settings.with_overrides(**extra)  # a bad key or value fails here, before any timing
         contenders.append(variant(f"a2ats[{spec}]", extra))
-    out = prepare_output_dir(out, overwrite, "bench output directory")
     gen = torch.Generator().manual_seed(seed)
     vocab = mut.model.config.get_text_config().vocab_size
     points = []
@@ -122,20 +121,21 @@ def bench(
                 ids = torch.randint(100, vocab, (batch, ctx), generator=gen).to(mut.device)
                 points.append(bench_point(mut.model, contenders, ids, steps=steps, repeats=repeats,
                                           tick=lambda: progress.advance(bar)))
-    kernels = None
+    microbench = None
     if mut.device.type != "cuda":
         notes.append(_cpu_decode_path(dtype))
         notes.append("kernel micro-benchmarks skipped: they run on GPU only")
     else:
-        kernels = _kernel_microbench(notes)
+        microbench = _kernel_microbench(notes)
     result = {
         "schema": "a2ats.bench", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": platform.node(), "checkpoint": str(checkpoint), "device": str(mut.device), "dtype": dtype,
         "torch_threads": torch.get_num_threads(), "runtime": mut.base_settings.with_overrides(**overrides).to_record(),
-        "points": points, "kernels": kernels, "notes": notes,
+        "points": points, "kernels": microbench, "notes": notes,
     }
-    write_json(out / "bench.json", result)
-    plot_throughput(points, out / "throughput.png", title=f"decode throughput ({mut.device.type})")
+    with atomic_directory(out, overwrite, "bench output directory", writer="bench") as tmp:  # a previous --out stays whole until now
+        write_json(tmp / "bench.json", result)
+        plot_throughput(points, tmp / "throughput.png", title=f"decode throughput ({mut.device.type})")
     if not quiet:
         Console().print(bench_table(points))
         for n in notes:

@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from ..defaults import MIN_TOKENS
+
 
 def calibrate(
     out: Path = typer.Option(Path("runs/calib"), "--out", "-o", help="Calibration directory to write."),
@@ -33,6 +35,11 @@ def calibrate(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
     dtype: str = typer.Option("float32", "--dtype", help="Model dtype: float32, bfloat16 or float16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    allow_few_tokens: bool = typer.Option(
+        False, "--allow-few-tokens",
+        help=f"Write a calibration of fewer than {MIN_TOKENS:,} training tokens (with a warning) instead of failing; "
+        "convert then needs a smaller --codes or --allow-shrink.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Capture pre-RoPE keys and WRoPE query statistics of a model over calibration text.
@@ -67,6 +74,7 @@ def calibrate(
         dtype=dtype,
         overwrite=overwrite,
         quiet=quiet,
+        allow_few_tokens=allow_few_tokens,
     )
     if not quiet:
         m = result.manifest

@@ -6,13 +6,15 @@ from pathlib import Path
 
 import typer
 
+from ..defaults import DEFAULT_CODES
+
 
 def convert(
     calibration: Path = typer.Argument(..., help="Calibration directory written by a2ats calibrate."),
     out: Path = typer.Option(Path("runs/converted"), "--out", "-o", help="Checkpoint directory to write."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
     model: str = typer.Option(None, "--model", "-m", help="Model to convert (default: the calibration's model)."),
-    codes: int = typer.Option(4096, "--codes", help="Codes per (layer, KV head)."),
+    codes: int = typer.Option(DEFAULT_CODES, "--codes", help="Codes per (layer, KV head)."),
     plain: bool = typer.Option(False, "--plain", help="Plain VQ: Euclidean k-means, no query-aware whitening."),
     positions: str = typer.Option(
         "all", "--positions", help="Query moment to whiten with: 'all' stored relative positions averaged, or one (2048)."

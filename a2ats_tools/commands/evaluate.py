@@ -88,7 +88,7 @@ def evaluate(
     from ..evaluation.results import new_results, print_results, write_results
     from ..evaluation.run import run_perplexity, run_recall, run_tasks
     from ..evaluation.tasks import parse_tasks
-    from ..io import check_output_dir, prepare_output_dir
+    from ..io import atomic_directory, check_output_dir
     from ..runtime.settings import parse_budget, parse_overrides
 
     chosen = [s.strip() for s in stages.split(",") if s.strip()]
@@ -101,7 +101,7 @@ def evaluate(
     baseline_list = parse_baselines(baselines)
     if samples < 1 or recall_sequences < 1 or queries < 1 or ppl_tokens < 1 or ppl_texts < 1:
         raise A2atsError("--samples, --recall-sequences, --queries, --ppl-tokens and --ppl-texts must be positive")
-    check_output_dir(out, overwrite, "eval output directory")  # fail fast; created once every option has checked out
+    check_output_dir(out, overwrite, "eval output directory")  # fail fast; written once the results are in
 
     console = Console(stderr=True, quiet=quiet)
     options.check_device_and_dtype(device, dtype)
@@ -122,7 +122,6 @@ def evaluate(
         mut.base_settings.with_overrides(**extra)  # a bad key or value fails before any work
         variants.append(Variant(f"a2ats[{spec}]", extra))
     haystack_text = Haystack.from_file(haystack, mut.tokenizer) if haystack else Haystack.noise(mut.tokenizer)
-    out = prepare_output_dir(out, overwrite, "eval output directory")
 
     settings = {
         "budgets": budget_list, "baselines": baseline_list, "baseline_budget": base_budget, "stages": chosen,
@@ -157,12 +156,14 @@ def evaluate(
                 mut, variants, length=plen, n_decode=n_decode, seed=seed, text=heldout, texts=ppl_texts,
                 tick=lambda: progress.advance(bar),
             )
-    if results["recall"]:
-        plots.plot_recall(results["recall"], out / "recall.png", "mass")
-        plots.plot_recall(results["recall"], out / "recall_topk.png", "topk")
-    if results["tasks"]:
-        plots.plot_tasks(results["tasks"], out / "tasks.png")
-    path = write_results(out, results)
+    with atomic_directory(out, overwrite, "eval output directory", writer="eval") as tmp:  # a previous --out stays whole until now
+        if results["recall"]:
+            plots.plot_recall(results["recall"], tmp / "recall.png", "mass")
+            plots.plot_recall(results["recall"], tmp / "recall_topk.png", "topk")
+        if results["tasks"]:
+            plots.plot_tasks(results["tasks"], tmp / "tasks.png")
+        write_results(tmp, results)
+    path = out / "results.json"
     if not quiet:
         print_results(results, Console())
         console.print(f"wrote {path}", highlight=False)

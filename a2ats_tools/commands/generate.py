@@ -15,13 +15,20 @@ from . import options
 
 def _read_prompt(prompt: str | None, prompt_file: Path | None, task: str | None) -> str | None:
     """The prompt text from ``--prompt`` or ``--prompt-file`` (None for ``--task``: the task builds it)."""
+    from ..models import check_prompt
+
     if sum(x is not None for x in (prompt, prompt_file, task)) != 1:
         raise A2atsError("give exactly one of --prompt, --prompt-file or --task")
+    if task is not None:
+        return None
     if prompt_file is not None:
         if not prompt_file.is_file():
             raise A2atsError(f"prompt file {prompt_file} does not exist")
-        return prompt_file.read_text(encoding="utf-8")
-    return prompt
+        try:
+            prompt = prompt_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise A2atsError(f"prompt file {prompt_file} is not UTF-8 text") from None
+    return check_prompt(prompt)
 
 
 def _check_task_options(task: str | None, length: int, index: int, haystack: Path | None, chat: bool) -> None:

@@ -18,6 +18,7 @@ import torch
 
 from ..compat import cache_kwargs
 from ..errors import A2atsError
+from ..models import check_prompt
 from ..rope import WROPE_DISTANCE
 
 BASELINES: tuple[str, ...] = ("streaming", "quest", "wrope", "exact", "norerank")
@@ -132,7 +133,7 @@ class ModelUnderTest:
     def generate(self, prompt: str, max_new_tokens: int, variants: Sequence[Variant]) -> dict[str, str]:
         """Greedy continuations of ``prompt`` (holding any special tokens already) under every variant, from one
         shared dense prefill; the first new token comes from the prefill's logits, as in ``generate``."""
-        ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(check_prompt(prompt), return_tensors="pt", add_special_tokens=False)["input_ids"]
         prefix = self.prefill(ids)
         first = prefix.logits.argmax(-1, keepdim=True)  # [1, 1]
         eos = self.model.generation_config.eos_token_id

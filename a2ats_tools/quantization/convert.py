@@ -26,8 +26,9 @@ from safetensors import safe_open
 from ..artifacts.checkpoint import A2atsConfig, write_codebooks, write_config
 from ..artifacts.model_files import check_geometry, write_model_files
 from ..calibration.format import KEYS, QUERY_COUNT, WROPE_QUERY_MOMENT, CalibrationSet, layer_file
+from ..defaults import DEFAULT_CODES
 from ..errors import A2atsError, DataError
-from ..io import atomic_directory, check_output_dir, write_json, write_safetensors
+from ..io import atomic_directory, check_output_dir, open_safetensors, write_json, write_safetensors
 from ..models import ModelSource, load_model, load_tokenizer, resolve_source, rotary
 from ..rope import DistanceBuckets
 from ..runtime.settings import RuntimeSettings
@@ -36,7 +37,6 @@ from .kmeans import SEEDINGS, head_generator, kmeans
 from .report import build_report, print_report
 from .two_level import default_coarse, two_level_kmeans
 
-DEFAULT_CODES = 4096
 REPORT_FILE = "report.json"
 HEAD_BYTES_PER_BATCH = 1 << 31  # whitened keys of one batch of heads stay under 2 GiB
 ALGORITHMS = ("auto", "lloyd", "two-level")
@@ -87,7 +87,7 @@ def resolve_buckets(spec: str, max_positions: int) -> DistanceBuckets:
 
 
 def keys_per_head(calib: CalibrationSet) -> int:
-    with safe_open(str(calib.path / layer_file(0)), framework="pt") as f:
+    with open_safetensors(calib.path / layer_file(0)) as f:
         return int(f.get_slice(KEYS).get_shape()[1])
 
 
@@ -154,8 +154,7 @@ def train_jobs(
             keys = cached[job.layer][job.head].to(device).double()
             xs.append((keys @ factors[job.layer][job.head].to(device)).float())
         x = torch.stack(xs)
-        if not torch.isfinite(x).all():
-            raise DataError(f"calibration keys of layer {batch[0].layer} contain NaN or Inf")
+        check_finite(x, batch)
         gens = [head_generator(seed, j.layer, j.head, salt) for j in batch]
 
         where = f"{label}layer {batch[0].layer}–{batch[-1].layer}"
@@ -179,6 +178,15 @@ def train_jobs(
             if progress is not None:
                 progress.advance(f"{label}L{job.layer} H{job.head} inertia {float(result.inertia[i]):.4g}")
     return out
+
+
+def check_finite(x: torch.Tensor, batch: Sequence[Job]) -> None:
+    """Refuse NaN or Inf in a batch's whitened keys ``x [len(batch), N, d]``, naming the first job that holds
+    them (a batch spans several layers, so its first layer would mislead)."""
+    finite = torch.isfinite(x).flatten(1).all(1)
+    if not finite.all():
+        job = batch[int((~finite).nonzero()[0])]
+        raise DataError(f"calibration keys of layer {job.layer} (KV head {job.head}) contain NaN or Inf")
 
 
 class _Progress:
