@@ -137,10 +137,18 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source.path_or_id, gguf_file=source.gguf_file, dtype=dtype, attn_implementation=attn_implementation
+    def load(implementation: str | None):
+        return AutoModelForCausalLM.from_pretrained(
+            source.path_or_id, gguf_file=source.gguf_file, dtype=dtype, attn_implementation=implementation
         )
+
+    try:
+        try:
+            model = load(attn_implementation)
+        except ValueError as exc:  # no SDPA for this architecture (Gemma 2: soft-capping): its own eager attention
+            if attn_implementation != "sdpa" or "scaled_dot_product_attention" not in str(exc):
+                raise
+            model = load("eager")
     except (OSError, ValueError, KeyError) as exc:
         raise A2atsError(f"could not load model {source.display_name or source.path_or_id}: {_first_line(exc)}") from None
     model.to(device).eval()

@@ -152,6 +152,15 @@ def _generate(model: nn.Module, original, *args, a2ats: dict[str, Any] | None = 
     return original(*args, **kwargs)
 
 
+def check_layers(config: A2atsConfig, model: nn.Module) -> None:
+    """The checkpoint's codebooks must be those of exactly the model's full-attention layers."""
+    have, want = config.layers_with_codebooks(), retrieval_layers(model)
+    if have != want:
+        raise ArtifactError(
+            f"the checkpoint has codebooks for layers {have} but the model's full-attention layers are {want}"
+        )
+
+
 def attach(model: nn.Module, config: A2atsConfig, codebooks, whitening, settings: RuntimeSettings | None = None) -> nn.Module:
     """Turn retrieval attention on for ``model`` (in place): checks geometry, registers the attention/mask
     functions, installs the hooks and wraps ``generate``. ``model.a2ats`` is the :class:`A2atsRuntime`."""
@@ -159,12 +168,10 @@ def attach(model: nn.Module, config: A2atsConfig, codebooks, whitening, settings
     problem = config.geometry.mismatch(geometry(model))
     if problem:
         raise ArtifactError(f"the checkpoint's codebooks do not fit this model: {problem}")
-    have, want = config.layers_with_codebooks(), retrieval_layers(model)
-    if have != want:
-        raise ArtifactError(
-            f"the checkpoint has codebooks for layers {have} but the model's full-attention layers are {want}"
-        )
+    check_layers(config, model)
     attention.register()
+    if model.config._attn_implementation != attention.NAME:
+        model._a2ats_plain_attention = model.config._attn_implementation  # what detach() goes back to
     model.set_attn_implementation(attention.NAME)
     hooks.install(model)
     model.a2ats = A2atsRuntime(model, config, codebooks, whitening, settings or RuntimeSettings.from_config(config))
@@ -174,9 +181,9 @@ def attach(model: nn.Module, config: A2atsConfig, codebooks, whitening, settings
 
 
 def detach(model: nn.Module) -> nn.Module:
-    """Back to plain SDPA attention (the artifacts stay loaded at ``model.a2ats``)."""
+    """Back to the model's plain attention (the artifacts stay loaded at ``model.a2ats``)."""
     hooks.remove(model)
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(getattr(model, "_a2ats_plain_attention", "sdpa"))
     model.__dict__.pop("generate", None)
     return model
 
@@ -233,6 +240,7 @@ def load_converted(
         runtime.check(settings)
         runtime.settings = settings
     else:  # a --light checkpoint (weights referenced elsewhere) loads as the plain model
+        check_layers(config, model)
         codebooks, whitening = read_codebooks(directory, config)
         attach(model, config, codebooks, whitening, settings)
     tok_source = source if not (directory / "tokenizer_config.json").is_file() else ModelSource(str(directory))
@@ -243,5 +251,6 @@ def load_converted(
 def attach_from_dir(model: nn.Module, directory: str | Path, **overrides: Any) -> nn.Module:
     """Attach using the artifacts in ``directory`` (used by the transformers quantizer hook)."""
     config = read_config(directory)
+    check_layers(config, model)
     codebooks, whitening = read_codebooks(directory, config)
     return attach(model, config, codebooks, whitening, RuntimeSettings.from_config(config, **overrides))
