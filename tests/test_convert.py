@@ -83,7 +83,7 @@ def test_convert_writes_a_complete_checkpoint(calib, tmp_path, tiny_model_dirs):
     assert config.buckets["mode"] == "log" and config.model["weights"] == "copied"
     codebooks, factors = read_codebooks(out, config)
     assert len(codebooks) == 2 and codebooks[0].shape == (2, 16, 16)
-    assert all(torch.isfinite(c).all() and (c.abs().sum(-1) > 0).all() for c in codebooks)
+    assert all(torch.isfinite(c).all() and (c.abs().sum(-1) > 0).all() for c in codebooks.values())
     assert not torch.equal(factors[0][0], torch.eye(16))  # query-aware: a real whitening factor
     saved = json.loads((out / "config.json").read_text())
     assert saved["quantization_config"] == {"quant_method": "a2ats", "config_file": "a2ats_config.json"}
@@ -109,7 +109,7 @@ def test_same_seed_is_bit_identical(calib, tmp_path):
     books = []
     for name in ("a", "b"):
         out = convert(calib, tmp_path / name, codes=16, iters=4, light=True, compare_plain=False, quiet=True)
-        books.append(read_codebooks(out, read_config(out))[0])
+        books.append(list(read_codebooks(out, read_config(out))[0].values()))
     assert all(torch.equal(x, y) for x, y in zip(*books, strict=True))
 
 
@@ -121,7 +121,7 @@ def test_algorithm_choice_is_recorded(calib, tmp_path):
         training = json.loads((out / "report.json").read_text())["training"]
         assert training["algorithm"] == algorithm and read_config(out).extra["algorithm"] == algorithm
         assert training["coarse_cells"] == (4 if algorithm == "two-level" else None)
-    a, b = (read_codebooks(o, read_config(o))[0] for o in (auto, lloyd))
+    a, b = (read_codebooks(o, read_config(o))[0].values() for o in (auto, lloyd))
     assert not all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     with pytest.raises(A2atsError, match="--algorithm"):
         convert(calib, tmp_path / "bad", codes=16, quiet=True, algorithm="elkan")
@@ -145,7 +145,7 @@ def test_artifact_round_trip_and_geometry_check(tmp_path, tiny_llama):
     read = read_config(tmp_path)
     assert read == config
     got_books, got_factors = read_codebooks(tmp_path, read)
-    assert all(torch.equal(a, b) for a, b in zip(books + factors, got_books + got_factors, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(books + factors, [*got_books.values(), *got_factors.values()], strict=True))
     check_geometry(read, tiny_llama)
     with pytest.raises(ArtifactError, match="num_kv_heads"):
         check_geometry(read, build_tiny_model("llama", num_key_value_heads=1))
@@ -178,4 +178,4 @@ def test_accelerate_two_processes_match_one(calib, tmp_path):
     assert read_config(tmp_path / "one").extra["processes"] == 1
     one = read_codebooks(tmp_path / "one", read_config(tmp_path / "one"))[0]
     two = read_codebooks(tmp_path / "two", read_config(tmp_path / "two"))[0]
-    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(one.values(), two.values(), strict=True))

@@ -28,7 +28,7 @@ def _check(out, codes: int, num_layers: int) -> dict:
     config = read_config(out)
     codebooks, factors = read_codebooks(out, config)
     assert config.codebook_size == codes and len(codebooks) == num_layers
-    assert all(torch.isfinite(c).all() for c in codebooks + factors)
+    assert all(torch.isfinite(c).all() for c in [*codebooks.values(), *factors.values()])
     report = json.loads((out / "report.json").read_text())
     for row in report["layers"]:
         assert all(0.0 < row[m] <= 1.0 + 1e-6 for m in report["methods"])

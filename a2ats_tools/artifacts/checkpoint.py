@@ -6,6 +6,7 @@ config is written last, so a directory without it never loads. See ``docs/artifa
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ class A2atsConfig:
     budget: float | int = RuntimeSettings.budget
     aggregation: str = RuntimeSettings.aggregation
     dense_layers: list[int] = field(default_factory=list)  # layers that decode densely (optional; default none)
+    retrieval_layers: list[int] | None = None  # layers with codebooks (the full-attention ones); None: every layer
     seed: int = 0
     model: dict[str, Any] = field(default_factory=dict)  # {"source": ModelSource dict, "weights": "copied"|"referenced"}
     calibration: dict[str, Any] = field(default_factory=dict)  # path and summary of the calibration manifest
@@ -53,6 +55,12 @@ class A2atsConfig:
 
     def distance_buckets(self) -> DistanceBuckets:
         return DistanceBuckets.from_config(self.buckets)
+
+    def layers_with_codebooks(self) -> list[int]:
+        """``retrieval_layers``, or every layer for a config written without the field."""
+        if self.retrieval_layers is None:
+            return list(range(self.geometry.num_layers))
+        return [int(i) for i in self.retrieval_layers]
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -72,14 +80,25 @@ class A2atsConfig:
         return cls(**fields)
 
 
+def by_layer(tensors: Mapping[int, torch.Tensor] | Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Per-layer tensors keyed by layer index (a sequence holds every layer, in order)."""
+    return dict(tensors) if isinstance(tensors, Mapping) else dict(enumerate(tensors))
+
+
 def write_codebooks(
-    directory: str | Path, codebooks: list[torch.Tensor], whitening: list[torch.Tensor]
+    directory: str | Path,
+    codebooks: Mapping[int, torch.Tensor] | Sequence[torch.Tensor],
+    whitening: Mapping[int, torch.Tensor] | Sequence[torch.Tensor],
 ) -> None:
-    """Atomically write every layer's codebook ``[Hkv, C, d]`` and whitening factor ``[Hkv, d, d]`` (float32)."""
+    """Atomically write each retrieved layer's codebook ``[Hkv, C, d]`` and whitening factor ``[Hkv, d, d]``
+    (float32), keyed by layer index (a sequence: every layer)."""
+    codebooks, whitening = by_layer(codebooks), by_layer(whitening)
+    if codebooks.keys() != whitening.keys():
+        raise ValueError("codebooks and whitening factors name different layers")
     tensors: dict[str, torch.Tensor] = {}
-    for i, (cb, wf) in enumerate(zip(codebooks, whitening, strict=True)):
-        tensors[codebook_key(i)] = cb.float()
-        tensors[whitening_key(i)] = wf.float()
+    for i in sorted(codebooks):
+        tensors[codebook_key(i)] = codebooks[i].float()
+        tensors[whitening_key(i)] = whitening[i].float()
     write_safetensors(Path(directory) / CODEBOOKS_FILE, tensors, {"format": "pt", "schema": SCHEMA})
 
 
@@ -99,16 +118,19 @@ def read_config(directory: str | Path) -> A2atsConfig:
     return A2atsConfig.from_dict(read_json(path), where=str(path))
 
 
-def read_codebooks(directory: str | Path, config: A2atsConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Every layer's ``(codebook, whitening)``, checked against the config's geometry."""
+def read_codebooks(
+    directory: str | Path, config: A2atsConfig
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """``(codebooks, whitening)`` of every retrieved layer, keyed by layer index, checked against the config."""
     path = Path(directory) / CODEBOOKS_FILE
     if not path.is_file():
         raise ArtifactError(f"{directory} has no {CODEBOOKS_FILE}")
     geo = config.geometry
-    codebooks, factors = [], []
+    codebooks: dict[int, torch.Tensor] = {}
+    factors: dict[int, torch.Tensor] = {}
     with open_safetensors(path) as f:
         names = set(f.keys())
-        for i in range(geo.num_layers):
+        for i in config.layers_with_codebooks():
             if codebook_key(i) not in names or whitening_key(i) not in names:
                 raise ArtifactError(f"{path} lacks the tensors of layer {i}")
             cb, wf = f.get_tensor(codebook_key(i)), f.get_tensor(whitening_key(i))
@@ -117,6 +139,5 @@ def read_codebooks(directory: str | Path, config: A2atsConfig) -> tuple[list[tor
                 raise ArtifactError(
                     f"{path}: layer {i} codebook has shape {tuple(cb.shape)}, expected {want_cb} from the config"
                 )
-            codebooks.append(cb)
-            factors.append(wf)
+            codebooks[i], factors[i] = cb, wf
     return codebooks, factors

@@ -25,22 +25,24 @@ KEY_DTYPE = torch.float16
 class StatsAccumulator:
     """Receives pre-RoPE queries/keys of every layer (as a capture sink) and writes the calibration layers."""
 
-    def __init__(self, directory: Path, geometry: Geometry, shard_tokens: int = 8192):
+    def __init__(self, directory: Path, geometry: Geometry, layers: list[int] | None = None, shard_tokens: int = 8192):
+        """``layers``: the retrieved layers whose statistics are kept (default: every layer)."""
         self.directory = Path(directory)
         self.geometry = geometry
+        self.layers = list(range(geometry.num_layers)) if layers is None else list(layers)
         self.shard_tokens = shard_tokens
         self.shard_dir = self.directory / SHARD_DIR
         self.shard_dir.mkdir(parents=True, exist_ok=True)
         g, d = geometry, geometry.head_dim
-        self.query_moment = torch.zeros(g.num_layers, g.num_kv_heads, d, d, dtype=torch.float64)
-        self.query_count = torch.zeros(g.num_layers, g.num_kv_heads, dtype=torch.int64)
-        self._buffers: list[list[torch.Tensor]] = [[] for _ in range(g.num_layers)]
-        self._buffered = [0] * g.num_layers
-        self._shards = [0] * g.num_layers
-        self.heldout_keys: list[list[torch.Tensor]] = [[] for _ in range(g.num_layers)]
-        self.heldout_queries: list[list[torch.Tensor]] = [[] for _ in range(g.num_layers)]
+        self.query_moment = {i: torch.zeros(g.num_kv_heads, d, d, dtype=torch.float64) for i in self.layers}
+        self.query_count = {i: torch.zeros(g.num_kv_heads, dtype=torch.int64) for i in self.layers}
+        self._buffers: dict[int, list[torch.Tensor]] = {i: [] for i in self.layers}
+        self._buffered = dict.fromkeys(self.layers, 0)
+        self._shards = dict.fromkeys(self.layers, 0)
+        self.heldout_keys: dict[int, list[torch.Tensor]] = {i: [] for i in self.layers}
+        self.heldout_queries: dict[int, list[torch.Tensor]] = {i: [] for i in self.layers}
         self.heldout_positions: list[torch.Tensor] = []
-        self._heldout_seq: list[dict] | None = None
+        self._heldout_seq: dict[int, dict] | None = None
         self._heldout_positions = torch.zeros(0, dtype=torch.int64)
 
     # ------------------------------------------------------------ training tokens
@@ -76,7 +78,7 @@ class StatsAccumulator:
     def begin_heldout(self, positions: torch.Tensor) -> None:
         """Start a held-out sequence whose queries are kept at ``positions`` (absolute, sorted)."""
         self._heldout_positions = positions.to("cpu", torch.int64)
-        self._heldout_seq = [{"q": [], "k": [], "seen": 0} for _ in range(self.geometry.num_layers)]
+        self._heldout_seq = {i: {"q": [], "k": [], "seen": 0} for i in self.layers}
 
     def heldout_sink(self, layer: int, queries: torch.Tensor, keys: torch.Tensor) -> None:
         """Capture sink for a held-out sequence: keep all its keys and the queries at the chosen positions."""
@@ -90,7 +92,7 @@ class StatsAccumulator:
 
     def end_heldout(self) -> None:
         assert self._heldout_seq is not None
-        for layer, parts in enumerate(self._heldout_seq):
+        for layer, parts in self._heldout_seq.items():
             self.heldout_keys[layer].append(torch.cat(parts["k"], dim=1))
             self.heldout_queries[layer].append(torch.cat(parts["q"], dim=1))
         self.heldout_positions.append(self._heldout_positions)
@@ -123,9 +125,9 @@ class StatsAccumulator:
         )
 
     def finish(self, rotary: Rotary, relative_positions: list[int]) -> None:
-        """Write ``layer_XXX.safetensors`` for every layer (merging shards one layer at a time)."""
+        """Write ``layer_XXX.safetensors`` for every kept layer (merging shards one layer at a time)."""
         matrices = torch.stack([rotary.matrix(p).cpu() for p in relative_positions])  # [P, d, d]
-        for layer in range(self.geometry.num_layers):
+        for layer in self.layers:
             moment = self.query_moment[layer]
             wrope = torch.einsum("pij,hjk,pkl->phil", matrices.transpose(1, 2), moment, matrices)
             hk, hq, hp = self._heldout(layer)

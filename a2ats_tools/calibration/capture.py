@@ -7,8 +7,10 @@ Two pieces work together:
 * an attention function registered with ``transformers.AttentionInterface`` (and the SDPA mask builder
   registered under the same name with ``AttentionMaskInterface``, otherwise masks are silently dropped) receives
   the rotated queries and keys, undoes RoPE on the new ones with the stashed cos/sin, hands the pre-RoPE states
-  (after any q/k-norm, which these models apply before RoPE) to a sink, and then computes attention exactly with
-  SDPA and an explicit causal mask.
+  (after any q/k-norm, which these models apply before RoPE) to a sink, and then computes attention exactly as
+  the model does (:func:`a2ats_tools.exact_attention.exact_attention`: SDPA, or soft-capped logits).
+
+Only the layers the sink is given are captured (the retrieved, full-attention ones); the others just attend.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch
 from torch import nn
 
 from ..errors import CapturedStateError
-from ..models import attention_modules
+from ..exact_attention import exact_attention
+from ..models import attention_modules, retrieval_layers
 from ..rope import undo_rope
 
 ATTN_NAME = "a2ats_capture"
@@ -28,29 +31,7 @@ ATTN_NAME = "a2ats_capture"
 # sink(layer_idx, queries [B, Hq, T, d], keys [B, Hkv, T, d]) -- pre-RoPE, float32, new tokens only
 Sink = Callable[[int, torch.Tensor, torch.Tensor], None]
 
-_active: dict[str, object] = {"sink": None, "stash": {}}
-
-
-def _exact_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None,
-    groups: int,
-) -> torch.Tensor:
-    """SDPA over all cached keys; without a mask, an explicit causal mask aligned to the newest keys."""
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    q_len, kv_len = query.shape[2], key.shape[2]
-    if attention_mask is None:
-        q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
-        attention_mask = q_pos >= torch.arange(kv_len, device=query.device)[None, :]
-    elif attention_mask.shape[-1] != kv_len:
-        attention_mask = attention_mask[..., :kv_len]
-    out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling)
-    return out.transpose(1, 2).contiguous()
+_active: dict[str, object] = {"sink": None, "stash": {}, "layers": frozenset()}
 
 
 def capture_attention_forward(
@@ -66,7 +47,7 @@ def capture_attention_forward(
     """The registered attention function: record pre-RoPE states, then attend exactly."""
     sink = _active["sink"]
     layer = int(module.layer_idx)
-    if sink is not None:
+    if sink is not None and layer in _active["layers"]:
         stash = _active["stash"]
         if layer not in stash:
             raise RuntimeError(f"no position embeddings were stashed for attention layer {layer}")
@@ -81,8 +62,7 @@ def capture_attention_forward(
                 f"captured queries/keys of layer {layer} contain NaN or Inf; try --dtype float32 or another model"
             )
         sink(layer, q, k)
-    groups = query.shape[1] // key.shape[1]
-    return _exact_attention(query, key, value, attention_mask, scaling, groups), None
+    return exact_attention(module, query, key, value, attention_mask, scaling, dropout=dropout, **kwargs)
 
 
 def _register_interfaces() -> None:
@@ -104,18 +84,22 @@ def _stash_position_embeddings(module: nn.Module, args: tuple, kwargs: dict) -> 
 
 @contextmanager
 def capturing(model: nn.Module, sink: Sink) -> Iterator[None]:
-    """Within the block, every forward of ``model`` reports pre-RoPE queries/keys of each layer to ``sink``."""
+    """Within the block, every forward of ``model`` reports pre-RoPE queries/keys of each retrieved
+    (full-attention) layer to ``sink``."""
     _register_interfaces()
     previous = model.config._attn_implementation
+    layers = frozenset(retrieval_layers(model))
     handles = [
-        m.register_forward_pre_hook(_stash_position_embeddings, with_kwargs=True) for m in attention_modules(model)
+        m.register_forward_pre_hook(_stash_position_embeddings, with_kwargs=True)
+        for m in attention_modules(model)
+        if int(m.layer_idx) in layers
     ]
     model.set_attn_implementation(ATTN_NAME)
-    _active["sink"], _active["stash"] = sink, {}
+    _active["sink"], _active["stash"], _active["layers"] = sink, {}, layers
     try:
         yield
     finally:
-        _active["sink"], _active["stash"] = None, {}
+        _active["sink"], _active["stash"], _active["layers"] = None, {}, frozenset()
         for h in handles:
             h.remove()
         model.set_attn_implementation(previous)

@@ -76,11 +76,14 @@ def write_manifest(
     key_dtype: str,
     recipe: dict[str, Any],
     seed: int,
+    retrieval_layers: list[int] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``manifest.json`` (call last, after every layer file exists)."""
+    """Write ``manifest.json`` (call last, after every layer file exists). ``retrieval_layers``: the layers
+    captured (the full-attention ones; default every layer)."""
     directory = Path(directory)
-    layers = [layer_file(i) for i in range(geometry.num_layers)]
+    kept = list(range(geometry.num_layers)) if retrieval_layers is None else [int(i) for i in retrieval_layers]
+    layers = [layer_file(i) for i in kept]
     missing = [f for f in layers if not (directory / f).is_file()]
     if missing:
         raise ArtifactError(f"cannot finish {directory}: missing {missing[0]}")
@@ -97,6 +100,7 @@ def write_manifest(
         "key_dtype": key_dtype,
         "recipe": recipe,
         "seed": int(seed),
+        "retrieval_layers": kept,
         "files": {"layers": layers},
         **(extra or {}),
     }
@@ -132,6 +136,11 @@ class CalibrationSet:
     @property
     def num_layers(self) -> int:
         return self.geometry.num_layers
+
+    @property
+    def retrieval_layers(self) -> list[int]:
+        """The layers calibrated (full attention); a manifest without the field calibrated every layer."""
+        return [int(i) for i in self.manifest.get("retrieval_layers", range(self.num_layers))]
 
     def tensor(self, layer: int, name: str) -> torch.Tensor:
         """One tensor of one layer, read without loading the rest of the file."""

@@ -25,6 +25,7 @@ from ..models import (
     load_model,
     load_tokenizer,
     resolve_source,
+    retrieval_layers,
     rotary,
 )
 from ..rope import DistanceBuckets
@@ -227,7 +228,8 @@ def _write_calibration(
     (empty) ``directory``."""
     torch.manual_seed(seed)
     random.seed(seed)
-    acc = StatsAccumulator(directory, geo)
+    layers = retrieval_layers(lm)
+    acc = StatsAccumulator(directory, geo, layers)
     held_spec = rec.heldout_source()
     held_len = min(rec.heldout.length, max_len)
     held_needed = rec.heldout.sequences * held_len if held_spec is not None else 0
@@ -257,6 +259,7 @@ def _write_calibration(
         key_dtype=str(KEY_DTYPE).removeprefix("torch."),
         recipe=rec.to_dict(),
         seed=seed,
+        retrieval_layers=layers,
         extra={
             "tokens_requested": {s.label: s.tokens for s in rec.sources},
             "heldout_source": held_spec.label if held_spec is not None else None,

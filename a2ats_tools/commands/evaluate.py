@@ -130,7 +130,7 @@ def evaluate(
     }
     results = new_results(str(checkpoint), settings)
     results["notes"] = notes
-    n_layers = mut.runtime.config.geometry.num_layers
+    n_layers = len(mut.runtime.codebooks)  # the retrieved layers, which the recall curve measures
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, disable=quiet,

@@ -70,7 +70,7 @@ def answer_verdict(sample, text: str) -> str:
 
 def retrieval_summary(cache) -> str:
     """What the last decode step read: rows attended per KV head against the cached rows, over all layers."""
-    picked = [layer.last_selection for layer in cache.layers if layer.last_selection is not None]
+    picked = [s for s in (getattr(layer, "last_selection", None) for layer in cache.layers) if s is not None]
     length = cache.get_seq_length()
     if not picked:
         return (f"no decode step selected rows: all {length} cached rows were attended (the cache never outgrew "

@@ -18,7 +18,7 @@ position for the rows it keeps, over the cache as it stands at that position:
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,20 +38,20 @@ RECALL_METHODS: tuple[str, ...] = ("a2ats", "norerank", "wrope", "quest", "strea
 
 @dataclass
 class Captured:
-    """Pre-RoPE queries ``[Hq, T, d]`` and keys ``[Hkv, T, d]`` of one sequence, per layer."""
+    """Pre-RoPE queries ``[Hq, T, d]`` and keys ``[Hkv, T, d]`` of one sequence, per retrieved layer (keyed by
+    layer index)."""
 
-    queries: list[torch.Tensor]
-    keys: list[torch.Tensor]
+    queries: dict[int, torch.Tensor]
+    keys: dict[int, torch.Tensor]
 
 
 @torch.no_grad()
 def capture_sequence(model: Any, ids: list[int]) -> Captured:
-    """Run ``ids`` through ``model`` once, recording every layer's pre-RoPE queries and keys."""
+    """Run ``ids`` through ``model`` once, recording every retrieved layer's pre-RoPE queries and keys."""
     from ..calibration.capture import capturing
 
-    n_layers = model.config.get_text_config().num_hidden_layers
-    qs: list[torch.Tensor | None] = [None] * n_layers
-    ks: list[torch.Tensor | None] = [None] * n_layers
+    qs: dict[int, torch.Tensor] = {}
+    ks: dict[int, torch.Tensor] = {}
 
     def sink(layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
         qs[layer], ks[layer] = q[0].cpu(), k[0].cpu()
@@ -59,7 +59,7 @@ def capture_sequence(model: Any, ids: list[int]) -> Captured:
     device = next(model.parameters()).device
     with capturing(model, sink):
         model(input_ids=torch.tensor([ids], device=device), use_cache=False, logits_to_keep=1)
-    return Captured([q for q in qs if q is not None], [k for k in ks if k is not None])
+    return Captured(qs, ks)
 
 
 def heldout_ids(tokenizer: Any, length: int, seed: int, path: str | Path | None = None) -> list[int]:
@@ -134,8 +134,8 @@ def prefilled_state(keys_pre: torch.Tensor, rotary: Rotary, selectors: Sequence[
 
 def recall_curve(
     captured: Sequence[Captured],
-    codebooks: list[torch.Tensor],
-    whitening: list[torch.Tensor],
+    codebooks: Mapping[int, torch.Tensor],
+    whitening: Mapping[int, torch.Tensor],
     rotary: Rotary,
     settings: RuntimeSettings,
     budgets: Sequence[float | int],
@@ -153,20 +153,22 @@ def recall_curve(
     the runtime. Top-K recall is the share of the exact top rows (the ``exact`` selector by summed logits, the same
     budget) that a method keeps.
 
-    Returns ``{"methods": [...], "budgets": [...], "per_layer": {method: {budget: {"mass": [L], "topk": [L]}}},
-    "overall": {method: {budget: {"mass": x, "topk": y}}}}`` (budget keys as strings).
+    Returns ``{"methods": [...], "budgets": [...], "layers": [retrieved layer indices], "per_layer": {method:
+    {budget: {"mass": [L], "topk": [L]}}} (one entry per retrieved layer), "overall": {method: {budget: {"mass": x,
+    "topk": y}}}}`` (budget keys as strings).
     """
-    n_layers = len(codebooks)
+    layers = sorted(codebooks)
+    n_layers = len(layers)
     sums: dict[tuple[str, str, str], list[float]] = {}
     counts = 0
     for seq in captured:
         counts += 1
-        for layer in range(n_layers):
+        for slot, layer in enumerate(layers):
             for (method, budget, metric), value in layer_recall(
                 seq.queries[layer].float(), seq.keys[layer].float(), codebooks[layer], whitening[layer], rotary,
                 settings, budgets, methods, queries_per_sequence, scale, layer,
             ).items():
-                sums.setdefault((method, budget, metric), [0.0] * n_layers)[layer] += value
+                sums.setdefault((method, budget, metric), [0.0] * n_layers)[slot] += value
             if progress is not None:
                 progress()
     per_layer: dict[str, dict[str, dict[str, list[float]]]] = {}
@@ -175,7 +177,8 @@ def recall_curve(
         layer_means = [v / max(counts, 1) for v in values]
         per_layer.setdefault(method, {}).setdefault(budget, {})[metric] = layer_means
         overall.setdefault(method, {}).setdefault(budget, {})[metric] = sum(layer_means) / n_layers
-    return {"methods": list(methods), "budgets": [str(b) for b in budgets], "per_layer": per_layer, "overall": overall}
+    return {"methods": list(methods), "budgets": [str(b) for b in budgets], "layers": layers, "per_layer": per_layer,
+            "overall": overall}
 
 
 def layer_recall(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..exact_attention import softcap_logits
 from ._dispatch import resolve_backend, tl, triton
 
 
@@ -41,9 +42,11 @@ def sparse_decode_torch(
     keep: torch.Tensor,
     scale: float,
     logits: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """``out [B,Hq,d]`` (``q``'s dtype) of RoPE'd ``q [B,Hq,d]`` over ``k_cache/v_cache [B,Hkv,Nmax,d]``, accumulated
-    in float32 whatever the K/V dtype (the runtime's CPU path; K/V may live on the host).
+    in float32 whatever the K/V dtype (the runtime's CPU path; K/V may live on the host). ``softcap``: the
+    model's cap on scaled logits (Gemma 2), applied as its own attention applies it.
 
     ``indices [B,Hkv,K]`` (int64) select rows; entries with ``keep = False`` are ignored (their index must still
     lie in ``[0, Nmax)``). A head with nothing kept outputs zeros. ``logits [B,Hkv,G,K]`` (unscaled float32
@@ -56,7 +59,7 @@ def sparse_decode_torch(
     if logits is None:  # float32 products, as the re-ranking's logits are: the same numerics either way
         k = gather_rows(k_cache, indices, q.device).float()  # [B, Hkv, K, d]
         logits = q.float().reshape(b, hkv, hq // hkv, d) @ k.transpose(-1, -2)  # [B, Hkv, G, K]
-    logits = logits * scale
+    logits = softcap_logits(logits * scale, softcap)
     masked = not bool(keep.all())
     if masked:
         logits = logits.masked_fill(~keep[:, :, None, :], float("-inf"))

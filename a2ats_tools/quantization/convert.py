@@ -29,7 +29,7 @@ from ..calibration.format import KEYS, QUERY_COUNT, WROPE_QUERY_MOMENT, Calibrat
 from ..defaults import DEFAULT_CODES
 from ..errors import A2atsError, DataError
 from ..io import atomic_directory, check_output_dir, open_safetensors, write_json, write_safetensors
-from ..models import ModelSource, load_model, load_tokenizer, resolve_source, rotary
+from ..models import ModelSource, attention_scale, load_model, load_tokenizer, resolve_source, rotary
 from ..rope import DistanceBuckets
 from ..runtime.settings import RuntimeSettings
 from . import whitening
@@ -87,7 +87,7 @@ def resolve_buckets(spec: str, max_positions: int) -> DistanceBuckets:
 
 
 def keys_per_head(calib: CalibrationSet) -> int:
-    with open_safetensors(calib.path / layer_file(0)) as f:
+    with open_safetensors(calib.path / layer_file(calib.retrieval_layers[0])) as f:
         return int(f.get_slice(KEYS).get_shape()[1])
 
 
@@ -107,11 +107,15 @@ def choose_codes(codes: int, available: int, allow_shrink: bool, console: Consol
     return shrunk
 
 
-def layer_factors(calib: CalibrationSet, plain: bool, positions: str | int) -> tuple[list[torch.Tensor], list[list[float]]]:
-    """The whitening factor ``L [Hkv, d, d]`` (float64) of every layer and the Cholesky jitter each head needed."""
+def layer_factors(
+    calib: CalibrationSet, plain: bool, positions: str | int
+) -> tuple[dict[int, torch.Tensor], list[list[float]]]:
+    """The whitening factor ``L [Hkv, d, d]`` (float64) of every calibrated layer (keyed by layer index) and the
+    Cholesky jitter each head needed (one row per calibrated layer, in layer order)."""
     geo = calib.geometry
-    factors, jitters = [], []
-    for layer in range(calib.num_layers):
+    factors: dict[int, torch.Tensor] = {}
+    jitters: list[list[float]] = []
+    for layer in calib.retrieval_layers:
         if plain:
             f = whitening.identity(geo.num_kv_heads, geo.head_dim)
         else:
@@ -119,7 +123,7 @@ def layer_factors(calib: CalibrationSet, plain: bool, positions: str | int) -> t
                 calib.tensor(layer, WROPE_QUERY_MOMENT), calib.tensor(layer, QUERY_COUNT), calib.relative_positions, positions
             )
             f = whitening.cholesky(h)
-        factors.append(f.lower)
+        factors[layer] = f.lower
         jitters.append(f.jitter)
     return factors, jitters
 
@@ -127,7 +131,7 @@ def layer_factors(calib: CalibrationSet, plain: bool, positions: str | int) -> t
 def train_jobs(
     calib: CalibrationSet,
     jobs: Sequence[Job],
-    factors: list[torch.Tensor],
+    factors: dict[int, torch.Tensor],
     *,
     codes: int,
     iters: int,
@@ -305,7 +309,8 @@ def convert(
     if jittered and main:
         console.print(f"[yellow]note:[/] {jittered} query moment(s) needed Cholesky jitter (nearly singular H)")
 
-    jobs = [Job(layer, head) for layer in range(geo.num_layers) for head in range(geo.num_kv_heads)]
+    layers = calib.retrieval_layers
+    jobs = [Job(layer, head) for layer in layers for head in range(geo.num_kv_heads)]
     per_head = keys_per_head(calib) * geo.head_dim * 4
     batch = heads_per_batch or max(1, min(len(jobs), HEAD_BYTES_PER_BATCH // max(1, per_head), 32))
     also_plain = compare_plain and not plain
@@ -319,7 +324,7 @@ def convert(
                 trained = train_jobs(calib, mine, factors, salt=0, **common)
                 plain_trained = {}
                 if also_plain:
-                    eye = [torch.eye(geo.head_dim, dtype=torch.float64).expand_as(f).clone() for f in factors]
+                    eye = {i: torch.eye(geo.head_dim, dtype=torch.float64).expand_as(f).clone() for i, f in factors.items()}
                     plain_trained = train_jobs(calib, mine, eye, salt=1, label="plain · ", **common)
         part: dict[str, torch.Tensor] = {}
         for name, (cb, inertia) in trained.items():
@@ -340,10 +345,10 @@ def convert(
         def stack(prefix: str, layer: int) -> torch.Tensor:
             return torch.stack([merged[f"{prefix}.{layer}.{h}"] for h in range(geo.num_kv_heads)])
 
-        codebooks = [stack("qa", layer) for layer in range(geo.num_layers)]
-        inertia = [stack("qa_inertia", layer).flatten().tolist() for layer in range(geo.num_layers)]
-        plain_books = [stack("plain", layer) for layer in range(geo.num_layers)] if also_plain else None
-        factors32 = [f.float() for f in factors]
+        codebooks = {layer: stack("qa", layer) for layer in layers}
+        inertia = [stack("qa_inertia", layer).flatten().tolist() for layer in layers]
+        plain_books = {layer: stack("plain", layer) for layer in layers} if also_plain else None
+        factors32 = {i: f.float() for i, f in factors.items()}
         write_codebooks(tmp, codebooks, factors32)
 
         source, lm, tokenizer = _model(calib, model, loaded, light, console)
@@ -353,6 +358,7 @@ def convert(
             codebook_size=codes,
             whitening="plain" if plain else "query_aware",
             buckets=bucket_spec.to_config(),
+            retrieval_layers=layers,
             seed=seed,
             calibration={"path": str(Path(calibration).resolve()), "manifest": _manifest_summary(calib)},
         )
@@ -361,11 +367,10 @@ def convert(
         weights = write_model_files(lm, tokenizer, tmp, light=light)
         config.model = {"source": source.to_dict(), "weights": weights}
 
-        n = geo.num_layers
-        with _Progress(n, not quiet, console) as progress:
+        with _Progress(len(layers), not quiet, console) as progress:
             progress.describe("conversion report")
             report = build_report(
-                calib, codebooks, factors32, plain_books, rotary(lm), bucket_spec, policy,
+                calib, codebooks, factors32, plain_books, rotary(lm), bucket_spec, policy, attention_scale(lm),
                 progress=lambda layer: progress.advance(f"report · layer {layer}"),
             )
         report["training"] = {

@@ -38,13 +38,15 @@ def layer_recall(
     rotary: Rotary,
     buckets: DistanceBuckets,
     policy: RuntimeSettings,
+    scale: float | None = None,
 ) -> dict[str, float]:
-    """Mean recall of one layer for each method; ``codebooks`` maps a method to ``(codebook, whitening)``."""
+    """Mean recall of one layer for each method; ``codebooks`` maps a method to ``(codebook, whitening)``;
+    ``scale``: the model's softmax scale (None: ``head_dim**-0.5``)."""
     keys = calib.tensor(layer, HELDOUT_KEYS).float()  # [S, Hkv, L, d]
     queries = calib.tensor(layer, HELDOUT_QUERIES).float()  # [S, Hq, M, d]
     positions = calib.tensor(layer, HELDOUT_POSITIONS).long()  # [S, M]
     hkv, d = keys.shape[1], keys.shape[-1]
-    scale = d**-0.5
+    scale = scale if scale is not None else d**-0.5
     totals: dict[str, list[torch.Tensor]] = {}
     for s in range(keys.shape[0]):
         true = exact_logits(queries[s], positions[s], keys[s], rotary)
@@ -59,22 +61,23 @@ def layer_recall(
 
 def build_report(
     calib: CalibrationSet,
-    codebooks: list[torch.Tensor],
-    factors: list[torch.Tensor],
-    plain: list[torch.Tensor] | None,
+    codebooks: dict[int, torch.Tensor],
+    factors: dict[int, torch.Tensor],
+    plain: dict[int, torch.Tensor] | None,
     rotary: Rotary,
     buckets: DistanceBuckets,
     policy: RuntimeSettings,
+    scale: float | None = None,
     progress: Any = None,
 ) -> dict[str, Any]:
-    """Per-layer and mean recall for every method, as a JSON-ready dict."""
+    """Per-layer (retrieved layers only) and mean recall for every method, as a JSON-ready dict."""
     rows = []
-    for layer in range(calib.num_layers):
+    for layer in calib.retrieval_layers:
         books = {"query_aware_vq": (codebooks[layer], factors[layer])}
         if plain is not None:
             eye = torch.eye(codebooks[layer].shape[-1]).expand_as(factors[layer])
             books["plain_vq"] = (plain[layer], eye)
-        rows.append({"layer": layer, **layer_recall(calib, layer, books, rotary, buckets, policy)})
+        rows.append({"layer": layer, **layer_recall(calib, layer, books, rotary, buckets, policy, scale)})
         if progress is not None:
             progress(layer)
     methods = [m for m in METHODS if m in rows[0]]

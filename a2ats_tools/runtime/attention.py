@@ -3,18 +3,21 @@
 Prefill (more than one query) is dense and exact: SDPA with the explicit mask (``is_causal`` only for an aligned,
 unpadded prefill from row 0, where transformers leaves the mask out), over the
 cache. A decode step (one query) asks the layer's selector for rows and attends exactly to those rows only,
-with the true RoPE query and post-RoPE keys.
+with the true RoPE query and post-RoPE keys. Sliding and chunked layers always attend densely to their window.
+A soft-capping model (Gemma 2) gets its cap on every path; its decode steps take the torch path (the fused
+kernels do not cap).
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..exact_attention import exact_attention
 from ..kernels import sparse_attention
 from ..rope import undo_rope
+from .cache import A2atsLayer
 from .settings import use_triton
 from .step import StepContext
 
@@ -49,24 +52,19 @@ def _last_position(step: StepContext, cos: torch.Tensor, sin: torch.Tensor) -> t
     return step.shared("last_position", lambda: (cos[:, -1], sin[:, -1]), cos, sin)
 
 
-def a2ats_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function: dense SDPA for prefill (and dense layers), retrieval attention for decode
-    once the cache outgrows the budget (before that, selection would keep every row and SDPA is the same)."""
+def a2ats_attention_forward(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs
+):
+    """transformers attention function: exact attention for prefill, windowed layers and dense layers; retrieval
+    attention for decode once the cache outgrows the budget (before that, selection would keep every row)."""
     cache = getattr(module, "_a2ats_cache", None)
-    sparse = cache is not None and query.shape[2] == 1 and not cache.layers[module.layer_idx].selector.dense
+    layer = cache.layers[module.layer_idx] if cache is not None else None
+    sparse = isinstance(layer, A2atsLayer) and query.shape[2] == 1 and not layer.selector.dense
     if sparse:
-        layer = cache.layers[module.layer_idx]
         valid = _valid_rows(layer.state.step, attention_mask, query.shape[0], layer.state.length, query.device)
         sparse = not layer.selector.keeps_everything(layer.state, valid, layer.state.length)
-    if not sparse:  # prefill, dense layers, and decode steps whose budget still covers the whole cache
-        key, value = key.to(query.device), value.to(query.device)
-        kwargs.pop("is_causal", None)
-        aligned = attention_mask is None and query.shape[2] == key.shape[2]  # only then may SDPA use is_causal
-        if attention_mask is None and not aligned and query.shape[2] > 1:
-            raise RuntimeError("a2ats prefill got no mask for a chunk that does not start at 0")
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=aligned, **kwargs
-        )
+    if not sparse:  # prefill, windowed and dense layers, decode steps whose budget still covers the whole cache
+        return exact_attention(module, query, key, value, attention_mask, scaling, softcap, dropout, **kwargs)
     st = layer.state
     b, hq, _, d = query.shape
     scale = scaling if scaling is not None else d**-0.5
@@ -74,7 +72,9 @@ def a2ats_attention_forward(module, query, key, value, attention_mask, scaling=N
         layer.selector.scale = scale
     cos, sin = layer.rope
     q_post = query[:, :, 0]  # [B, Hq, d]
-    fused = layer.selector.fused_decode(st, q_post, _last_position(st.step, cos, sin), st.length, valid, scale)
+    fused = None
+    if softcap is None:
+        fused = layer.selector.fused_decode(st, q_post, _last_position(st.step, cos, sin), st.length, valid, scale)
     if fused is not None:
         out, picked = fused
         layer.last_selection = picked  # -1 pads the rows of samples that keep fewer (left padding)
@@ -82,10 +82,12 @@ def a2ats_attention_forward(module, query, key, value, attention_mask, scaling=N
     q_pre = undo_rope(q_post.float(), cos[:, -1:].float(), sin[:, -1:].float())
     chosen = layer.selector.select(st, q_pre, q_post, st.length, valid)
     layer.last_selection = (chosen.indices, chosen.keep)
-    if use_triton(layer.selector.settings.kernels, q_post, st.keys, st.values):
+    if softcap is None and use_triton(layer.selector.settings.kernels, q_post, st.keys, st.values):
         out = sparse_attention.sparse_decode_triton(q_post, st.keys, st.values, chosen.indices, chosen.keep, scale)
     else:
-        out = sparse_attention.sparse_decode_torch(q_post, st.keys, st.values, chosen.indices, chosen.keep, scale, chosen.logits)
+        out = sparse_attention.sparse_decode_torch(
+            q_post, st.keys, st.values, chosen.indices, chosen.keep, scale, chosen.logits, softcap
+        )
     return out.to(query.dtype).unsqueeze(1), None  # [B, 1, Hq, d]
 
 

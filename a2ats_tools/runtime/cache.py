@@ -7,6 +7,9 @@ attention pre-hook): a prefill chunk's keys already taken back to pre-RoPE form 
 step's as they are (``on_decode_append``, which undoes RoPE when the selector needs it). With
 ``offload="cpu"`` the full K/V live in host memory (pinned when CUDA is present); the selector's metadata
 (codes) stays on the compute device and decode moves only selected rows.
+
+Only full-attention layers are :class:`A2atsLayer` s. A sliding or chunked layer keeps transformers' own
+bounded cache layer of its window (``DynamicSlidingWindowLayer``) and attends to all of it, as the model does.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 
 import torch
 from transformers import Cache
-from transformers.cache_utils import CacheLayerMixin
+from transformers.cache_utils import CacheLayerMixin, DynamicSlidingWindowLayer
 
 from ..rope import undo_rope_keys
 from .selectors import TokenSelector
@@ -170,12 +173,28 @@ class A2atsLayer(CacheLayerMixin):
 
 
 class A2atsCache(Cache):
-    """A transformers ``Cache`` of :class:`A2atsLayer` s; pass it as ``cache=`` (``past_key_values=`` before
-    transformers 5.24; ``generate`` builds one for you)."""
+    """A transformers ``Cache`` of :class:`A2atsLayer` s (full-attention layers) and sliding-window layers (the
+    others); pass it as ``cache=`` (``past_key_values=`` before transformers 5.24; ``generate`` builds one)."""
 
-    def __init__(self, selectors: list[TokenSelector], offload: str | None = None, reserve: int | None = None):
-        """``reserve``: rows to allocate at the first update when they suffice (the final length, if known)."""
-        super().__init__(layers=[A2atsLayer(sel, offload, reserve) for sel in selectors])
+    def __init__(
+        self,
+        selectors: list[TokenSelector | None],
+        offload: str | None = None,
+        reserve: int | None = None,
+        windows: list[int | None] | None = None,
+    ):
+        """``selectors``: one per layer, None for a windowed layer, whose window ``windows`` gives.
+        ``reserve``: rows to allocate at the first update when they suffice (the final length, if known)."""
+        windows = windows or [None] * len(selectors)
+        layers: list[CacheLayerMixin] = []
+        for sel, window in zip(selectors, windows, strict=True):
+            if sel is None:
+                if window is None:
+                    raise ValueError("a layer without a selector needs its attention window")
+                layers.append(DynamicSlidingWindowLayer(sliding_window=window))
+            else:
+                layers.append(A2atsLayer(sel, offload, reserve))
+        super().__init__(layers=layers)
         self.step = StepContext()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -188,11 +207,21 @@ class A2atsCache(Cache):
         """Drop what the last step derived and give every layer one new context to share."""
         self.step = StepContext()
         for layer in self.layers:
-            layer.state.step = self.step
+            if isinstance(layer, A2atsLayer):
+                layer.state.step = self.step
         return self.step
 
     def set_rope(self, layer_idx: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        self.layers[layer_idx].rope = (cos, sin)
+        """This step's rotary factors for a retrieved layer (windowed layers need none)."""
+        layer = self.layers[layer_idx]
+        if isinstance(layer, A2atsLayer):
+            layer.rope = (cos, sin)
 
     def device_bytes(self) -> int:
-        return sum(layer.device_bytes() for layer in self.layers)
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, A2atsLayer):
+                total += layer.device_bytes()
+            elif layer.is_initialized:
+                total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+        return total

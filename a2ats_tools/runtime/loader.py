@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from ..artifacts.checkpoint import A2atsConfig, read_codebooks, read_config
 from ..compat import cache_kwargs, passed_cache
 from ..errors import A2atsError, ArtifactError
-from ..models import ModelSource, check_supported, geometry, load_model, load_tokenizer, rotary
+from ..models import (
+    FULL,
+    ModelSource,
+    attention_window,
+    check_supported,
+    geometry,
+    layer_types,
+    load_model,
+    load_tokenizer,
+    retrieval_layers,
+    rotary,
+)
 from . import attention, hooks
 from .cache import A2atsCache
 from .selectors import SELECTOR_CLASSES, A2atsSelector, DenseSelector, TokenSelector
@@ -27,8 +40,10 @@ class A2atsRuntime:
         self.config = config
         self.codebooks, self.whitening = codebooks, whitening
         self.settings = settings
-        self.rotary = rotary(model)
-        self._selector_memo: tuple[RuntimeSettings, torch.device, list[TokenSelector]] | None = None
+        self.rotary = rotary(model)  # the full-attention layers' rotary embedding: the only layers retrieved
+        types = layer_types(model)
+        self.windows = [None if t == FULL else attention_window(model, t) for t in types]
+        self._selector_memo: tuple[RuntimeSettings, torch.device, list[TokenSelector | None]] | None = None
         self.check(settings)
 
     def check(self, settings: RuntimeSettings) -> None:
@@ -51,7 +66,8 @@ class A2atsRuntime:
         self.settings = settings
         return self.settings
 
-    def selectors(self, settings: RuntimeSettings | None = None) -> list[TokenSelector]:
+    def selectors(self, settings: RuntimeSettings | None = None) -> list[TokenSelector | None]:
+        """One selector per retrieved layer, None for a windowed layer (dense over its window)."""
         settings = settings or self.settings
         device = next(self.model.parameters()).device
         memo = self._selector_memo
@@ -60,8 +76,11 @@ class A2atsRuntime:
         self.check(settings)
         geo = self.config.geometry
         chosen = SELECTOR_CLASSES[settings.selector]
-        out: list[TokenSelector] = []
+        out: list[TokenSelector | None] = []
         for i in range(geo.num_layers):
+            if self.windows[i] is not None:
+                out.append(None)
+                continue
             args = (settings, i, geo.num_heads, geo.num_kv_heads, geo.head_dim)
             cls = DenseSelector if i in settings.dense_layers else chosen
             if issubclass(cls, A2atsSelector):
@@ -76,24 +95,35 @@ class A2atsRuntime:
         """A fresh :class:`A2atsCache` with the current settings (plus ``overrides`` for this cache only);
         ``reserve``: the length it will reach, if known (allocated at once instead of prompt + 1/8 headroom)."""
         settings = self.settings.with_overrides(**overrides) if overrides else self.settings
-        return A2atsCache(self.selectors(settings), offload=settings.offload, reserve=reserve)
+        return A2atsCache(self.selectors(settings), offload=settings.offload, reserve=reserve, windows=self.windows)
 
     @torch.no_grad()
     def cache_from(self, dense_cache: Any, chunk: int = 4096, reserve: int | None = None, **overrides: Any) -> A2atsCache:
         """An :class:`A2atsCache` holding what a dense prefill left in ``dense_cache`` (a transformers cache of
         post-RoPE keys at positions ``0..n-1``, unpadded), fed in chunks as a prefill would: each key encoded
-        once. Lets several configurations share one dense prefill (prefill is dense and exact either way)."""
+        once. Lets several configurations share one dense prefill (prefill is dense and exact either way).
+        A windowed layer takes the dense cache's layer as it is (a sliding-window layer) or its last window."""
         cache = self.new_cache(reserve=reserve, **overrides)
         n = dense_cache.get_seq_length()
         first = dense_cache.layers[0].keys
         device = next(self.model.parameters()).device
+        retrieved = [i for i, w in enumerate(self.windows) if w is None]
         for start in range(0, n, chunk):
             pos = torch.arange(start, min(n, start + chunk), device=device)
             cos, sin = self.rotary.cos_sin(pos)
             cos, sin = cos.expand(first.shape[0], -1, -1), sin.expand(first.shape[0], -1, -1)
-            for i, layer in enumerate(dense_cache.layers):
+            for i in retrieved:
+                layer = dense_cache.layers[i]
                 cache.set_rope(i, cos, sin)
                 cache.update(layer.keys[:, :, start : start + len(pos)], layer.values[:, :, start : start + len(pos)], i)
+        for i, window in enumerate(self.windows):
+            if window is None:
+                continue
+            source = dense_cache.layers[i]
+            if isinstance(source, DynamicSlidingWindowLayer):
+                cache.layers[i] = copy.deepcopy(source)
+            else:  # a full dense layer: the sliding layer keeps what its window needs
+                cache.layers[i].update(source.keys, source.values)
         return cache
 
 
@@ -122,6 +152,15 @@ def _generate(model: nn.Module, original, *args, a2ats: dict[str, Any] | None = 
     return original(*args, **kwargs)
 
 
+def check_layers(config: A2atsConfig, model: nn.Module) -> None:
+    """The checkpoint's codebooks must be those of exactly the model's full-attention layers."""
+    have, want = config.layers_with_codebooks(), retrieval_layers(model)
+    if have != want:
+        raise ArtifactError(
+            f"the checkpoint has codebooks for layers {have} but the model's full-attention layers are {want}"
+        )
+
+
 def attach(model: nn.Module, config: A2atsConfig, codebooks, whitening, settings: RuntimeSettings | None = None) -> nn.Module:
     """Turn retrieval attention on for ``model`` (in place): checks geometry, registers the attention/mask
     functions, installs the hooks and wraps ``generate``. ``model.a2ats`` is the :class:`A2atsRuntime`."""
@@ -129,7 +168,10 @@ def attach(model: nn.Module, config: A2atsConfig, codebooks, whitening, settings
     problem = config.geometry.mismatch(geometry(model))
     if problem:
         raise ArtifactError(f"the checkpoint's codebooks do not fit this model: {problem}")
+    check_layers(config, model)
     attention.register()
+    if model.config._attn_implementation != attention.NAME:
+        model._a2ats_plain_attention = model.config._attn_implementation  # what detach() goes back to
     model.set_attn_implementation(attention.NAME)
     hooks.install(model)
     model.a2ats = A2atsRuntime(model, config, codebooks, whitening, settings or RuntimeSettings.from_config(config))
@@ -139,9 +181,9 @@ def attach(model: nn.Module, config: A2atsConfig, codebooks, whitening, settings
 
 
 def detach(model: nn.Module) -> nn.Module:
-    """Back to plain SDPA attention (the artifacts stay loaded at ``model.a2ats``)."""
+    """Back to the model's plain attention (the artifacts stay loaded at ``model.a2ats``)."""
     hooks.remove(model)
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(getattr(model, "_a2ats_plain_attention", "sdpa"))
     model.__dict__.pop("generate", None)
     return model
 
@@ -198,6 +240,7 @@ def load_converted(
         runtime.check(settings)
         runtime.settings = settings
     else:  # a --light checkpoint (weights referenced elsewhere) loads as the plain model
+        check_layers(config, model)
         codebooks, whitening = read_codebooks(directory, config)
         attach(model, config, codebooks, whitening, settings)
     tok_source = source if not (directory / "tokenizer_config.json").is_file() else ModelSource(str(directory))
@@ -208,5 +251,6 @@ def load_converted(
 def attach_from_dir(model: nn.Module, directory: str | Path, **overrides: Any) -> nn.Module:
     """Attach using the artifacts in ``directory`` (used by the transformers quantizer hook)."""
     config = read_config(directory)
+    check_layers(config, model)
     codebooks, whitening = read_codebooks(directory, config)
     return attach(model, config, codebooks, whitening, RuntimeSettings.from_config(config, **overrides))
