@@ -251,7 +251,7 @@ CASES = {
     "generate: mismatched geometry": Case(
         lambda p, t, o: ["generate", edited_copy(p["ckpt"], t / "k", set_json(
             "a2ats_config.json", geometry={**json.loads((p["ckpt"] / "a2ats_config.json").read_text())["geometry"],
-                                            "num_layers": 5})), "-p", "hi"], ("layer 2",), ""),
+                                            "num_layers": 5})), "-p", "hi"], ("layers [0, 1, 2, 3, 4]", "full-attention layers are [0, 1]"), ""),
     # eval and bench
     "eval: out under a file": Case(
         lambda p, t, o: ["eval", p["ckpt"], "--out", p["file"] / "eval", "--stages", "recall", "-q"],
