@@ -62,6 +62,7 @@ def bench(
 
       a2ats bench runs/ckpt --contexts 8k --batches 4 --also rerank=0 --also score_dtype=float32 -o runs/bench-knobs
     """
+    params = dict(locals())  # the options as given, before any other local exists
     import torch
 
     from ..bench.decode import WARMUP_STEPS, Contender, bench_point
@@ -70,7 +71,7 @@ def bench(
     from ..evaluation.harness import ModelUnderTest, Variant
     from ..evaluation.options import parse_int_list
     from ..io import atomic_directory, check_output_dir, write_json
-    from ..runtime.settings import parse_budget, parse_overrides
+    from ..runtime.settings import parse_overrides
 
     ctx_list = parse_int_list(contexts, "--contexts")
     batch_list = parse_int_list(batches, "--batches")
@@ -79,13 +80,8 @@ def bench(
     check_output_dir(out, overwrite, "bench output directory")  # fail fast; written once the timings are in
     console = Console(stderr=True, quiet=quiet)
     options.check_device_and_dtype(device, dtype)
-    mut = ModelUnderTest(checkpoint, device=device, dtype=dtype, **options.runtime_overrides(
-        buckets=buckets, selector=selector, rerank=rerank, rerank_aggregation=rerank_aggregation,
-        aggregation=aggregation, prefill_chunk=prefill_chunk, offload=offload, dense_layers=dense_layers,
-        score_dtype=score_dtype, kernels=kernels,
-    ))
+    mut = ModelUnderTest(checkpoint, device=device, dtype=dtype, **options.runtime_overrides(params))
     max_len = mut.runtime.config.geometry.max_position_embeddings
-    overrides = {"budget": parse_budget(budget)} if budget is not None else {}
     notes = []
     too_long = [c for c in ctx_list if c + (repeats + 1) * steps + 4 > max_len]
     if too_long:
@@ -102,9 +98,9 @@ def bench(
         fill = None if extra is None else (lambda prefix: mut.runtime.cache_from(prefix, reserve=prefix.get_seq_length() + decode))
         return Contender(name, prepare, lambda: holder["make"](), fill)
 
-    contenders = [variant("dense", None), variant(mut.base_settings.selector, overrides)]
+    contenders = [variant("dense", None), variant(mut.base_settings.selector, {})]
     for spec in also or []:
-        extra = {**overrides, **parse_overrides(spec)}
+        extra = parse_overrides(spec)
         mut.base_settings.with_overrides(**extra)  # a bad key or value fails here, before any timing
         contenders.append(variant(f"a2ats[{spec}]", extra))
     gen = torch.Generator().manual_seed(seed)
@@ -130,7 +126,7 @@ def bench(
     result = {
         "schema": "a2ats.bench", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": platform.node(), "checkpoint": str(checkpoint), "device": str(mut.device), "dtype": dtype,
-        "torch_threads": torch.get_num_threads(), "runtime": mut.base_settings.with_overrides(**overrides).to_record(),
+        "torch_threads": torch.get_num_threads(), "runtime": mut.base_settings.to_record(),
         "points": points, "kernels": microbench, "notes": notes,
     }
     with atomic_directory(out, overwrite, "bench output directory", writer="bench") as tmp:  # a previous --out stays whole until now

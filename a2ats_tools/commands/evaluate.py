@@ -80,6 +80,7 @@ def evaluate(
 
       a2ats eval runs/ckpt --stages perplexity,tasks --baselines norerank --also score_dtype=float32 -o runs/knobs
     """
+    params = dict(locals())  # the options as given, before any other local exists
     from ..errors import A2atsError
     from ..evaluation import plots
     from ..evaluation.harness import ModelUnderTest, Variant, build_variants, parse_baselines
@@ -105,11 +106,7 @@ def evaluate(
 
     console = Console(stderr=True, quiet=quiet)
     options.check_device_and_dtype(device, dtype)
-    mut = ModelUnderTest(checkpoint, device=device, dtype=dtype, **options.runtime_overrides(
-        buckets=buckets, selector=selector, rerank=rerank, rerank_aggregation=rerank_aggregation,
-        aggregation=aggregation, prefill_chunk=prefill_chunk, offload=offload, dense_layers=dense_layers,
-        score_dtype=score_dtype, kernels=kernels,
-    ))
+    mut = ModelUnderTest(checkpoint, device=device, dtype=dtype, **options.runtime_overrides(params))
     base_budget = mut.base_settings.budget if baseline_budget is None else parse_budget(baseline_budget)
     max_len = mut.runtime.config.geometry.max_position_embeddings
     notes = []

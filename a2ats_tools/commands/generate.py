@@ -127,6 +127,7 @@ def generate(
 
       a2ats generate runs/ckpt --task niah_single --task-length 4096 --compare-dense
     """
+    params = dict(locals())  # the options as given, before any other local exists
     import torch
     from transformers import DynamicCache, TextStreamer
 
@@ -139,11 +140,7 @@ def generate(
         raise A2atsError("--max-new-tokens must be at least 1")
     options.check_device_and_dtype(device, dtype)
     err = Console(stderr=True)
-    model, tok = load_converted(checkpoint, device=device, dtype=getattr(torch, dtype), **options.runtime_overrides(
-        budget=budget, offload=offload, buckets=buckets, selector=selector, rerank=rerank,
-        rerank_aggregation=rerank_aggregation, aggregation=aggregation, prefill_chunk=prefill_chunk,
-        dense_layers=dense_layers, score_dtype=score_dtype, kernels=kernels,
-    ))
+    model, tok = load_converted(checkpoint, device=device, dtype=getattr(torch, dtype), **options.runtime_overrides(params))
     sample = None
     if task is not None:
         sample = _task_sample(task, tok, task_length, task_sample, task_seed, haystack)

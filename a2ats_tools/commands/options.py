@@ -8,6 +8,7 @@ This module imports typer only, so ``--help`` stays fast.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 import typer
@@ -62,9 +63,16 @@ Kernels = Annotated[str | None, typer.Option(
 )]
 
 
-def runtime_overrides(**values: Any) -> dict[str, Any]:
-    """The runtime options that were given (not None), keyed by their :class:`RuntimeSettings` field."""
-    return {name: value for name, value in values.items() if value is not None}
+RUNTIME_OPTIONS = (  # each is a RuntimeSettings field of the same name, and a parameter of the commands taking it
+    "budget", "buckets", "selector", "rerank", "rerank_aggregation", "aggregation", "prefill_chunk", "offload",
+    "dense_layers", "score_dtype", "kernels",
+)
+
+
+def runtime_overrides(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The runtime options among a command's ``params`` that were given (not None), keyed by their
+    :class:`RuntimeSettings` field."""
+    return {name: params[name] for name in RUNTIME_OPTIONS if params.get(name) is not None}
 
 
 def check_device_and_dtype(device: str, dtype: str) -> None:
