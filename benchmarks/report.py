@@ -93,6 +93,8 @@ def runtime_line(run: Run) -> str:
         return ""
     shown = []
     for key, value in rt.items():
+        if value is None or value in ([], ()):  # unset options (offload, prefill_chunk, dense_layers)
+            continue
         if key == "buckets" and isinstance(value, dict):
             value = f"{value.get('mode')} ({len(value.get('centres', []))})"
         shown.append(f"{key} {value}")
@@ -304,10 +306,10 @@ def summary_block(runs: list[Run]) -> list[str]:
     dates = sorted({(p.get("created") or "date not recorded")[:10] for p in shown})
     commits = sorted({p["commit"][:7] for p in shown if p.get("commit")})
     lines = table(SUMMARY_HEAD, rows)
-    lines.append(f"Measured on {'; '.join(machines)} with {'; '.join(versions)}, on {', '.join(dates)}"
-                 + (f" at commit {', '.join(f'`{c}`' for c in commits)}" if commits else "") + ", by "
-                 + ", ".join(f"`{p['command']}`" if p.get("command") else "a command not recorded" for p in shown)
-                 + "; rendered by `benchmarks/report.py` from their JSON.")
+    lines += [f"Measured on {'; '.join(machines)} with {'; '.join(versions)}, on {', '.join(dates)}"
+              + (f" at commit {', '.join(f'`{c}`' for c in commits)}" if commits else "")
+              + "; rendered by `benchmarks/report.py` from the JSON of:", ""]
+    lines += [f"- `{p['command']}`" if p.get("command") else "- a run whose command was not recorded" for p in shown]
     return lines + [""]
 
 
