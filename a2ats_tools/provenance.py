@@ -57,13 +57,22 @@ def _version(module: str) -> str | None:
         return None
 
 
+def _load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages: on a shared machine, how busy it was while the run timed things."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def run_provenance() -> dict[str, Any]:
-    """Date, machine, versions, commit and command of this process, for a results document."""
+    """Date, machine (and its load), versions, commit and command of this process, for a results document."""
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": platform.node(),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
+        "load": _load_average(),
         "torch": _version("torch"),
         "transformers": _version("transformers"),
         "python": platform.python_version(),

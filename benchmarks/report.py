@@ -78,6 +78,8 @@ def caption(run: Run) -> str:
         parts.append(f"{p['cpu']}, {p.get('cores')} cores" + (f" (host {p['host']})" if p.get("host") else ""))
     else:
         parts.append(f"host {p.get('host') or '?'}, CPU not recorded")
+    if p.get("load"):
+        parts.append(f"load average {p['load'][0]:.1f} (1 min) when written")
     if "torch_threads" in run.data:
         parts.append(f"{run.data['torch_threads']} torch threads")
     versions = [f"{name} {p[name]}" for name in ("torch", "transformers") if p.get(name)]

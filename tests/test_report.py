@@ -64,6 +64,7 @@ def test_every_table_is_captioned_with_its_run(page):
         else:
             assert "a2ats bench runs/smollm2-a2ats --contexts 1k,8k" in caption
             assert "commit `abcdef0`" in caption and "2026-12-02" in caption and "2 torch threads" in caption
+            assert "load average 1.5 (1 min) when written" in caption
 
 
 def test_the_summary_has_one_number_per_cell(report, page):
