@@ -14,6 +14,7 @@ from a2ats_tools.compat import cache_kwargs, output_cache
 from a2ats_tools.errors import ArtifactError
 from a2ats_tools.models import geometry, rotary
 from a2ats_tools.rope import undo_rope
+from a2ats_tools.runtime.selectors import SELECTOR_CLASSES
 
 from .conftest import TINY_ARCHS, build_tiny_model
 
@@ -132,7 +133,7 @@ def test_low_budget_changes_output_and_respects_accounting(tiny_checkpoints):
                 assert len(rows) == keep[b, h].sum()  # no duplicates
 
 
-@pytest.mark.parametrize("selector", ["a2ats", "streaming", "exact", "quest"])
+@pytest.mark.parametrize("selector", sorted(SELECTOR_CLASSES))  # every registered selector
 def test_greedy_generate_full_budget_equals_dense(tiny_checkpoints, tokenizer, selector):
     model, _ = load(tiny_checkpoints["qwen3"], budget=1.0, selector=selector)
     dense = dense_model("qwen3")

@@ -71,6 +71,7 @@ def bench(
     from ..evaluation.harness import ModelUnderTest, Variant
     from ..evaluation.options import parse_int_list
     from ..io import atomic_directory, check_output_dir, write_json
+    from ..provenance import run_provenance
     from ..runtime.settings import parse_overrides
 
     ctx_list = parse_int_list(contexts, "--contexts")
@@ -128,6 +129,7 @@ def bench(
         "host": platform.node(), "checkpoint": str(checkpoint), "device": str(mut.device), "dtype": dtype,
         "torch_threads": torch.get_num_threads(), "runtime": mut.base_settings.to_record(),
         "points": points, "kernels": microbench, "notes": notes,
+        "provenance": run_provenance(),
     }
     with atomic_directory(out, overwrite, "bench output directory", writer="bench") as tmp:  # a previous --out stays whole until now
         write_json(tmp / "bench.json", result)

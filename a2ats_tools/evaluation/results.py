@@ -13,6 +13,7 @@ from rich.table import Table
 
 from .. import __version__
 from ..io import write_json
+from ..provenance import run_provenance
 
 SCHEMA = "a2ats.eval"
 
@@ -24,6 +25,7 @@ def new_results(checkpoint: str, settings: dict[str, Any]) -> dict[str, Any]:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": platform.node(),
         "checkpoint": checkpoint,
+        "provenance": run_provenance(),
         "settings": settings,
         "recall": None,
         "tasks": None,

@@ -270,7 +270,7 @@ def two_level_kmeans(
 
     ``threads``: intra-op CPU threads while it trains (``None``: torch's setting; restored after). Its thousands
     of millisecond-sized ops gain little from threads, and on a shared CPU every op's thread barrier can wait
-    for a descheduled worker (measured on a loaded 2-core box: 42 s per head with 2 threads, 1 s with 1).
+    for a descheduled worker.
     """
     with _threads(threads if x.device.type == "cpu" else None):
         return _two_level(x, k, generators, coarse, iters, tol, seeding, points_per_cell, chunk, on_progress)

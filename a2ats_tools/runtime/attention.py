@@ -27,7 +27,7 @@ NAME = "a2ats"
 def a2ats_mask(*args, **kwargs):
     """``sdpa_mask``, which leaves the mask out (None) only where it is purely causal and aligned: no padding,
     and either one query (decode) or as many queries as keys (a prefill starting at 0). There the attention
-    function uses SDPA's ``is_causal`` (about 2x faster than an explicit mask for a 4K prefill on CPU); a chunk
+    function uses SDPA's ``is_causal`` (cheaper than an explicit mask); a chunk
     after the first, or any padding, gets the explicit mask."""
     return sdpa_mask(*args, **kwargs)
 
