@@ -206,7 +206,7 @@ def calibration(tmp_path, tiny_model_dirs) -> Path:
 def quick_convert(calib: Path, out: Path, **kw) -> Path:
     from a2ats_tools.quantization import convert
 
-    return convert(calib, out, codes=16, iters=2, light=True, compare_plain=False, quiet=True, **kw)
+    return convert(calib, out, codes=16, iters=2, light=True, compare_plain=False, **kw)
 
 
 def test_two_converts_of_one_out(calibration, tmp_path, monkeypatch):
@@ -260,7 +260,7 @@ def tiny_calibrate(out: Path, model_dir: Path, corpus: Path, **kw):
 
     recipe = Recipe(name="tiny", sources=(SourceSpec("files", 100, name="text", options={"path": str(corpus)}),),
                     heldout=HeldoutSpec(1, 64, 8), chunk_size=50)
-    return calibrate(out, model=str(model_dir), recipe=recipe, positions="2048", max_length=128, quiet=True,
+    return calibrate(out, model=str(model_dir), recipe=recipe, positions="2048", max_length=128,
                      allow_few_tokens=True, **kw)
 
 

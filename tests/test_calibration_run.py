@@ -14,6 +14,7 @@ from a2ats_tools.calibration.format import LayerStats
 from a2ats_tools.calibration.recipe import HeldoutSpec, Recipe
 from a2ats_tools.calibration.sources import SourceSpec, documents, read_texts, uuid_documents
 from a2ats_tools.errors import A2atsError, DataError
+from a2ats_tools.reporting import ConsoleReporter
 
 from .conftest import build_tiny_model
 
@@ -139,7 +140,7 @@ def tiny_run(tmp_path_factory, tiny_model_dirs):
     data.write_text(" ".join(f"Sentence number {i} talks about item {i * 7 % 13}." for i in range(400)))
     out = tmp / "calib"
     result = calibrate(
-        out, model=str(tiny_model_dirs["qwen3"]), recipe=_recipe(data), positions="2048,log", max_length=128, quiet=True,
+        out, model=str(tiny_model_dirs["qwen3"]), recipe=_recipe(data), positions="2048,log", max_length=128,
         allow_few_tokens=True,
     )
     return result, data
@@ -182,7 +183,7 @@ def test_heldout_keys_are_not_training_keys(tiny_run):
 def test_same_seed_same_result(tiny_run, tiny_model_dirs, tmp_path):
     result, data = tiny_run
     again = calibrate(
-        tmp_path / "again", model=str(tiny_model_dirs["qwen3"]), recipe=_recipe(data), positions="2048,log", max_length=128, quiet=True,
+        tmp_path / "again", model=str(tiny_model_dirs["qwen3"]), recipe=_recipe(data), positions="2048,log", max_length=128,
         allow_few_tokens=True,
     )
     assert torch.equal(again.layer(1).keys, result.layer(1).keys)
@@ -193,7 +194,7 @@ def test_fewer_tokens_than_asked_warns_and_continues(tiny_model_dirs, tmp_path, 
     data.write_text("Only a short document here. " * 5)
     result = calibrate(
         tmp_path / "out", model=str(tiny_model_dirs["llama"]), recipe=_recipe(data, tokens=5000, heldout=HeldoutSpec(0, 0, 0)),
-        positions="2048", quiet=True, allow_few_tokens=True,
+        positions="2048", allow_few_tokens=True, reporter=ConsoleReporter(quiet=True),
     )
     used = result.manifest["tokens"]["by_source"]["text"]
     assert 0 < used < 5000 and result.manifest["tokens_requested"]["text"] == 5000
@@ -206,7 +207,7 @@ def test_empty_dataset_is_an_error(tiny_model_dirs, tmp_path):
     empty.write_text("   \n")
     recipe = Recipe(name="empty", sources=(SourceSpec("files", 100, options={"path": str(empty)}),))
     with pytest.raises(DataError, match="empty"):
-        calibrate(tmp_path / "out", model=str(tiny_model_dirs["llama"]), recipe=recipe, quiet=True, allow_few_tokens=True)
+        calibrate(tmp_path / "out", model=str(tiny_model_dirs["llama"]), recipe=recipe, allow_few_tokens=True)
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
@@ -215,7 +216,7 @@ def test_existing_output_needs_overwrite(tiny_model_dirs, tmp_path):
     out.mkdir()
     (out / "something").write_text("x")
     with pytest.raises(A2atsError, match="--overwrite"):
-        calibrate(out, model=str(tiny_model_dirs["llama"]), recipe="small", quiet=True)
+        calibrate(out, model=str(tiny_model_dirs["llama"]), recipe="small")
     assert (out / "something").exists()
 
 
@@ -234,7 +235,7 @@ def test_interrupted_run_leaves_no_manifest(tiny_model_dirs, tmp_path, monkeypat
     monkeypatch.setattr(accumulate, "write_layer", interrupted_write)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        calibrate(out, model=str(tiny_model_dirs["llama"]), recipe=_recipe(data, tokens=100), quiet=True, allow_few_tokens=True)
+        calibrate(out, model=str(tiny_model_dirs["llama"]), recipe=_recipe(data, tokens=100), allow_few_tokens=True)
     assert not out.exists() and not list(tmp_path.glob(".out.a2ats-partial*"))  # layer 0 went with its partial dir
     with pytest.raises(A2atsError, match="does not exist"):
         CalibrationSet(out)
@@ -247,12 +248,12 @@ def test_unsupported_and_missing_models(tmp_path):
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=100, n_positions=64))
     with pytest.raises(UnsupportedModelError, match="rotary"):
-        calibrate(tmp_path / "out", recipe=Recipe("r", (SourceSpec("uuid", 10),)), loaded=(gpt2, None), quiet=True, allow_few_tokens=True)
+        calibrate(tmp_path / "out", recipe=Recipe("r", (SourceSpec("uuid", 10),)), loaded=(gpt2, None), allow_few_tokens=True)
     with pytest.raises(A2atsError, match="does not exist"):
-        calibrate(tmp_path / "out2", model=str(tmp_path / "no-model"), recipe="small", quiet=True)
+        calibrate(tmp_path / "out2", model=str(tmp_path / "no-model"), recipe="small")
 
 
 def test_duplicate_source_names_are_refused(tmp_path):
     recipe = Recipe(name="dup", sources=(SourceSpec("uuid", 10), SourceSpec("uuid", 20)))
     with pytest.raises(DataError, match="two sources are named 'uuid'"):
-        calibrate(tmp_path / "out", recipe=recipe, quiet=True)
+        calibrate(tmp_path / "out", recipe=recipe)

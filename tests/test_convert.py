@@ -26,6 +26,7 @@ from a2ats_tools.models import geometry, rotary
 from a2ats_tools.quantization import convert
 
 from .conftest import build_tiny_model
+from .test_reporting import Recording
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +77,7 @@ def calib(tmp_path, tiny_llama, tiny_model_dirs) -> Path:
 
 
 def test_convert_writes_a_complete_checkpoint(calib, tmp_path, tiny_model_dirs):
-    out = convert(calib, tmp_path / "ckpt", codes=16, iters=5, quiet=True)
+    out = convert(calib, tmp_path / "ckpt", codes=16, iters=5)
     assert is_converted(out) and not (tmp_path / ".ckpt.a2ats-partial").exists()
     config = read_config(out)
     assert config.codebook_size == 16 and config.whitening == "query_aware"
@@ -96,7 +97,7 @@ def test_convert_writes_a_complete_checkpoint(calib, tmp_path, tiny_model_dirs):
 
 
 def test_plain_light_and_single_bucket(calib, tmp_path):
-    out = convert(calib, tmp_path / "plain", codes=8, iters=3, plain=True, light=True, buckets="single", quiet=True)
+    out = convert(calib, tmp_path / "plain", codes=8, iters=3, plain=True, light=True, buckets="single")
     config = read_config(out)
     _, factors = read_codebooks(out, config)
     assert config.whitening == "plain" and config.buckets["mode"] == "single"
@@ -108,14 +109,14 @@ def test_plain_light_and_single_bucket(calib, tmp_path):
 def test_same_seed_is_bit_identical(calib, tmp_path):
     books = []
     for name in ("a", "b"):
-        out = convert(calib, tmp_path / name, codes=16, iters=4, light=True, compare_plain=False, quiet=True)
+        out = convert(calib, tmp_path / name, codes=16, iters=4, light=True, compare_plain=False)
         books.append(list(read_codebooks(out, read_config(out))[0].values()))
     assert all(torch.equal(x, y) for x, y in zip(*books, strict=True))
 
 
 def test_algorithm_choice_is_recorded(calib, tmp_path):
-    auto = convert(calib, tmp_path / "auto", codes=16, iters=3, light=True, compare_plain=False, quiet=True)
-    lloyd = convert(calib, tmp_path / "lloyd", codes=16, iters=3, light=True, compare_plain=False, quiet=True,
+    auto = convert(calib, tmp_path / "auto", codes=16, iters=3, light=True, compare_plain=False)
+    lloyd = convert(calib, tmp_path / "lloyd", codes=16, iters=3, light=True, compare_plain=False,
                     algorithm="lloyd")
     for out, algorithm in ((auto, "two-level"), (lloyd, "lloyd")):  # auto on CPU: two-level
         training = json.loads((out / "report.json").read_text())["training"]
@@ -124,15 +125,20 @@ def test_algorithm_choice_is_recorded(calib, tmp_path):
     a, b = (read_codebooks(o, read_config(o))[0].values() for o in (auto, lloyd))
     assert not all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     with pytest.raises(A2atsError, match="--algorithm"):
-        convert(calib, tmp_path / "bad", codes=16, quiet=True, algorithm="elkan")
+        convert(calib, tmp_path / "bad", codes=16, algorithm="elkan")
 
 
 def test_too_few_keys_fails_or_shrinks(calib, tmp_path):
     with pytest.raises(DataError, match="--codes"):
-        convert(calib, tmp_path / "x", codes=4096, quiet=True)
+        convert(calib, tmp_path / "x", codes=4096)
     assert not (tmp_path / "x").exists() or not is_converted(tmp_path / "x")
-    out = convert(calib, tmp_path / "y", codes=4096, allow_shrink=True, iters=2, light=True, compare_plain=False, quiet=True)
+    reporter = Recording()
+    out = convert(calib, tmp_path / "y", codes=4096, allow_shrink=True, iters=2, light=True, compare_plain=False,
+                  reporter=reporter)
     assert read_config(out).codebook_size == 128  # a power of two at most a quarter of the 512 keys
+    assert reporter.kinds("warn") == ["only 512 keys per head: shrinking the codebook from 4096 to 128 codes"]
+    assert reporter.kinds("info")[-1] == f"wrote {out}"
+    assert [bar["done"] for bar in reporter.bars] == [bar["total"] for bar in reporter.bars]  # every bar filled
 
 
 def test_artifact_round_trip_and_geometry_check(tmp_path, tiny_llama):

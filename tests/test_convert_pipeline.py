@@ -40,17 +40,17 @@ def _check(out, codes: int, num_layers: int) -> dict:
 
 def test_tiny_calibrate_then_convert(tmp_path, tokenizer):
     model = build_tiny_model("llama")
-    calib = calibrate(tmp_path / "calib", recipe=_recipe(1200, 512), quiet=True, allow_few_tokens=True,
+    calib = calibrate(tmp_path / "calib", recipe=_recipe(1200, 512), allow_few_tokens=True,
                       loaded=(model, tokenizer))
-    out = convert(calib.path, tmp_path / "ckpt", codes=64, iters=5, quiet=True, loaded=(model, tokenizer))
+    out = convert(calib.path, tmp_path / "ckpt", codes=64, iters=5, loaded=(model, tokenizer))
     _check(out, 64, 2)
 
 
 @pytest.mark.slow
 def test_embedded_calibrate_then_convert(tmp_path, embedded_model, tokenizer):
-    calib = calibrate(tmp_path / "calib", recipe=_recipe(2048, 1024), quiet=True, allow_few_tokens=True,
+    calib = calibrate(tmp_path / "calib", recipe=_recipe(2048, 1024), allow_few_tokens=True,
                       loaded=(embedded_model, tokenizer))
-    out = convert(calib.path, tmp_path / "ckpt", codes=128, iters=4, quiet=True, loaded=(embedded_model, tokenizer))
+    out = convert(calib.path, tmp_path / "ckpt", codes=128, iters=4, loaded=(embedded_model, tokenizer))
     report = _check(out, 128, 30)
     saved = json.loads((out / "config.json").read_text())  # the GGUF model, saved dequantized
     assert saved["quantization_config"]["quant_method"] == "a2ats" and (out / "model.safetensors").is_file()

@@ -103,8 +103,8 @@ def checkpoints(tmp_path_factory, tokenizer, corpus) -> dict[str, tuple[Path, Pa
         root = tmp_path_factory.mktemp(name)
         model = build(name)
         calib = calibrate(root / "calib", loaded=(model, tokenizer), recipe=recipe, positions="64", max_length=128,
-                          quiet=True, allow_few_tokens=True)
-        ckpt = convert(calib.path, root / "ckpt", loaded=(model, tokenizer), codes=8, iters=2, quiet=True,
+                          allow_few_tokens=True)
+        ckpt = convert(calib.path, root / "ckpt", loaded=(model, tokenizer), codes=8, iters=2,
                        compare_plain=False)
         out[name] = (calib.path, ckpt)
     return out
@@ -199,7 +199,7 @@ def test_families_that_cannot_be_served_get_a_one_line_error(name, tokenizer, tm
         check_supported(model)
     assert "\n" not in str(err.value)
     with pytest.raises(UnsupportedModelError, match=REFUSED[name]):
-        calibrate(tmp_path / "calib", loaded=(model, tokenizer), tokens=64, quiet=True, allow_few_tokens=True)
+        calibrate(tmp_path / "calib", loaded=(model, tokenizer), tokens=64, allow_few_tokens=True)
 
 
 def test_gemma3_rotary_is_each_layer_types_own():

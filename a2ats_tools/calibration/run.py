@@ -6,12 +6,11 @@ import contextlib
 import io
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..compat import cache_kwargs
 from ..defaults import MIN_TOKENS
@@ -28,6 +27,7 @@ from ..models import (
     retrieval_layers,
     rotary,
 )
+from ..reporting import Bar, Reporter
 from ..rope import DistanceBuckets
 from .accumulate import KEY_DTYPE, StatsAccumulator
 from .capture import capturing
@@ -100,41 +100,22 @@ def heldout_query_positions(length: int, count: int) -> torch.Tensor:
     return torch.linspace(lo, length - 1, count).round().long().unique()
 
 
-class _Progress:
-    def __init__(self, quiet: bool, total: int):
-        self.bar = None
-        if not quiet:
-            self.bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                TextColumn("{task.completed:,.0f}/{task.total:,.0f} tok"),
-                TextColumn("{task.fields[rate]}"),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-            )
-            self.task = self.bar.add_task("calibrating", total=total, rate="")
+@dataclass(frozen=True)
+class _Run:
+    """One calibration run: the recipe, the model and the resolved options."""
 
-    def __enter__(self):
-        if self.bar:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar:
-            self.bar.stop()
-
-    def update(self, description: str | None = None, advance: int = 0) -> None:
-        if not self.bar:
-            return
-        kwargs: dict[str, Any] = {"advance": advance}
-        if description:
-            kwargs["description"] = description
-        self.bar.update(self.task, **kwargs)
-        task = self.bar.tasks[0]
-        if task.speed:
-            self.bar.update(self.task, rate=f"{task.speed:,.0f} tok/s")
+    rec: Recipe
+    lm: Any
+    tokenizer: Any
+    source: ModelSource
+    geo: Geometry
+    positions: list[int]  # the relative positions of the WRoPE query moments
+    max_len: int
+    chunk: int
+    device: torch.device
+    dtype: str
+    seed: int
+    allow_few_tokens: bool
 
 
 def calibrate(
@@ -152,17 +133,39 @@ def calibrate(
     device: str = "cpu",
     dtype: str = "float32",
     overwrite: bool = False,
-    quiet: bool = False,
     allow_few_tokens: bool = False,
     loaded: tuple[Any, Any] | None = None,
+    reporter: Reporter | None = None,
 ) -> CalibrationSet:
     """Run the model over the recipe's text and write a calibration directory; returns it, opened.
 
     ``tokens`` scales the recipe's training-token mix to that total; ``sources`` adds local files sources
     (``PATH`` or ``PATH=TOKENS``). Fewer than :data:`MIN_TOKENS` training tokens, asked for or obtained, are an
     error unless ``allow_few_tokens``. ``loaded`` passes an already loaded ``(model, tokenizer)`` pair (tests).
+    ``reporter`` shows progress and warnings (default: nothing).
     """
-    console = Console(stderr=True)
+    reporter = reporter or Reporter()
+    rec = _recipe(recipe, sources, tokens, allow_few_tokens)
+    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    out = Path(out)
+    check_output_dir(out, overwrite)  # fail fast, before loading the model; checked again under the lock
+    source, lm, tokenizer = _load(model, gguf_file, loaded, torch_dtype, torch_device, reporter)
+    geo = geometry(lm)
+    rel_positions = positions if isinstance(positions, list) else parse_positions(positions, geo.max_position_embeddings)
+    max_len = int(max_length or rec.max_length or geo.max_position_embeddings)
+    chunk = int(chunk_size or rec.chunk_size or max_len)
+    if max_len < 2 or chunk < 1:
+        raise A2atsError(f"--max-length must be >= 2 and --chunk-size >= 1 (got {max_len}, {chunk})")
+    run = _Run(rec, lm, tokenizer, source, geo, rel_positions, max_len, chunk, torch_device, dtype, seed, allow_few_tokens)
+    # built beside ``out`` and swapped in once complete: a failed run leaves the previous calibration whole
+    with atomic_directory(out, overwrite, writer="calibrate") as tmp:
+        _write_calibration(tmp, run, reporter)
+    return CalibrationSet(out)
+
+
+def _recipe(recipe: str | Recipe, sources: list[str] | None, tokens: int | None, allow_few_tokens: bool) -> Recipe:
+    """The recipe with the added ``sources`` and scaled to ``tokens``; refuses one without sources, with two of a
+    name, or asking for too few tokens."""
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if sources:
         rec = rec.with_sources([parse_source_option(s, default_tokens=16384) for s in sources])
@@ -175,99 +178,80 @@ def calibrate(
         dup = next(label for label in labels if labels.count(label) > 1)
         raise DataError(f"recipe {rec.name}: two sources are named {dup!r}; give them distinct 'name's")
     few_tokens(rec.total_tokens, allow_few_tokens, f"recipe {rec.name} asks for {rec.total_tokens:,} training tokens")
-    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
-    out = Path(out)
-    check_output_dir(out, overwrite)  # fail fast, before loading the model; checked again under the lock
+    return rec
 
+
+def _load(
+    model: str | None, gguf_file: str | None, loaded: tuple[Any, Any] | None, dtype: torch.dtype,
+    device: torch.device, reporter: Reporter,
+) -> tuple[ModelSource, Any, Any]:
+    """The model's source, the model and its tokenizer: ``loaded``, or loaded from ``model``."""
     if loaded is not None:
         lm, tokenizer = loaded
         source = ModelSource(str(getattr(lm.config, "_name_or_path", "in-memory")), None, "in-memory model")
         check_supported(lm)
-    else:
-        source = resolve_source(model, gguf_file)
-        if not quiet:
-            console.print(f"loading {source.display_name or source.path_or_id} ...", highlight=False)
-        # transformers' GGUF loader draws its own tqdm bar on stderr: --quiet silences it too
-        with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
-            tokenizer = load_tokenizer(source)
-            lm = load_model(source, dtype=torch_dtype, device=torch_device)
-    geo = geometry(lm)
-    rel_positions = positions if isinstance(positions, list) else parse_positions(positions, geo.max_position_embeddings)
-    max_len = int(max_length or rec.max_length or geo.max_position_embeddings)
-    chunk = int(chunk_size or rec.chunk_size or max_len)
-    if max_len < 2 or chunk < 1:
-        raise A2atsError(f"--max-length must be >= 2 and --chunk-size >= 1 (got {max_len}, {chunk})")
-
-    # built beside ``out`` and swapped in once complete: a failed run leaves the previous calibration whole
-    with atomic_directory(out, overwrite, writer="calibrate") as tmp:
-        _write_calibration(
-            tmp, rec, lm, tokenizer, source, geo, rel_positions, max_len, chunk, torch_device, dtype, seed, quiet,
-            allow_few_tokens, console,
-        )
-    return CalibrationSet(out)
+        return source, lm, tokenizer
+    source = resolve_source(model, gguf_file)
+    reporter.info(f"loading {source.display_name or source.path_or_id} ...")
+    # transformers' GGUF loader draws its own tqdm bar on stderr: a quiet reporter silences it too
+    with contextlib.redirect_stderr(io.StringIO()) if reporter.quiet else contextlib.nullcontext():
+        tokenizer = load_tokenizer(source)
+        lm = load_model(source, dtype=dtype, device=device)
+    return source, lm, tokenizer
 
 
-def _write_calibration(
-    directory: Path,
-    rec: Recipe,
-    lm: Any,
-    tokenizer: Any,
-    source: ModelSource,
-    geo: Geometry,
-    rel_positions: list[int],
-    max_len: int,
-    chunk: int,
-    device: torch.device,
-    dtype: str,
-    seed: int,
-    quiet: bool,
-    allow_few_tokens: bool,
-    console: Console,
-) -> None:
-    """Run the recipe's training and held-out text through ``lm`` and write the layers and manifest into the
-    (empty) ``directory``."""
-    torch.manual_seed(seed)
-    random.seed(seed)
-    layers = retrieval_layers(lm)
-    acc = StatsAccumulator(directory, geo, layers)
-    held_spec = rec.heldout_source()
-    held_len = min(rec.heldout.length, max_len)
-    held_needed = rec.heldout.sequences * held_len if held_spec is not None else 0
-    used: dict[str, int] = {}
-    heldout_tokens: list[int] = []
+def _write_calibration(directory: Path, run: _Run, reporter: Reporter) -> None:
+    """Run the recipe's training and held-out text through the model and write the layers and manifest into
+    the (empty) ``directory``."""
+    torch.manual_seed(run.seed)
+    random.seed(run.seed)
+    layers = retrieval_layers(run.lm)
+    acc = StatsAccumulator(directory, run.geo, layers)
     try:
-        with _Progress(quiet, rec.total_tokens + held_needed) as progress:
-            for spec in rec.sources:
-                used[spec.label] = _train_on_source(
-                    spec, acc, lm, tokenizer, seed, max_len, chunk, device, progress,
-                    heldout_tokens if spec is held_spec else None, held_needed,
-                )
-            _check_tokens_used(rec, used, allow_few_tokens, console)
-            heldout = _run_heldout(acc, lm, heldout_tokens, rec, held_len, chunk, device, progress, console)
-            progress.update("writing layers")
-            acc.finish(rotary(lm), rel_positions)
+        used, heldout = _capture(acc, run, reporter)
     except BaseException:
         acc.discard_shards()
         raise
+    rec, held_spec = run.rec, run.rec.heldout_source()
     write_manifest(
         directory,
-        model={**source.to_dict(), "dtype": dtype, "device": str(device)},
-        geometry=geo,
-        relative_positions=rel_positions,
+        model={**run.source.to_dict(), "dtype": run.dtype, "device": str(run.device)},
+        geometry=run.geo,
+        relative_positions=run.positions,
         tokens_by_source=used,
         heldout=heldout,
         key_dtype=str(KEY_DTYPE).removeprefix("torch."),
         recipe=rec.to_dict(),
-        seed=seed,
+        seed=run.seed,
         retrieval_layers=layers,
         extra={
             "tokens_requested": {s.label: s.tokens for s in rec.sources},
             "heldout_source": held_spec.label if held_spec is not None else None,
-            "max_length": max_len,
-            "chunk_size": chunk,
-            "default_relative_position": 2048 if 2048 in rel_positions else rel_positions[0],
+            "max_length": run.max_len,
+            "chunk_size": run.chunk,
+            "default_relative_position": 2048 if 2048 in run.positions else run.positions[0],
         },
     )
+
+
+def _capture(acc: StatsAccumulator, run: _Run, reporter: Reporter) -> tuple[dict[str, int], dict[str, int]]:
+    """Feed every source, then the held-out sequences, into ``acc`` and write its layers; returns the training
+    tokens used per source and the held-out shape."""
+    rec = run.rec
+    held_spec = rec.heldout_source()
+    held_len = min(rec.heldout.length, run.max_len)
+    held_needed = rec.heldout.sequences * held_len if held_spec is not None else 0
+    used: dict[str, int] = {}
+    heldout_tokens: list[int] = []
+    with reporter.progress("calibrating", rec.total_tokens + held_needed, unit="tok") as bar:
+        for spec in rec.sources:
+            held = heldout_tokens if spec is held_spec else None
+            used[spec.label] = _train_on_source(spec, acc, run, bar, held, held_needed)
+        _check_tokens_used(rec, used, run.allow_few_tokens, reporter)
+        heldout = _run_heldout(acc, run, heldout_tokens, held_len, bar, reporter)
+        bar.describe("writing layers")
+        acc.finish(rotary(run.lm), run.positions)
+    return used, heldout
 
 
 def few_tokens(count: int, allow_few_tokens: bool, what: str) -> bool:
@@ -284,7 +268,7 @@ def few_tokens(count: int, allow_few_tokens: bool, what: str) -> bool:
     return True
 
 
-def _check_tokens_used(rec: Recipe, used: dict[str, int], allow_few_tokens: bool, console: Console) -> None:
+def _check_tokens_used(rec: Recipe, used: dict[str, int], allow_few_tokens: bool, reporter: Reporter) -> None:
     """After training: refuse no tokens at all, and too few unless allowed; warn about each source that gave
     less than asked for."""
     total = sum(used.values())
@@ -293,41 +277,35 @@ def _check_tokens_used(rec: Recipe, used: dict[str, int], allow_few_tokens: bool
     short = [f"source {s.label} gave {used[s.label]:,} of the {s.tokens:,} tokens asked for" for s in rec.sources
              if used[s.label] < s.tokens]
     if few_tokens(total, allow_few_tokens, f"the calibration data gave {total:,} training tokens ({'; '.join(short)})"):
-        console.print(f"[yellow]warning:[/] calibrating on {total:,} tokens, below the {MIN_TOKENS:,} minimum "
-                      f"(--allow-few-tokens): convert needs --codes {total} or fewer, or --allow-shrink",
-                      highlight=False)
+        reporter.warn(f"calibrating on {total:,} tokens, below the {MIN_TOKENS:,} minimum "
+                      f"(--allow-few-tokens): convert needs --codes {total} or fewer, or --allow-shrink")
     for line in short:
-        console.print(f"[yellow]warning:[/] {line}; continuing with fewer", highlight=False)
+        reporter.warn(f"{line}; continuing with fewer")
 
 
 def _train_on_source(
     spec: SourceSpec,
     acc: StatsAccumulator,
-    lm: Any,
-    tokenizer: Any,
-    seed: int,
-    max_len: int,
-    chunk: int,
-    device: torch.device,
-    progress: _Progress,
+    run: _Run,
+    bar: Bar,
     heldout_tokens: list[int] | None,
     held_needed: int,
 ) -> int:
     """Feed ``spec.tokens`` training tokens of one source; if it is the held-out source, then collect the
     held-out tokens from the documents that follow (never used for training). Returns the tokens used."""
     label = spec.label
-    progress.update(f"{label}" + (" (sampling)" if spec.kind == "generated" else ""))
+    bar.describe(f"{label}" + (" (sampling)" if spec.kind == "generated" else ""))
     used = 0
     if spec.tokens == 0 and heldout_tokens is None:
         return 0
-    docs = _pieces(documents(spec, tokenizer, lm, seed), max_len)
+    docs = _pieces(documents(spec, run.tokenizer, run.lm, run.seed), run.max_len)
     for piece in docs:
         if used < spec.tokens:
             piece = piece[: spec.tokens - used]
-            with capturing(lm, acc.training_sink):  # not around the source: generation must not be captured
-                run_document(lm, piece, chunk, device)
+            with capturing(run.lm, acc.training_sink):  # not around the source: generation must not be captured
+                run_document(run.lm, piece, run.chunk, run.device)
             used += len(piece)
-            progress.update(label, advance=len(piece))
+            bar.advance(len(piece), label)
             continue
         if heldout_tokens is None or len(heldout_tokens) >= held_needed:
             break
@@ -336,33 +314,22 @@ def _train_on_source(
 
 
 def _run_heldout(
-    acc: StatsAccumulator,
-    lm: Any,
-    tokens: list[int],
-    rec: Recipe,
-    length: int,
-    chunk: int,
-    device: torch.device,
-    progress: _Progress,
-    console: Console,
+    acc: StatsAccumulator, run: _Run, tokens: list[int], length: int, bar: Bar, reporter: Reporter
 ) -> dict[str, int]:
     """Capture all keys and ``rec.heldout.queries`` queries of each held-out sequence (packed documents)."""
+    rec = run.rec
     wanted = rec.heldout.sequences if rec.heldout_source() is not None else 0
     count = min(wanted, len(tokens) // length) if length else 0
     if count == 0 and wanted and len(tokens) >= 64:
         count, length = 1, len(tokens)
     if count < wanted:
-        console.print(
-            f"[yellow]warning:[/] held-out data gave {count} of the {wanted} sequences asked for "
-            f"({len(tokens):,} tokens)",
-            highlight=False,
-        )
+        reporter.warn(f"held-out data gave {count} of the {wanted} sequences asked for ({len(tokens):,} tokens)")
     positions = heldout_query_positions(length, rec.heldout.queries) if count else torch.zeros(0, dtype=torch.long)
-    progress.update("held-out")
-    with capturing(lm, acc.heldout_sink):
+    bar.describe("held-out")
+    with capturing(run.lm, acc.heldout_sink):
         for s in range(count):
             acc.begin_heldout(positions)
-            run_document(lm, tokens[s * length : (s + 1) * length], chunk, device)
+            run_document(run.lm, tokens[s * length : (s + 1) * length], run.chunk, run.device)
             acc.end_heldout()
-            progress.update(advance=length)
+            bar.advance(length)
     return {"sequences": count, "length": length if count else 0, "queries": int(positions.numel())}

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from rich.console import Console
 
 from ..defaults import MIN_TOKENS
+
+if TYPE_CHECKING:
+    from ..calibration import CalibrationSet
 
 
 def calibrate(
@@ -58,29 +61,20 @@ def calibrate(
       a2ats calibrate --positions 2048 --source notes.jsonl=8000 --out runs/calib2
     """
     from ..calibration import calibrate as run_calibration
+    from ..reporting import ConsoleReporter
 
+    reporter = ConsoleReporter(quiet)
     result = run_calibration(
-        out,
-        model=model,
-        gguf_file=gguf_file,
-        recipe=recipe,
-        tokens=tokens,
-        sources=list(source) if source else None,
-        positions=positions,
-        seed=seed,
-        max_length=max_length,
-        chunk_size=chunk_size,
-        device=device,
-        dtype=dtype,
-        overwrite=overwrite,
-        quiet=quiet,
-        allow_few_tokens=allow_few_tokens,
+        out, model=model, gguf_file=gguf_file, recipe=recipe, tokens=tokens, sources=list(source) if source else None,
+        positions=positions, seed=seed, max_length=max_length, chunk_size=chunk_size, device=device, dtype=dtype,
+        overwrite=overwrite, allow_few_tokens=allow_few_tokens, reporter=reporter,
     )
-    if not quiet:
-        m = result.manifest
-        Console(stderr=True).print(
-            f"wrote {result.path}: {m['tokens']['total']:,} tokens, {result.num_layers} layers, "
+    reporter.info(_summary(result))
+
+
+def _summary(result: CalibrationSet) -> str:
+    """One line on a written calibration: tokens, layers, relative positions and the held-out shape."""
+    m = result.manifest
+    return (f"wrote {result.path}: {m['tokens']['total']:,} tokens, {result.num_layers} layers, "
             f"{len(m['relative_positions'])} relative positions, held-out {m['heldout']['sequences']}×"
-            f"{m['heldout']['length']}",
-            highlight=False,
-        )
+            f"{m['heldout']['length']}")

@@ -56,23 +56,10 @@ def convert(
       torchrun --nproc_per_node 2 -m a2ats_tools.cli convert runs/calib --out runs/conv   # same, CPU ranks
     """
     from ..quantization import convert as run_convert
+    from ..reporting import ConsoleReporter
 
     run_convert(
-        calibration,
-        out,
-        model=model,
-        codes=codes,
-        plain=plain,
-        positions=positions,
-        buckets=buckets,
-        iters=iters,
-        tol=tol,
-        algorithm=algorithm,
-        seed=seed,
-        device=device,
-        light=light,
-        quiet=quiet,
-        allow_shrink=allow_shrink,
-        overwrite=overwrite,
-        compare_plain=compare_plain,
+        calibration, out, model=model, codes=codes, plain=plain, positions=positions, buckets=buckets, iters=iters,
+        tol=tol, algorithm=algorithm, seed=seed, device=device, light=light, allow_shrink=allow_shrink,
+        overwrite=overwrite, compare_plain=compare_plain, reporter=ConsoleReporter(quiet),
     )

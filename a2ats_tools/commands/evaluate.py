@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import options
+
+if TYPE_CHECKING:
+    from ..evaluation.harness import ModelUnderTest, Variant
+    from ..reporting import Reporter
 
 STAGES = ("recall", "tasks", "perplexity")
 
@@ -81,16 +84,54 @@ def evaluate(
       a2ats eval runs/ckpt --stages perplexity,tasks --baselines norerank --also score_dtype=float32 -o runs/knobs
     """
     params = dict(locals())  # the options as given, before any other local exists
-    from ..errors import A2atsError
-    from ..evaluation import plots
-    from ..evaluation.harness import ModelUnderTest, Variant, build_variants, parse_baselines
+    from ..evaluation.harness import ModelUnderTest
     from ..evaluation.haystack import Haystack
+    from ..evaluation.results import new_results, show_results
+    from ..io import check_output_dir
+    from ..reporting import ConsoleReporter
+
+    chosen, budget_list, task_list, length_list, baseline_list = _parse_options(
+        stages, budgets, tasks, lengths, baselines, samples, recall_sequences, queries, ppl_tokens, ppl_texts
+    )
+    check_output_dir(out, overwrite, "eval output directory")  # fail fast; written once the results are in
+    options.check_device_and_dtype(device, dtype)
+    mut = ModelUnderTest(checkpoint, device=device, dtype=dtype, **options.runtime_overrides(params))
+    max_len = mut.runtime.config.geometry.max_position_embeddings
+    kept = [n for n in length_list if n <= max_len]
+    notes = []
+    if len(kept) < len(length_list):
+        notes.append(f"lengths above the model's context ({max_len}) skipped: {sorted(set(length_list) - set(kept))}")
+    base_budget, variants = _configurations(mut, budget_list, baseline_list, baseline_budget, also or [])
+    haystack_text = Haystack.from_file(haystack, mut.tokenizer) if haystack else Haystack.noise(mut.tokenizer)
+    results = new_results(str(checkpoint), {
+        "budgets": budget_list, "baselines": baseline_list, "baseline_budget": base_budget, "stages": chosen,
+        "tasks": task_list, "lengths": kept, "samples": samples, "seed": seed, "device": device, "dtype": dtype,
+        "haystack": str(haystack) if haystack else "builtin:noise", "runtime": mut.base_settings.to_record(),
+    })
+    results["notes"] = notes
+    reporter = ConsoleReporter(quiet)
+    if "recall" in chosen:
+        results["recall"] = _recall(mut, budget_list, min(recall_length, max_len), recall_sequences, queries, seed,
+                                    heldout, reporter)
+    if "tasks" in chosen and kept:
+        results["tasks"] = _tasks(mut, variants, task_list, kept, samples, seed, haystack_text, reporter)
+    if "perplexity" in chosen:
+        results["perplexity"] = _perplexity(mut, variants, min(ppl_length, max_len), ppl_tokens, ppl_texts, seed,
+                                            heldout, reporter)
+    path = _write(out, overwrite, results)
+    show_results(results, ConsoleReporter(quiet, stderr=False))  # the tables are the command's output: stdout
+    reporter.info(f"wrote {path}")
+
+
+def _parse_options(
+    stages: str, budgets: str, tasks: str, lengths: str, baselines: str, *counts: int
+) -> tuple[list[str], list, list[str], list[int], list[str]]:
+    """The stages, budgets, tasks, lengths and baselines asked for; refuses unknown ones and a ``counts``
+    (samples, sequences, queries, scored tokens, texts) below 1, before anything is loaded."""
+    from ..errors import A2atsError
+    from ..evaluation.harness import parse_baselines
     from ..evaluation.options import parse_budget_list, parse_int_list
-    from ..evaluation.results import new_results, print_results, write_results
-    from ..evaluation.run import run_perplexity, run_recall, run_tasks
     from ..evaluation.tasks import parse_tasks
-    from ..io import atomic_directory, check_output_dir
-    from ..runtime.settings import parse_budget, parse_overrides
 
     chosen = [s.strip() for s in stages.split(",") if s.strip()]
     for s in chosen:
@@ -100,68 +141,73 @@ def evaluate(
     task_list = parse_tasks(tasks)
     length_list = parse_int_list(lengths, "--lengths")
     baseline_list = parse_baselines(baselines)
-    if samples < 1 or recall_sequences < 1 or queries < 1 or ppl_tokens < 1 or ppl_texts < 1:
+    if min(counts) < 1:
         raise A2atsError("--samples, --recall-sequences, --queries, --ppl-tokens and --ppl-texts must be positive")
-    check_output_dir(out, overwrite, "eval output directory")  # fail fast; written once the results are in
+    return chosen, budget_list, task_list, length_list, baseline_list
 
-    console = Console(stderr=True, quiet=quiet)
-    options.check_device_and_dtype(device, dtype)
-    mut = ModelUnderTest(checkpoint, device=device, dtype=dtype, **options.runtime_overrides(params))
+
+def _configurations(
+    mut: ModelUnderTest, budgets: list, baselines: list[str], baseline_budget: str | None, also: list[str]
+) -> tuple[Any, list[Variant]]:
+    """The baselines' budget (default: the checkpoint's) and every configuration the tasks and perplexity
+    compare: A²ATS at each budget, the baselines, and each ``--also`` (checked here, before any work)."""
+    from ..evaluation.harness import Variant, build_variants
+    from ..runtime.settings import parse_budget, parse_overrides
+
     base_budget = mut.base_settings.budget if baseline_budget is None else parse_budget(baseline_budget)
-    max_len = mut.runtime.config.geometry.max_position_embeddings
-    notes = []
-    kept = [n for n in length_list if n <= max_len]
-    if len(kept) < len(length_list):
-        notes.append(f"lengths above the model's context ({max_len}) skipped: {sorted(set(length_list) - set(kept))}")
-    variants = build_variants(budget_list, baseline_list, base_budget)
-    for spec in also or []:
+    variants = build_variants(budgets, baselines, base_budget)
+    for spec in also:
         extra = {"budget": base_budget, "selector": "a2ats", **parse_overrides(spec)}
         mut.base_settings.with_overrides(**extra)  # a bad key or value fails before any work
         variants.append(Variant(f"a2ats[{spec}]", extra))
-    haystack_text = Haystack.from_file(haystack, mut.tokenizer) if haystack else Haystack.noise(mut.tokenizer)
+    return base_budget, variants
 
-    settings = {
-        "budgets": budget_list, "baselines": baseline_list, "baseline_budget": base_budget, "stages": chosen,
-        "tasks": task_list, "lengths": kept, "samples": samples, "seed": seed, "device": device, "dtype": dtype,
-        "haystack": str(haystack) if haystack else "builtin:noise", "runtime": mut.base_settings.to_record(),
-    }
-    results = new_results(str(checkpoint), settings)
-    results["notes"] = notes
+
+def _recall(
+    mut: ModelUnderTest, budgets: list, length: int, sequences: int, queries: int, seed: int, heldout: Path | None,
+    reporter: Reporter,
+) -> dict:
+    from ..evaluation.run import run_recall
+
     n_layers = len(mut.runtime.codebooks)  # the retrieved layers, which the recall curve measures
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, disable=quiet,
-    ) as progress:
-        if "recall" in chosen:
-            rlen = min(recall_length, max_len)
-            bar = progress.add_task("recall", total=recall_sequences * n_layers)
-            results["recall"] = run_recall(
-                mut, budget_list, length=rlen, sequences=recall_sequences, queries=queries, seed=seed,
-                heldout=heldout, tick=lambda: progress.advance(bar),
-            )
-        if "tasks" in chosen and kept:
-            bar = progress.add_task("tasks", total=len(task_list) * len(kept) * samples * len(variants))
-            results["tasks"] = run_tasks(
-                mut, variants, task_list, kept, samples=samples, seed=seed, haystack=haystack_text,
-                tick=lambda: progress.advance(bar),
-            )
-        if "perplexity" in chosen:
-            plen = min(ppl_length, max_len)
-            n_decode = min(ppl_tokens, plen - 2)
-            bar = progress.add_task("perplexity", total=n_decode * len(variants) * ppl_texts)
-            results["perplexity"] = run_perplexity(
-                mut, variants, length=plen, n_decode=n_decode, seed=seed, text=heldout, texts=ppl_texts,
-                tick=lambda: progress.advance(bar),
-            )
-    with atomic_directory(out, overwrite, "eval output directory", writer="eval") as tmp:  # a previous --out stays whole until now
+    with reporter.progress("recall", sequences * n_layers) as bar:
+        return run_recall(mut, budgets, length=length, sequences=sequences, queries=queries, seed=seed,
+                          heldout=heldout, tick=bar.advance)
+
+
+def _tasks(
+    mut: ModelUnderTest, variants: list[Variant], tasks: list[str], lengths: list[int], samples: int, seed: int,
+    haystack: Any, reporter: Reporter,
+) -> dict:
+    from ..evaluation.run import run_tasks
+
+    with reporter.progress("tasks", len(tasks) * len(lengths) * samples * len(variants)) as bar:
+        return run_tasks(mut, variants, tasks, lengths, samples=samples, seed=seed, haystack=haystack, tick=bar.advance)
+
+
+def _perplexity(
+    mut: ModelUnderTest, variants: list[Variant], length: int, tokens: int, texts: int, seed: int,
+    heldout: Path | None, reporter: Reporter,
+) -> dict:
+    from ..evaluation.run import run_perplexity
+
+    n_decode = min(tokens, length - 2)
+    with reporter.progress("perplexity", n_decode * len(variants) * texts) as bar:
+        return run_perplexity(mut, variants, length=length, n_decode=n_decode, seed=seed, text=heldout, texts=texts,
+                              tick=bar.advance)
+
+
+def _write(out: Path, overwrite: bool, results: dict) -> Path:
+    """The plots and ``results.json`` in ``out`` (a previous ``out`` stays whole until they are all written)."""
+    from ..evaluation import plots
+    from ..evaluation.results import write_results
+    from ..io import atomic_directory
+
+    with atomic_directory(out, overwrite, "eval output directory", writer="eval") as tmp:
         if results["recall"]:
             plots.plot_recall(results["recall"], tmp / "recall.png", "mass")
             plots.plot_recall(results["recall"], tmp / "recall_topk.png", "topk")
         if results["tasks"]:
             plots.plot_tasks(results["tasks"], tmp / "tasks.png")
         write_results(tmp, results)
-    path = out / "results.json"
-    if not quiet:
-        print_results(results, Console())
-        console.print(f"wrote {path}", highlight=False)
-
+    return out / "results.json"

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from ..errors import A2atsError
 from . import options
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..reporting import Reporter
 
 
 def _read_prompt(prompt: str | None, prompt_file: Path | None, task: str | None) -> str | None:
@@ -129,9 +134,10 @@ def generate(
     """
     params = dict(locals())  # the options as given, before any other local exists
     import torch
-    from transformers import DynamicCache, TextStreamer
+    from transformers import DynamicCache
 
     from ..compat import cache_kwargs
+    from ..reporting import ConsoleReporter
     from ..runtime.loader import load_converted
 
     text = _read_prompt(prompt, prompt_file, task)
@@ -139,55 +145,69 @@ def generate(
     if max_new_tokens is not None and max_new_tokens < 1:
         raise A2atsError("--max-new-tokens must be at least 1")
     options.check_device_and_dtype(device, dtype)
-    err = Console(stderr=True)
     model, tok = load_converted(checkpoint, device=device, dtype=getattr(torch, dtype), **options.runtime_overrides(params))
     sample = None
     if task is not None:
         sample = _task_sample(task, tok, task_length, task_sample, task_seed, haystack)
-        ids = tok(sample.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
         max_new_tokens = max_new_tokens or sample.max_new_tokens
-    elif chat:
-        if not getattr(tok, "chat_template", None):
-            raise A2atsError("this tokenizer has no chat template; drop --chat")
-        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt")
-        ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
-    else:
-        ids = tok(text, return_tensors="pt")["input_ids"]
-    ids = ids.to(device)
+    ids = _prompt_ids(tok, text, sample, chat).to(device)
     max_new_tokens = max_new_tokens or 64
     limit = model.config.max_position_embeddings
     if ids.shape[1] + max_new_tokens > limit:
         raise A2atsError(f"prompt ({ids.shape[1]} tokens) + {max_new_tokens} new tokens exceeds the model's context of {limit}")
-    sampling = {"do_sample": temperature > 0}
+    sampling: dict[str, Any] = {"do_sample": temperature > 0}
     if temperature > 0:
         sampling.update(temperature=temperature, top_p=top_p)
-    common = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **sampling)
+    decoding = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **sampling)
+    reporter = ConsoleReporter(quiet)
 
-    def run(label: str, **extra):
-        torch.manual_seed(seed)
-        streamer = None if quiet else TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-        if not quiet:
-            err.print(f"[bold]{label}[/]", highlight=False)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(ids, streamer=streamer, **common, **extra)
-        seconds = time.perf_counter() - start
-        new = out[0, ids.shape[1] :]
-        if quiet:
-            print(tok.decode(new, skip_special_tokens=True))
-        else:
-            err.print(f"[dim]{len(new)} tokens in {seconds:.2f} s (prompt {ids.shape[1]} tokens)[/]", highlight=False)
-        if sample is not None and not quiet:
-            err.print(answer_verdict(sample, tok.decode(new, skip_special_tokens=True)), highlight=False)
-        return new
+    def run(label: str, cache) -> torch.Tensor:
+        return _decode(model, tok, ids, label, seed, sample, reporter, **decoding, **cache_kwargs(cache))
 
     s = model.a2ats.settings
     cache = model.a2ats.new_cache()
-    ours = run(f"A²ATS ({s.selector}, budget {s.budget}, buckets {s.buckets.mode}):", **cache_kwargs(cache))
-    if not quiet:
-        err.print(f"[dim]{retrieval_summary(cache)}[/]", highlight=False)
+    ours = run(f"A²ATS ({s.selector}, budget {s.budget}, buckets {s.buckets.mode}):", cache)
+    reporter.info(f"[dim]{escape(retrieval_summary(cache))}[/]", markup=True)
     del cache
     if compare_dense:
-        dense = run("dense attention:", **cache_kwargs(DynamicCache(config=model.config)))
+        dense = run("dense attention:", DynamicCache(config=model.config))
         same = ours.tolist() == dense.tolist()
-        err.print("[green]identical to dense[/]" if same else "[yellow]differs from dense[/]", highlight=False)
+        verdict = "[green]identical to dense[/]" if same else "[yellow]differs from dense[/]"
+        ConsoleReporter().info(verdict, markup=True)  # what --compare-dense asks for: shown with --quiet too
+
+
+def _prompt_ids(tok, text: str | None, sample, chat: bool) -> torch.Tensor:
+    """The prompt's token ids ``[1, L]``: the task sample's (it carries the chat template), the text in the chat
+    template with ``chat``, or the text as it is."""
+    import torch
+
+    if sample is not None:
+        return tok(sample.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    if chat:
+        if not getattr(tok, "chat_template", None):
+            raise A2atsError("this tokenizer has no chat template; drop --chat")
+        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt")
+        return ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+    return tok(text, return_tensors="pt")["input_ids"]
+
+
+def _decode(model, tok, ids: torch.Tensor, label: str, seed: int, sample, reporter: Reporter, **generate: Any) -> torch.Tensor:
+    """One seeded ``model.generate`` from ``ids``: streamed with its label and timing, or (quiet) printed once at
+    the end; returns the new tokens. A task sample's answer is checked."""
+    import torch
+    from transformers import TextStreamer
+
+    torch.manual_seed(seed)
+    streamer = None if reporter.quiet else TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    reporter.info(f"[bold]{escape(label)}[/]", markup=True)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, streamer=streamer, **generate)
+    seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1] :]
+    if reporter.quiet:
+        print(tok.decode(new, skip_special_tokens=True))  # the command's output, on stdout
+    reporter.info(f"[dim]{len(new)} tokens in {seconds:.2f} s (prompt {ids.shape[1]} tokens)[/]", markup=True)
+    if sample is not None:
+        reporter.info(answer_verdict(sample, tok.decode(new, skip_special_tokens=True)), markup=True)
+    return new

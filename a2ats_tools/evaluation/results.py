@@ -7,13 +7,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from .. import __version__
 from ..io import write_json
 from ..provenance import run_provenance
+from ..reporting import Reporter
 
 SCHEMA = "a2ats.eval"
 
@@ -116,15 +116,16 @@ def perplexity_table(ppl: dict[str, Any]) -> Table:
     return table
 
 
-def print_results(results: dict[str, Any], console: Console) -> None:
+def show_results(results: dict[str, Any], reporter: Reporter) -> None:
+    """A table per stage that ran, then the notes."""
     if results.get("recall"):
-        console.print(recall_table(results["recall"]))
+        reporter.table(recall_table(results["recall"]))
     if results.get("tasks"):
-        console.print(task_table(results["tasks"]))
+        reporter.table(task_table(results["tasks"]))
         same = same_output_table(results["tasks"])
         if same is not None:
-            console.print(same)
+            reporter.table(same)
     if results.get("perplexity"):
-        console.print(perplexity_table(results["perplexity"]))
+        reporter.table(perplexity_table(results["perplexity"]))
     for note in results.get("notes", []):
-        console.print(f"[yellow]note:[/] {escape(note)}")
+        reporter.note(note)

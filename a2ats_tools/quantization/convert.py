@@ -19,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors import safe_open
 
 from ..artifacts.checkpoint import A2atsConfig, write_codebooks, write_config
@@ -30,11 +28,12 @@ from ..defaults import DEFAULT_CODES
 from ..errors import A2atsError, DataError
 from ..io import atomic_directory, check_output_dir, open_safetensors, write_json, write_safetensors
 from ..models import ModelSource, attention_scale, load_model, load_tokenizer, resolve_source, rotary
+from ..reporting import Bar, Reporter
 from ..rope import DistanceBuckets
 from ..runtime.settings import RuntimeSettings
 from . import whitening
 from .kmeans import SEEDINGS, head_generator, kmeans
-from .report import build_report, print_report
+from .report import build_report, show_report
 from .two_level import default_coarse, two_level_kmeans
 
 REPORT_FILE = "report.json"
@@ -91,7 +90,7 @@ def keys_per_head(calib: CalibrationSet) -> int:
         return int(f.get_slice(KEYS).get_shape()[1])
 
 
-def choose_codes(codes: int, available: int, allow_shrink: bool, console: Console) -> int:
+def choose_codes(codes: int, available: int, allow_shrink: bool, reporter: Reporter) -> int:
     """The codebook size to train: ``codes``, or with ``allow_shrink`` a smaller power of two that the keys support."""
     if codes < 1:
         raise A2atsError("--codes must be at least 1")
@@ -103,7 +102,7 @@ def choose_codes(codes: int, available: int, allow_shrink: bool, console: Consol
             "calibrate more tokens, or --allow-shrink"
         )
     shrunk = 2 ** int(math.log2(max(1, available // 4))) if available >= 4 else 1
-    console.print(f"[yellow]warning:[/] only {available} keys per head: shrinking the codebook from {codes} to {shrunk} codes")
+    reporter.warn(f"only {available} keys per head: shrinking the codebook from {codes} to {shrunk} codes")
     return shrunk
 
 
@@ -142,10 +141,12 @@ def train_jobs(
     seeding: str,
     heads_per_batch: int,
     algorithm: str = "lloyd",
-    progress: Any = None,
+    progress: Bar | None = None,
     label: str = "",
 ) -> dict[str, tuple[torch.Tensor, float]]:
-    """Train one codebook per job: ``{job.name: (codebook [C, d] float32 in key space, inertia)}``."""
+    """Train one codebook per job: ``{job.name: (codebook [C, d] float32 in key space, inertia)}``; ``progress``
+    advances once per job."""
+    bar = progress or Bar()
     out: dict[str, tuple[torch.Tensor, float]] = {}
     cached: dict[int, torch.Tensor] = {}
     for start in range(0, len(jobs), heads_per_batch):
@@ -164,12 +165,10 @@ def train_jobs(
         where = f"{label}layer {batch[0].layer}–{batch[-1].layer}"
 
         def show(step: int, inertia: torch.Tensor, where=where) -> None:
-            if progress is not None:
-                progress.describe(f"{where} · iter {step + 1}/{iters}")
+            bar.describe(f"{where} · iter {step + 1}/{iters}")
 
         def status(text: str, where=where) -> None:
-            if progress is not None:
-                progress.describe(f"{where} · {text}")
+            bar.describe(f"{where} · {text}")
 
         if algorithm == "two-level":
             result = two_level_kmeans(x, codes, gens, iters=iters, tol=tol, seeding=seeding, on_progress=status)
@@ -179,8 +178,7 @@ def train_jobs(
             lower = factors[job.layer][job.head].to(device)
             codebook = whitening.unwhiten(result.centroids[i].double(), lower).float().cpu()
             out[job.name] = (codebook, float(result.inertia[i]))
-            if progress is not None:
-                progress.advance(f"{label}L{job.layer} H{job.head} inertia {float(result.inertia[i]):.4g}")
+            bar.advance(description=f"{label}L{job.layer} H{job.head} inertia {float(result.inertia[i]):.4g}")
     return out
 
 
@@ -191,36 +189,6 @@ def check_finite(x: torch.Tensor, batch: Sequence[Job]) -> None:
     if not finite.all():
         job = batch[int((~finite).nonzero()[0])]
         raise DataError(f"calibration keys of layer {job.layer} (KV head {job.head}) contain NaN or Inf")
-
-
-class _Progress:
-    """A rich progress bar over heads (a no-op when quiet or not the main process)."""
-
-    def __init__(self, total: int, enabled: bool, console: Console):
-        self.bar = None
-        if enabled:
-            self.bar = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                console=console, transient=False,
-            )
-            self.task = self.bar.add_task("training codebooks", total=total)
-
-    def __enter__(self):
-        if self.bar is not None:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-
-    def describe(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, description=text)
-
-    def advance(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, advance=1, description=text)
 
 
 @contextmanager
@@ -256,6 +224,46 @@ def _state(device: torch.device):
     return PartialState(cpu=device.type == "cpu")
 
 
+@dataclass(frozen=True)
+class Training:
+    """How the codebooks are trained: convert's options, resolved."""
+
+    codes: int
+    iters: int
+    tol: float
+    seed: int
+    seeding: str
+    algorithm: str
+    device: torch.device
+    heads_per_batch: int
+
+    def train(self, calib: CalibrationSet, jobs: Sequence[Job], factors: dict[int, torch.Tensor], *, salt: int,
+              progress: Bar, label: str = "") -> dict[str, tuple[torch.Tensor, float]]:
+        return train_jobs(
+            calib, jobs, factors, codes=self.codes, iters=self.iters, tol=self.tol, seed=self.seed, salt=salt,
+            device=self.device, seeding=self.seeding, heads_per_batch=self.heads_per_batch,
+            algorithm=self.algorithm, progress=progress, label=label,
+        )
+
+    def record(self, positions: str | int, keys: int, inertia: list[list[float]], jitters: list[list[float]]) -> dict:
+        """The report's ``training`` section."""
+        return {
+            "codes": self.codes, "iters": self.iters, "tol": self.tol, "seeding": self.seeding,
+            "algorithm": self.algorithm,
+            "coarse_cells": default_coarse(self.codes) if self.algorithm == "two-level" else None,
+            "positions": positions, "keys_per_head": keys, "inertia": inertia, "cholesky_jitter": jitters,
+        }
+
+
+@dataclass(frozen=True)
+class Codebooks:
+    """The merged codebooks of every retrieved layer, ``{layer: [Hkv, C, d]}``, and each head's inertia."""
+
+    query_aware: dict[int, torch.Tensor]
+    inertia: list[list[float]]  # one row per retrieved layer, in layer order
+    plain: dict[int, torch.Tensor] | None  # for the report; None without --compare-plain
+
+
 def convert(
     calibration: str | Path,
     out: str | Path,
@@ -270,7 +278,6 @@ def convert(
     seed: int = 0,
     device: str = "cpu",
     light: bool = False,
-    quiet: bool = False,
     allow_shrink: bool = False,
     overwrite: bool = False,
     compare_plain: bool = True,
@@ -278,112 +285,166 @@ def convert(
     algorithm: str = "auto",
     heads_per_batch: int | None = None,
     loaded: tuple[Any, Any] | None = None,
+    reporter: Reporter | None = None,
 ) -> Path:
     """Train codebooks on ``calibration`` and write a converted checkpoint to ``out``; returns ``out``.
 
     ``loaded`` passes an already loaded ``(model, tokenizer)`` (tests); otherwise the model comes from
     ``model`` or the calibration manifest. Under ``accelerate launch`` the heads are split across processes.
     ``algorithm``: ``lloyd`` (full Lloyd), ``two-level`` (coarse-to-fine, ≈√codes times cheaper per iteration)
-    or ``auto`` (``lloyd`` on CUDA, ``two-level`` otherwise).
+    or ``auto`` (``lloyd`` on CUDA, ``two-level`` otherwise). ``reporter`` shows progress, warnings and the
+    report table (default: nothing).
     """
-    console = Console(stderr=True, quiet=quiet)
+    reporter = reporter or Reporter()
     out = Path(out)
+    state, torch_device, algorithm = _setup(device, seeding, iters, algorithm)
+    check_output_dir(out, overwrite)  # fail fast; checked again under the lock
+    calib = CalibrationSet(calibration)
+    shown = reporter if state.is_main_process else Reporter()  # the other ranks train in silence
+    pos = parse_positions(positions)
+    bucket_spec = resolve_buckets(buckets, calib.geometry.max_position_embeddings)
+    codes = choose_codes(codes, keys_per_head(calib), allow_shrink, shown)
+    factors, jitters = layer_factors(calib, plain, pos)
+    _note_jitter(jitters, shown)
+    jobs = [Job(layer, head) for layer in calib.retrieval_layers for head in range(calib.geometry.num_kv_heads)]
+    training = Training(codes, iters, tol, seed, seeding, algorithm, torch_device,
+                        heads_per_batch or _heads_per_batch(calib, len(jobs)))
+    also_plain = compare_plain and not plain
+    with _partial_checkpoint(out, overwrite, state) as tmp:
+        _train_part(tmp, calib, jobs, factors, training, also_plain, state, shown)
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return out
+        books = _merge_parts(tmp, calib, also_plain)
+        factors32 = {i: f.float() for i, f in factors.items()}
+        write_codebooks(tmp, books.query_aware, factors32)
+        config = _config(calib, calibration, codes, plain, bucket_spec, seed)
+        lm = _write_model(tmp, config, calib, model, loaded, light, reporter)
+        report = _report(calib, books, factors32, lm, bucket_spec, reporter)
+        report["training"] = training.record(pos, keys_per_head(calib), books.inertia, jitters)
+        write_json(tmp / REPORT_FILE, report)
+        show_report(report, reporter)
+        config.extra = {"positions": pos, "processes": state.num_processes, "algorithm": algorithm,
+                        "report": {"mean_recall": report["mean"]}}
+        write_config(tmp, config)  # last: only now does the folder load
+    reporter.info(f"wrote {out}")
+    return out
+
+
+def _setup(device: str, seeding: str, iters: int, algorithm: str) -> tuple[Any, torch.device, str]:
+    """accelerate's process state, the device this process trains on (one GPU per rank under a launcher) and
+    the k-means algorithm; refuses an unknown seeding or fewer than one iteration."""
     torch_device = resolve_device(device)
     state = _state(torch_device)
-    main = state.is_main_process
     if state.num_processes > 1 and torch_device.type == "cuda":
-        torch_device = state.device  # one GPU per rank
+        torch_device = state.device
     if seeding not in SEEDINGS:
         raise A2atsError(f"unknown seeding {seeding!r}; choose from {SEEDINGS}")
     if iters < 1:
         raise A2atsError("--iters must be at least 1")
-    algorithm = resolve_algorithm(algorithm, torch_device)
-    check_output_dir(out, overwrite)  # fail fast; checked again under the lock
-    calib = CalibrationSet(calibration)
-    geo = calib.geometry
-    pos = parse_positions(positions)
-    bucket_spec = resolve_buckets(buckets, geo.max_position_embeddings)
-    codes = choose_codes(codes, keys_per_head(calib), allow_shrink, console if main else Console(quiet=True))
-    factors, jitters = layer_factors(calib, plain, pos)
+    return state, torch_device, resolve_algorithm(algorithm, torch_device)
+
+
+def _note_jitter(jitters: list[list[float]], reporter: Reporter) -> None:
     jittered = sum(1 for layer in jitters for j in layer if j > 0)
-    if jittered and main:
-        console.print(f"[yellow]note:[/] {jittered} query moment(s) needed Cholesky jitter (nearly singular H)")
+    if jittered:
+        reporter.note(f"{jittered} query moment(s) needed Cholesky jitter (nearly singular H)")
+
+
+def _heads_per_batch(calib: CalibrationSet, jobs: int) -> int:
+    """As many heads per batch as keep their whitened keys under :data:`HEAD_BYTES_PER_BATCH` (at most 32)."""
+    per_head = keys_per_head(calib) * calib.geometry.head_dim * 4
+    return max(1, min(jobs, HEAD_BYTES_PER_BATCH // max(1, per_head), 32))
+
+
+def _train_part(
+    tmp: Path,
+    calib: CalibrationSet,
+    jobs: list[Job],
+    factors: dict[int, torch.Tensor],
+    training: Training,
+    also_plain: bool,
+    state: Any,
+    reporter: Reporter,
+) -> None:
+    """Train this process's share of ``jobs`` (query-aware, then plain VQ for the report) and write it to
+    ``tmp`` as ``part-RANK.safetensors``."""
+    with state.split_between_processes(jobs) as mine:
+        mine = list(mine)
+        with reporter.progress("training codebooks", len(mine) * (2 if also_plain else 1)) as bar:
+            trained = training.train(calib, mine, factors, salt=0, progress=bar)
+            plain_trained = {}
+            if also_plain:
+                d = calib.geometry.head_dim
+                eye = {i: torch.eye(d, dtype=torch.float64).expand_as(f).clone() for i, f in factors.items()}
+                plain_trained = training.train(calib, mine, eye, salt=1, progress=bar, label="plain · ")
+    part: dict[str, torch.Tensor] = {}
+    for name, (cb, inertia) in trained.items():
+        part[f"qa.{name}"], part[f"qa_inertia.{name}"] = cb, torch.tensor([inertia])
+    for name, (cb, _) in plain_trained.items():
+        part[f"plain.{name}"] = cb
+    write_safetensors(tmp / f"part-{state.process_index:03d}.safetensors", part)
+
+
+def _merge_parts(tmp: Path, calib: CalibrationSet, also_plain: bool) -> Codebooks:
+    """Every process's part, read and removed from ``tmp``, stacked by layer."""
+    merged: dict[str, torch.Tensor] = {}
+    for path in sorted(tmp.glob("part-*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            merged.update({k: f.get_tensor(k) for k in f.keys()})
+        path.unlink()
+
+    def stack(prefix: str, layer: int) -> torch.Tensor:
+        return torch.stack([merged[f"{prefix}.{layer}.{h}"] for h in range(calib.geometry.num_kv_heads)])
 
     layers = calib.retrieval_layers
-    jobs = [Job(layer, head) for layer in layers for head in range(geo.num_kv_heads)]
-    per_head = keys_per_head(calib) * geo.head_dim * 4
-    batch = heads_per_batch or max(1, min(len(jobs), HEAD_BYTES_PER_BATCH // max(1, per_head), 32))
-    also_plain = compare_plain and not plain
-    with _partial_checkpoint(out, overwrite, state) as tmp:
-        with state.split_between_processes(jobs) as mine:
-            mine = list(mine)
-            total = len(mine) * (2 if also_plain else 1)
-            with _Progress(total if main else 0, main and not quiet, console) as progress:
-                common = dict(codes=codes, iters=iters, tol=tol, seed=seed, device=torch_device, seeding=seeding,
-                              heads_per_batch=batch, algorithm=algorithm, progress=progress)
-                trained = train_jobs(calib, mine, factors, salt=0, **common)
-                plain_trained = {}
-                if also_plain:
-                    eye = {i: torch.eye(geo.head_dim, dtype=torch.float64).expand_as(f).clone() for i, f in factors.items()}
-                    plain_trained = train_jobs(calib, mine, eye, salt=1, label="plain · ", **common)
-        part: dict[str, torch.Tensor] = {}
-        for name, (cb, inertia) in trained.items():
-            part[f"qa.{name}"], part[f"qa_inertia.{name}"] = cb, torch.tensor([inertia])
-        for name, (cb, _) in plain_trained.items():
-            part[f"plain.{name}"] = cb
-        write_safetensors(tmp / f"part-{state.process_index:03d}.safetensors", part)
-        state.wait_for_everyone()
-        if not main:
-            return out
+    return Codebooks(
+        query_aware={layer: stack("qa", layer) for layer in layers},
+        inertia=[stack("qa_inertia", layer).flatten().tolist() for layer in layers],
+        plain={layer: stack("plain", layer) for layer in layers} if also_plain else None,
+    )
 
-        merged: dict[str, torch.Tensor] = {}
-        for path in sorted(tmp.glob("part-*.safetensors")):
-            with safe_open(str(path), framework="pt") as f:
-                merged.update({k: f.get_tensor(k) for k in f.keys()})
-            path.unlink()
 
-        def stack(prefix: str, layer: int) -> torch.Tensor:
-            return torch.stack([merged[f"{prefix}.{layer}.{h}"] for h in range(geo.num_kv_heads)])
+def _config(
+    calib: CalibrationSet, calibration: str | Path, codes: int, plain: bool, buckets: DistanceBuckets, seed: int
+) -> A2atsConfig:
+    """The checkpoint's config, less the model files and the training extras."""
+    return A2atsConfig(
+        geometry=calib.geometry,
+        codebook_size=codes,
+        whitening="plain" if plain else "query_aware",
+        buckets=buckets.to_config(),
+        retrieval_layers=calib.retrieval_layers,
+        seed=seed,
+        calibration={"path": str(Path(calibration).resolve()), "manifest": _manifest_summary(calib)},
+    )
 
-        codebooks = {layer: stack("qa", layer) for layer in layers}
-        inertia = [stack("qa_inertia", layer).flatten().tolist() for layer in layers]
-        plain_books = {layer: stack("plain", layer) for layer in layers} if also_plain else None
-        factors32 = {i: f.float() for i, f in factors.items()}
-        write_codebooks(tmp, codebooks, factors32)
 
-        source, lm, tokenizer = _model(calib, model, loaded, light, console)
-        policy = RuntimeSettings()  # the report's selection; the config's selection fields default to the same
-        config = A2atsConfig(
-            geometry=geo,
-            codebook_size=codes,
-            whitening="plain" if plain else "query_aware",
-            buckets=bucket_spec.to_config(),
-            retrieval_layers=layers,
-            seed=seed,
-            calibration={"path": str(Path(calibration).resolve()), "manifest": _manifest_summary(calib)},
+def _write_model(
+    tmp: Path, config: A2atsConfig, calib: CalibrationSet, model: str | None, loaded: tuple[Any, Any] | None,
+    light: bool, reporter: Reporter,
+) -> Any:
+    """Load the model, check it against the calibration, write its files into ``tmp`` and record them in
+    ``config``; returns the model (for its rotary embedding and softmax scale)."""
+    source, lm, tokenizer = _model(calib, model, loaded, reporter)
+    check_geometry(config, lm)
+    reporter.info("writing the model files" + (" (light: weights referenced)" if light else ""))
+    weights = write_model_files(lm, tokenizer, tmp, light=light)
+    config.model = {"source": source.to_dict(), "weights": weights}
+    return lm
+
+
+def _report(
+    calib: CalibrationSet, books: Codebooks, factors: dict[int, torch.Tensor], lm: Any, buckets: DistanceBuckets,
+    reporter: Reporter,
+) -> dict[str, Any]:
+    """The conversion report under the default runtime selection (the config's selection fields default to
+    the same)."""
+    with reporter.progress("conversion report", len(calib.retrieval_layers)) as bar:
+        return build_report(
+            calib, books.query_aware, factors, books.plain, rotary(lm), buckets, RuntimeSettings(),
+            attention_scale(lm), progress=lambda layer: bar.advance(description=f"report · layer {layer}"),
         )
-        check_geometry(config, lm)
-        console.print("writing the model files" + (" (light: weights referenced)" if light else ""), highlight=False)
-        weights = write_model_files(lm, tokenizer, tmp, light=light)
-        config.model = {"source": source.to_dict(), "weights": weights}
-
-        with _Progress(len(layers), not quiet, console) as progress:
-            progress.describe("conversion report")
-            report = build_report(
-                calib, codebooks, factors32, plain_books, rotary(lm), bucket_spec, policy, attention_scale(lm),
-                progress=lambda layer: progress.advance(f"report · layer {layer}"),
-            )
-        report["training"] = {
-            "codes": codes, "iters": iters, "tol": tol, "seeding": seeding, "algorithm": algorithm,
-            "coarse_cells": default_coarse(codes) if algorithm == "two-level" else None, "positions": pos,
-            "keys_per_head": keys_per_head(calib), "inertia": inertia, "cholesky_jitter": jitters,
-        }
-        write_json(tmp / "report.json", report)
-        print_report(report, console)
-        config.extra = {"positions": pos, "processes": state.num_processes, "algorithm": algorithm, "report": {"mean_recall": report["mean"]}}
-        write_config(tmp, config)  # last: only now does the folder load
-    console.print(f"wrote {out}", highlight=False)
-    return out
 
 
 def _manifest_summary(calib: CalibrationSet) -> dict[str, Any]:
@@ -393,7 +454,7 @@ def _manifest_summary(calib: CalibrationSet) -> dict[str, Any]:
 
 
 def _model(
-    calib: CalibrationSet, model: str | None, loaded: tuple[Any, Any] | None, light: bool, console: Console
+    calib: CalibrationSet, model: str | None, loaded: tuple[Any, Any] | None, reporter: Reporter
 ) -> tuple[ModelSource, Any, Any]:
     """The model (for its files, rotary embedding and geometry check) and tokenizer."""
     if loaded is not None:
@@ -407,5 +468,5 @@ def _model(
         source = ModelSource(recorded["path_or_id"], recorded.get("gguf_file"), recorded.get("display_name", ""))
     else:
         source = resolve_source(model)
-    console.print(f"loading {source.display_name or source.path_or_id}", highlight=False)
+    reporter.info(f"loading {source.display_name or source.path_or_id}")
     return source, load_model(source), load_tokenizer(source)

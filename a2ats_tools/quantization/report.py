@@ -7,13 +7,14 @@ the exact softmax mass carried by the selected tokens (sinks + window + top-K pe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
 from ..calibration.format import HELDOUT_KEYS, HELDOUT_POSITIONS, HELDOUT_QUERIES, CalibrationSet
+from ..reporting import Reporter
 from ..rope import DistanceBuckets, Rotary
 from ..runtime.settings import RuntimeSettings
 from ..scoring import bucketed_scores, exact_logits, mass_recall
@@ -68,9 +69,10 @@ def build_report(
     buckets: DistanceBuckets,
     policy: RuntimeSettings,
     scale: float | None = None,
-    progress: Any = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Per-layer (retrieved layers only) and mean recall for every method, as a JSON-ready dict."""
+    """Per-layer (retrieved layers only) and mean recall for every method, as a JSON-ready dict; ``progress``
+    is called with each layer once it is done."""
     rows = []
     for layer in calib.retrieval_layers:
         books = {"query_aware_vq": (codebooks[layer], factors[layer])}
@@ -92,7 +94,7 @@ def build_report(
     }
 
 
-def print_report(report: dict[str, Any], console: Console) -> None:
+def report_table(report: dict[str, Any]) -> Table:
     """The report as a rich table, one row per layer plus the mean."""
     methods = report["methods"]
     table = Table(title=f"attention-mass recall at budget {report['policy']['budget']} (held-out sample)")
@@ -102,8 +104,14 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     for row in report["layers"]:
         table.add_row(str(row["layer"]), *(f"{row[m]:.4f}" for m in methods))
     table.add_row("mean", *(f"[bold]{report['mean'][m]:.4f}[/]" for m in methods), end_section=True)
-    console.print(table)
+    return table
+
+
+def show_report(report: dict[str, Any], reporter: Reporter) -> None:
+    """The report's table and, beside plain VQ, whether query-aware whitening helped."""
+    reporter.table(report_table(report))
+    methods = report["methods"]
     if "plain_vq" in methods:
         gain = report["mean"]["query_aware_vq"] - report["mean"]["plain_vq"]
         verdict = "helps" if gain > 0 else "does not help"
-        console.print(f"query-aware VQ {verdict} on this model: {gain:+.4f} mean recall vs plain VQ", highlight=False)
+        reporter.info(f"query-aware VQ {verdict} on this model: {gain:+.4f} mean recall vs plain VQ")
