@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from a2ats_tools.bench.decode import Contender, Timing, bench_point
 from a2ats_tools.bench.memory import cache_device_bytes
 from a2ats_tools.bench.prefill import real_prefill
+from a2ats_tools.bench.profile import G_LINEAR
 from a2ats_tools.bench.synthetic import synthetic_prefill, tile_cache
 from a2ats_tools.compat import cache_kwargs
 from a2ats_tools.errors import A2atsError
@@ -61,7 +62,7 @@ def test_bench_point_times_generate_and_profiles():
     assert set(gen) == {"step_latency_s", "speedup_vs_dense", "vs_floor"} and gen["step_latency_s"]["min"] > 0
     assert "generate" in res["floor"]
     prof = res["contenders"]["dense"]["profile"]
-    assert prof["groups"]["linear layers"] > 0 and prof["wall_s_per_step"] > 0
+    assert prof["groups"][G_LINEAR] > 0 and prof["wall_s_per_step"] > 0
     assert sum(prof["groups"].values()) == pytest.approx(prof["wall_s_per_step"], rel=0.05)
 
 

@@ -212,7 +212,8 @@ def _summary(runs: Sequence[Run], start: Prefilled, timing: Timing) -> dict[str,
             "prefill_s": start.seconds + run.fill_s,  # retrieval contenders: the shared dense cache + their fill
             "cache_fill_s": run.fill_s,
             # the encode's share of a real prefill (a synthetic cache's build time is no prefill time)
-            "cache_fill_share": run.fill_s / (start.seconds + run.fill_s) if start.kind == REAL and run.fill_s else None,
+            "cache_fill_share": (run.fill_s / (start.seconds + run.fill_s)
+                                 if start.kind == REAL and run.fill_s else None),
             **_timings(lambda r: r.blocks, run, ref, floor),
             "tokens_per_s": stats([batch / t for t in run.blocks]),
             "kv_device_bytes": run.kv_device_bytes,

@@ -47,7 +47,8 @@ def _plot(points: list[dict[str, Any]], path: Path, value: Callable[[dict], floa
             style = STYLES[ni % len(STYLES)]
             ax.plot(xs, ys, linestyle=style, color=f"C{bi}", label=f"{name}, batch {batch}")
             for p, x, y in zip(rows, xs, ys, strict=True):
-                ax.plot([x], [y], marker="o", color=f"C{bi}", fillstyle="full" if p.get("cache", "real") == "real" else "none")
+                fill = "full" if p.get("cache", "real") == "real" else "none"
+                ax.plot([x], [y], marker="o", color=f"C{bi}", fillstyle=fill)
             extra = [p for p in points if p["batch"] == batch and p not in rows]
             ax.plot([p["context"] for p in extra], [value(p["contenders"][name]) for p in extra], linestyle="none",
                     marker="o", fillstyle="none", color=f"C{bi}")

@@ -27,21 +27,24 @@ BOOKKEEPING = ("aten::copy_", "aten::cat", "aten::empty", "aten::zeros", "aten::
                "aten::where", "aten::eq", "aten::ne", "aten::ge", "aten::gt", "aten::le", "aten::lt",
                "aten::logical_and", "aten::logical_or", "aten::bitwise_and", "aten::bitwise_or", "aten::item",
                "aten::_local_scalar_dense", "aten::contiguous", "aten::empty_strided", "aten::resize_")
-GROUPS = ("linear layers", "fused CPU kernel", "attention: gathers and top-K", "attention: other ops",
-          "attention: Python", "cache and mask bookkeeping", "other ops (norms, activations, rotary)",
-          "Python and framework (no op)")
+G_LINEAR, G_KERNEL, G_GATHER, G_ATTN_OPS, G_ATTN_PY, G_BOOK, G_OTHER, G_PYTHON = GROUPS = (
+    "linear layers", "fused CPU kernel", "attention: gathers and top-K",
+    "attention: other ops (SDPA, torch-path scoring)",
+    "attention: Python", "cache and mask bookkeeping", "other ops (norms, activations, rotary)",
+    "Python and framework (no op)",
+)
 
 
 def _group(name: str, in_attention: bool) -> str:
     if name == KERNEL:
-        return "fused CPU kernel"
+        return G_KERNEL
     if name == ATTENTION:
-        return "attention: Python"
-    if name in LINEAR and not in_attention:
-        return "linear layers"
+        return G_ATTN_PY
     if in_attention:
-        return "attention: gathers and top-K" if name in GATHER else "attention: other ops"
-    return "cache and mask bookkeeping" if name in BOOKKEEPING or name in GATHER else "other ops (norms, activations, rotary)"
+        return G_GATHER if name in GATHER else G_ATTN_OPS
+    if name in LINEAR:
+        return G_LINEAR
+    return G_BOOK if name in BOOKKEEPING or name in GATHER else G_OTHER
 
 
 def _inside(event: Any, name: str) -> bool:
@@ -104,7 +107,7 @@ def profile_steps(step: Callable[[], None], steps: int, attention_name: str | No
         seconds = ev.self_cpu_time_total / 1e6
         groups[_group(ev.name, _inside(ev, ATTENTION))] += seconds
         per_op[ev.name] = per_op.get(ev.name, 0.0) + seconds
-    groups["Python and framework (no op)"] = max(0.0, wall - sum(groups.values()))
+    groups[G_PYTHON] = max(0.0, wall - sum(groups.values()))
     top = sorted(per_op.items(), key=lambda kv: -kv[1])[:10]
     return {"wall_s_per_step": wall / steps, "groups": {k: v / steps for k, v in groups.items()},
             "top_ops": [[name, s / steps] for name, s in top]}

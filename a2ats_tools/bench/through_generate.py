@@ -28,7 +28,9 @@ class StepClock:
 
 
 @torch.no_grad()
-def generate_steps(model: Any, cache: Any, ids: torch.Tensor, steps: int, pad_token_id: int | None) -> tuple[list[float], torch.Tensor]:
+def generate_steps(
+    model: Any, cache: Any, ids: torch.Tensor, steps: int, pad_token_id: int | None
+) -> tuple[list[float], torch.Tensor]:
     """Greedy ``generate`` of ``steps + 1`` tokens continuing ``ids [B, n + 1]``, whose first ``n`` tokens
     ``cache`` holds (so generate's first forward is a decode step too). Returns the ``steps`` times between
     consecutive tokens and the new tokens ``[B, steps + 1]`` (the last not fed yet: the cache then holds

@@ -62,7 +62,8 @@ def bench(
     repeats: int = typer.Option(3, "--repeats", help="Alternating blocks per contender (min/median/max over them)."),
     generate: bool = typer.Option(False, "--generate", help="Also time --repeats rounds of --steps steps per "
                                   "contender from outside, through model.generate."),
-    profile: bool = typer.Option(False, "--profile", help="Profile --steps more steps per contender: where a step goes."),
+    profile: bool = typer.Option(False, "--profile",
+                                 help="Profile --steps more steps per contender: where a step goes."),
     memory_limit: float = typer.Option(None, "--memory-limit", help="Skip points whose caches together would pass "
                                        "this many GiB (dense K/V bytes × contenders)."),
     also: list[str] = typer.Option(
@@ -104,7 +105,7 @@ def bench(
 
       a2ats bench runs/ckpt --contexts 8k --batches 1 --cache real,synthetic:4k -o runs/bench-synthetic-check
 
-      a2ats bench runs/ckpt --contexts 1k,4k,16k,32k,128k --batches 1 --cache real:4k,synthetic:4k --also offload=cpu -o runs/bench-long
+      a2ats bench runs/ckpt --contexts 1k,4k,16k,128k --batches 1 --cache real:4k,synthetic:4k -o runs/bench-long
 
       a2ats bench runs/ckpt --contexts 8k --batches 4 --also rerank=0 --also score_dtype=float32 -o runs/bench-knobs
     """
@@ -126,6 +127,8 @@ def bench(
     _write(out, overwrite, result, mut)
     if not quiet:
         Console().print(bench_table(points))
+        if generate:
+            Console().print(generate_table(points))
         if profile:
             Console().print(profile_table(points))
         for n in notes:
@@ -261,7 +264,8 @@ def _write(out: Path, overwrite: bool, result: dict, mut: Any) -> None:
     from ..bench.plots import plot_latency, plot_throughput
     from ..io import atomic_directory, write_json
 
-    with atomic_directory(out, overwrite, "bench output directory", writer="bench") as tmp:  # a previous --out stays whole until now
+    # a previous --out stays whole until now
+    with atomic_directory(out, overwrite, "bench output directory", writer="bench") as tmp:
         write_json(tmp / "bench.json", result)
         plot_throughput(result["points"], tmp / "throughput.png", title=f"decode throughput ({mut.device.type})")
         plot_latency(result["points"], tmp / "latency.png", title=f"decode step latency ({mut.device.type})")
@@ -293,52 +297,87 @@ def _kernel_microbench(notes: list[str]) -> str | None:
     return run.stdout + run.stderr
 
 
-def _spread(s: dict[str, float] | None, fmt: str, scale: float = 1.0, unit: str = "") -> str:
+def _ms(seconds: float) -> str:
+    return f"{1e3 * seconds:.0f}" if seconds >= 0.1 else f"{1e3 * seconds:.1f}"
+
+
+def _spread(s: dict[str, float] | None, ms: bool = False) -> str:
+    """``median (min–max)``: milliseconds, or ratios."""
     if not s:
         return "-"
-    return f"{s['median'] * scale:{fmt}}{unit} ({s['min'] * scale:{fmt}}–{s['max'] * scale:{fmt}})"
+    fmt = _ms if ms else (lambda x: f"{x:.2f}")
+    return f"{fmt(s['median'])} ({fmt(s['min'])}–{fmt(s['max'])})"
+
+
+def _rows(p: dict) -> list[tuple[str, dict]]:
+    rows = list(p["contenders"].items())
+    if p.get("floor"):
+        rows.append((f"floor ({p['floor']['context']})", p["floor"]))
+    return rows
+
+
+def _table(title: str, cols: list[str]) -> Table:
+    table = Table(title=title)
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("contender", "cache") else "right", overflow="fold",
+                         no_wrap=col not in ("contender", "cache"))
+    return table
 
 
 def bench_table(points: list[dict]) -> Table:
     """One row per (point, contender), so any number of ``--also`` contenders stays readable."""
-    gen = any("generate" in c for p in points for c in p["contenders"].values())
-    table = Table(title="Decode step and speed-up vs dense: median (min–max over blocks); × floor: step / the "
-                  "dense step at the floor context")
-    cols = ["context", "batch", "cache", "contender", "ms/step", "× floor", "speed-up", "tok/s",
-            *(["generate ms/step", "gen × floor"] if gen else []), "prefill s (encode)", "KV MiB", "peak RSS GiB"]
-    for col in cols:
-        table.add_column(col, justify="left" if col in ("contender", "cache") else "right", overflow="fold",
-                         no_wrap=col not in ("contender", "cache"))
+    table = _table("Decode step: median (min–max over blocks); × floor and × dense per block pair",
+                   ["context", "batch", "cache", "contender", "ms/step", "× floor", "speed-up", "tok/s",
+                    "prefill s (encode)", "KV MiB", "peak RSS GiB"])
     for p in points:
-        rows = list(p["contenders"].items())
-        if p.get("floor"):
-            rows.append((f"floor ({p['floor']['context']})", p["floor"]))
+        rows = _rows(p)
         for i, (name, c) in enumerate(rows):
-            where = (str(p["context"]), str(p["batch"]), p["cache"]) if i == 0 else ("", "", "")
             share = c.get("cache_fill_share")
             prefill = f"{c['prefill_s']:.1f}" + (f" ({100 * share:.0f}%)" if share else "") if "prefill_s" in c else "-"
-            g = c.get("generate") or {}
-            cells = [_spread(c["step_latency_s"], ".1f", 1e3), _spread(c.get("vs_floor"), ".2f", unit="×"),
-                     _spread(c.get("speedup_vs_dense"), ".2f", unit="×"),
-                     f"{c['tokens_per_s']['median']:.1f}" if "tokens_per_s" in c else "-",
-                     *([_spread(g.get("step_latency_s"), ".1f", 1e3), _spread(g.get("vs_floor"), ".2f", unit="×")]
-                       if gen else []),
-                     prefill, f"{c['kv_device_bytes'] / 2**20:.1f}" if "kv_device_bytes" in c else "-",
-                     f"{p['rss']['peak_bytes'] / 2**30:.2f}" if i == 0 and "rss" in p else ""]
-            table.add_row(*where, escape(name), *cells, end_section=i == len(rows) - 1)
+            table.add_row(
+                *((str(p["context"]), str(p["batch"]), p["cache"]) if i == 0 else ("", "", "")), escape(name),
+                _spread(c["step_latency_s"], ms=True), _spread(c.get("vs_floor")), _spread(c.get("speedup_vs_dense")),
+                f"{c['tokens_per_s']['median']:.1f}" if "tokens_per_s" in c else "-", prefill,
+                f"{c['kv_device_bytes'] / 2**20:.1f}" if "kv_device_bytes" in c else "-",
+                f"{p['rss']['peak_bytes'] / 2**30:.2f}" if i == 0 and "rss" in p else "",
+                end_section=i == len(rows) - 1,
+            )
     return table
 
 
-def profile_table(points: list[dict]) -> Table:
-    """Where each contender's profiled step went (ms per step per group), one column per (point, contender)."""
-    from ..bench.profile import GROUPS
+def generate_table(points: list[dict]) -> Table:
+    """The steps timed through ``model.generate`` beside the forward-only ones."""
+    table = _table("Through model.generate: ms/step median (min–max over rounds), × floor and × dense per round",
+                   ["context", "batch", "cache", "contender", "generate ms/step", "× floor", "speed-up",
+                    "forward ms/step"])
+    for p in points:
+        rows = [(name, c) for name, c in _rows(p) if "generate" in c]
+        for i, (name, c) in enumerate(rows):
+            g = c["generate"]
+            table.add_row(*((str(p["context"]), str(p["batch"]), p["cache"]) if i == 0 else ("", "", "")),
+                          escape(name), _spread(g["step_latency_s"], ms=True), _spread(g.get("vs_floor")),
+                          _spread(g.get("speedup_vs_dense")), _ms(c["step_latency_s"]["median"]),
+                          end_section=i == len(rows) - 1)
+    return table
 
-    table = Table(title="Where a decode step goes (torch.profiler, ms/step; the profiler adds overhead)")
-    table.add_column("group", no_wrap=True)
-    profiled = [(p, name, c["profile"]) for p in points for name, c in p["contenders"].items() if "profile" in c]
-    for p, name, _ in profiled:
-        table.add_column(f"{escape(name)} @ {p['context']}×{p['batch']}", justify="right")
-    for group in GROUPS:
-        table.add_row(group, *(f"{prof['groups'][group] * 1e3:.1f}" for _, _, prof in profiled))
-    table.add_row("wall (profiled)", *(f"{prof['wall_s_per_step'] * 1e3:.1f}" for _, _, prof in profiled))
+
+def _profile_columns() -> dict[str, str]:
+    """bench.profile's groups -> short column titles."""
+    from ..bench import profile as bp
+
+    return {bp.G_LINEAR: "linear", bp.G_KERNEL: "kernel", bp.G_GATHER: "attn gathers", bp.G_ATTN_OPS: "attn ops",
+            bp.G_ATTN_PY: "attn py", bp.G_BOOK: "cache/mask", bp.G_OTHER: "other ops", bp.G_PYTHON: "python"}
+
+
+def profile_table(points: list[dict]) -> Table:
+    """Where each contender's profiled step went, ms per step per group."""
+    columns = _profile_columns()
+    table = _table("Where a decode step goes (torch.profiler, ms/step; profiling adds overhead)",
+                   ["context", "batch", "cache", "contender", *columns.values(), "wall"])
+    for p in points:
+        rows = [(name, c["profile"]) for name, c in p["contenders"].items() if "profile" in c]
+        for i, (name, prof) in enumerate(rows):
+            table.add_row(*((str(p["context"]), str(p["batch"]), p["cache"]) if i == 0 else ("", "", "")),
+                          escape(name), *(_ms(prof["groups"][g]) for g in columns), _ms(prof["wall_s_per_step"]),
+                          end_section=i == len(rows) - 1)
     return table
