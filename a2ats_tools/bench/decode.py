@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..compat import cache_kwargs
-from .memory import cache_device_bytes, current_process_bytes, device_peak_bytes, reset_device_peak
+from .memory import cache_device_bytes, current_process_bytes, device_peak_bytes
 from .prefill import REAL, Prefilled, sync
 
 FLOOR = "floor"
@@ -171,8 +171,8 @@ def bench_point(
 ) -> dict[str, Any]:
     """One (context, batch, cache) grid point from ``start`` (the reference's cache, which it decodes in): per
     contender the step latency, tokens/s, cache fill, memory and per-block ratios to the reference and to the
-    ``floor`` (a short dense context decoded alongside). Peak device memory covers the point from here."""
-    reset_device_peak(start.ids.device)
+    ``floor`` (a short dense context decoded alongside). ``device_peak_bytes`` is the CUDA peak since the caller
+    last reset it (:func:`.memory.reset_device_peak`, before building ``start``)."""
     runs = _runs(contenders, start, floor, tick)
     _blocks(model, runs, timing, tick)
     if timing.generate:

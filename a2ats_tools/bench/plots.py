@@ -15,6 +15,7 @@ from typing import Any
 from ..io import atomic_path
 
 STYLES = ["-", "--", ":", "-."]
+MARKERS = ["o", "s", "^", "D", "v", "P"]
 
 
 def line_points(points: list[dict[str, Any]], batch: int) -> list[dict[str, Any]]:
@@ -44,15 +45,13 @@ def _plot(points: list[dict[str, Any]], path: Path, value: Callable[[dict], floa
         for ni, name in enumerate(names):
             xs = [p["context"] for p in rows]
             ys = [value(p["contenders"][name]) for p in rows]
-            style = STYLES[ni % len(STYLES)]
-            ax.plot(xs, ys, linestyle=style, color=f"C{bi}", label=f"{name}, batch {batch}")
-            for p, x, y in zip(rows, xs, ys, strict=True):
-                fill = "full" if p.get("cache", "real") == "real" else "none"
-                ax.plot([x], [y], marker="o", color=f"C{bi}", fillstyle=fill)
-            extra = [p for p in points if p["batch"] == batch and p not in rows]
-            ax.plot([p["context"] for p in extra], [value(p["contenders"][name]) for p in extra], linestyle="none",
-                    marker="o", fillstyle="none", color=f"C{bi}")
-        floors = [value(p["floor"]) for p in points if floor and p["batch"] == batch and p.get("floor")]
+            style, marker = STYLES[ni % len(STYLES)], MARKERS[ni % len(MARKERS)]
+            ax.plot(xs, ys, linestyle=style, marker=marker, color=f"C{bi}", label=f"{name}, batch {batch}",
+                    markevery=[i for i, p in enumerate(rows) if p.get("cache", "real") == "real"])
+            hollow = [p for p in points if p["batch"] == batch and p.get("cache", "real") != "real"]
+            ax.plot([p["context"] for p in hollow], [value(p["contenders"][name]) for p in hollow],
+                    linestyle="none", marker=marker, fillstyle="none", color=f"C{bi}")
+        floors = [value(p["floor"]) for p in rows if floor and p.get("floor")]  # the line's points' floors
         if floors:
             ax.axhline(statistics.median(floors), color=f"C{bi}", alpha=0.5, linewidth=1,
                        label=f"floor ({points[0]['floor']['context']} tokens), batch {batch}")

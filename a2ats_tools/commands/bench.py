@@ -192,7 +192,7 @@ def _grid(mut: Any, plan: Plan, contenders: list[Any]) -> tuple[list[Any], list[
 def _run_points(mut: Any, contenders: list[Any], grid: list[Any], plan: Plan, console: Console) -> list[dict]:
     """Every grid point in turn, with a progress bar; each point's peak RSS beside its timings."""
     from ..bench.decode import bench_point
-    from ..bench.memory import peak_rss_bytes, reset_peak_rss
+    from ..bench.memory import peak_rss_bytes, reset_device_peak, reset_peak_rss
     from ..bench.prompts import text_tokens
 
     stream = text_tokens(mut.tokenizer, plan.seed)
@@ -205,6 +205,7 @@ def _run_points(mut: Any, contenders: list[Any], grid: list[Any], plan: Plan, co
         for point in grid:
             progress.update(bar, description=f"context {point.context}, batch {point.batch}, {point.cache} cache")
             scope = "point" if reset_peak_rss() else "process"
+            reset_device_peak(mut.device)
             contenders[0].prepare()  # prefills are dense
             start, floor = _start(mut, stream, point, plan)
             res = bench_point(mut.model, contenders, start, plan.timing, floor=floor,
@@ -325,7 +326,8 @@ def _table(title: str, cols: list[str]) -> Table:
 
 
 def bench_table(points: list[dict]) -> Table:
-    """One row per (point, contender), so any number of ``--also`` contenders stays readable."""
+    """One row per (point, contender), so any number of ``--also`` contenders stays readable (schema 1 points,
+    without cache kinds, floor or step latency, read as real-cache points)."""
     table = _table("Decode step: median (min–max over blocks); × floor and × dense per block pair",
                    ["context", "batch", "cache", "contender", "ms/step", "× floor", "speed-up", "tok/s",
                     "prefill s (encode)", "KV MiB", "peak RSS GiB"])
@@ -335,8 +337,8 @@ def bench_table(points: list[dict]) -> Table:
             share = c.get("cache_fill_share")
             prefill = f"{c['prefill_s']:.1f}" + (f" ({100 * share:.0f}%)" if share else "") if "prefill_s" in c else "-"
             table.add_row(
-                *((str(p["context"]), str(p["batch"]), p["cache"]) if i == 0 else ("", "", "")), escape(name),
-                _spread(c["step_latency_s"], ms=True), _spread(c.get("vs_floor")), _spread(c.get("speedup_vs_dense")),
+                *((str(p["context"]), str(p["batch"]), p.get("cache", "real")) if i == 0 else ("", "", "")), escape(name),
+                _spread(c.get("step_latency_s"), ms=True), _spread(c.get("vs_floor")), _spread(c.get("speedup_vs_dense")),
                 f"{c['tokens_per_s']['median']:.1f}" if "tokens_per_s" in c else "-", prefill,
                 f"{c['kv_device_bytes'] / 2**20:.1f}" if "kv_device_bytes" in c else "-",
                 f"{p['rss']['peak_bytes'] / 2**30:.2f}" if i == 0 and "rss" in p else "",
@@ -354,7 +356,7 @@ def generate_table(points: list[dict]) -> Table:
         rows = [(name, c) for name, c in _rows(p) if "generate" in c]
         for i, (name, c) in enumerate(rows):
             g = c["generate"]
-            table.add_row(*((str(p["context"]), str(p["batch"]), p["cache"]) if i == 0 else ("", "", "")),
+            table.add_row(*((str(p["context"]), str(p["batch"]), p.get("cache", "real")) if i == 0 else ("", "", "")),
                           escape(name), _spread(g["step_latency_s"], ms=True), _spread(g.get("vs_floor")),
                           _spread(g.get("speedup_vs_dense")), _ms(c["step_latency_s"]["median"]),
                           end_section=i == len(rows) - 1)
@@ -377,7 +379,7 @@ def profile_table(points: list[dict]) -> Table:
     for p in points:
         rows = [(name, c["profile"]) for name, c in p["contenders"].items() if "profile" in c]
         for i, (name, prof) in enumerate(rows):
-            table.add_row(*((str(p["context"]), str(p["batch"]), p["cache"]) if i == 0 else ("", "", "")),
+            table.add_row(*((str(p["context"]), str(p["batch"]), p.get("cache", "real")) if i == 0 else ("", "", "")),
                           escape(name), *(_ms(prof["groups"][g]) for g in columns), _ms(prof["wall_s_per_step"]),
                           end_section=i == len(rows) - 1)
     return table
