@@ -1,12 +1,14 @@
 """Decode throughput: A²ATS retrieval attention vs HF dense (DynamicCache + SDPA), side by side in one run.
 
-Both start from the same prefilled context: the dense prefill runs once (chunked), and the A²ATS cache is
-built from its keys/values (each key encoded once, as a real prefill would). Then N decode steps alternate
-dense / A²ATS so both see the same machine load. Also times dense decode at a short context (the ceiling).
+Both start from the same prefilled context of real text (Python's documentation topics): the dense prefill
+runs once (chunked), and the A²ATS cache is built from its keys/values (each key encoded once, as a real
+prefill would). Then N decode steps alternate dense / A²ATS so both see the same machine load. Also times dense
+decode at a short context (the ceiling). `a2ats bench` is the full harness (grids, floor, JSON, plots).
 
     python benchmarks/decode_speed.py                       # embedded SmolLM2, batch 4, 8K context
     python benchmarks/decode_speed.py --context 2048 --steps 16 --buckets single --set rerank=0 --profile
     python benchmarks/decode_speed.py --checkpoint runs/ckpt --budget 0.03
+    python benchmarks/decode_speed.py --checkpoint runs/ckpt --batch 1 --context 131072 --synthetic-from 4096
 
 Without --checkpoint the codebook is random (speed does not depend on its values; recall does).
 """
@@ -43,53 +45,15 @@ def build_runtime_model(model, checkpoint, codes: int, settings: dict):
     return ours
 
 
-def dense_prefill(model, ids, chunk: int):
-    from transformers import DynamicCache
+def dense_cache(model, ids, synthetic_from: int):
+    """A real chunked dense prefill of ``ids``, or (``synthetic_from``) a real prefill of its first
+    ``synthetic_from`` tokens tiled to its length, keys re-rotated (see ``a2ats_tools.bench.synthetic``)."""
+    from a2ats_tools.bench.prefill import real_prefill
+    from a2ats_tools.bench.synthetic import synthetic_prefill
 
-    cache = DynamicCache(config=model.config)
-    for start in range(0, ids.shape[1], chunk):
-        model(input_ids=ids[:, start : start + chunk], **cache_kwargs(cache), use_cache=True)
-    return cache
-
-
-def synthetic_dense_cache(model, batch: int, context: int, generator: torch.Generator):
-    """A DynamicCache of random keys/values (decode speed does not depend on their values): skips the prefill."""
-    from transformers import DynamicCache
-
-    from a2ats_tools.models import geometry
-
-    geo = geometry(model)
-    cache = DynamicCache(config=model.config)
-    shape = (batch, geo.num_kv_heads, context, geo.head_dim)
-    for i in range(geo.num_layers):
-        cache.update(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator), i)
-    return cache
-
-
-def a2ats_cache_from_dense(ours, dense_cache, chunk: int, random_codes: bool = False):
-    """Feed the dense cache's keys/values through an A2atsCache, as a prefill would (keys encoded once).
-
-    ``random_codes``: skip the prefill encode (random codes; with a synthetic cache speed does not depend on them).
-    """
-    from a2ats_tools.models import rotary
-
-    cache = ours.a2ats.new_cache()
-    if random_codes:
-        for layer in cache.layers:
-            sel = layer.selector
-            fast = lambda k, c=sel.codes_size: torch.randint(0, c, k.shape[:-1], dtype=torch.int16)  # noqa: E731
-            sel.encode = lambda k, sel=sel, fast=fast: fast(k) if k.shape[-2] > 1 else type(sel).encode(sel, k)
-    rot = rotary(ours)
-    n = dense_cache.get_seq_length()
-    b = dense_cache.layers[0].keys.shape[0]
-    for start in range(0, n, chunk):
-        pos = torch.arange(start, min(n, start + chunk))
-        cos, sin = rot.cos_sin(pos)
-        cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
-        for i, layer in enumerate(dense_cache.layers):
-            cache.set_rope(i, cos, sin)
-            cache.update(layer.keys[:, :, pos], layer.values[:, :, pos], i)
-    return cache
+    if synthetic_from and synthetic_from < ids.shape[1]:
+        return synthetic_prefill(model, ids[:, :synthetic_from], ids.shape[1]).cache
+    return real_prefill(model, ids).cache
 
 
 def time_steps(model, cache, tokens, steps: int, context: int) -> list[float]:
@@ -115,9 +79,10 @@ def main() -> None:
     p.add_argument("--buckets", default=None, help="default: the checkpoint's distance buckets")
     p.add_argument("--rerank", type=float, default=None, help=f"default: the runtime's ({RuntimeSettings.rerank:g})")
     p.add_argument("--set", default="", help="more runtime overrides, e.g. score_dtype=float32")
-    p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--chunk", type=int, default=4096, help="A²ATS cache fill chunk")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--synthetic", action="store_true", help="random cached keys/values instead of a real prefill (faster)")
+    p.add_argument("--synthetic-from", type=int, default=0, metavar="N",
+                   help="a real N-token prefill tiled to --context (keys re-rotated) instead of a real prefill")
     p.add_argument("--cpu-time", action="store_true", help="time steps by process CPU time instead of wall time")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of A²ATS decode steps")
     args = p.parse_args()
@@ -127,23 +92,26 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from a2ats_tools.models import load_model, resolve_source
+    from a2ats_tools.bench.prompts import prompt_ids, text_tokens
+    from a2ats_tools.models import load_model, load_tokenizer, resolve_source
     from a2ats_tools.runtime.settings import parse_overrides
 
-    dense = load_model(resolve_source(None))
+    source = resolve_source(None)
+    dense = load_model(source)
     settings = {"budget": args.budget, "buckets": args.buckets, "rerank": args.rerank, **(parse_overrides(args.set) if args.set else {})}
     ours = build_runtime_model(dense, args.checkpoint, args.codes, settings)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, dense.config.vocab_size, (args.batch, args.context), generator=g)
+    ids = prompt_ids(text_tokens(load_tokenizer(source), seed=0), args.batch, args.context)
     feed = torch.randint(0, dense.config.vocab_size, (args.batch, args.steps + 1), generator=g)
     with torch.inference_mode():
         t = time.perf_counter()
-        dcache = synthetic_dense_cache(dense, args.batch, args.context, g) if args.synthetic else dense_prefill(dense, ids, args.chunk)
-        print(f"dense {'synthetic cache' if args.synthetic else 'prefill'} {args.batch}x{args.context}: {time.perf_counter() - t:.1f} s", flush=True)
+        dcache = dense_cache(dense, ids, args.synthetic_from)
+        kind = f"synthetic cache (from {args.synthetic_from})" if args.synthetic_from else "prefill"
+        print(f"dense {kind} {args.batch}x{args.context}: {time.perf_counter() - t:.1f} s", flush=True)
         t = time.perf_counter()
-        acache = a2ats_cache_from_dense(ours, dcache, args.chunk, random_codes=args.synthetic)
-        print(f"A²ATS cache fill (encode {args.codes} codes): {time.perf_counter() - t:.1f} s", flush=True)
-        short = synthetic_dense_cache(dense, args.batch, 512, g) if args.synthetic else dense_prefill(dense, ids[:, :512], args.chunk)
+        acache = ours.a2ats.cache_from(dcache, chunk=args.chunk, reserve=args.context + 2 * args.steps + 8)
+        print(f"A²ATS cache fill (encode {ours.a2ats.config.codebook_size} codes): {time.perf_counter() - t:.1f} s", flush=True)
+        short = dense_cache(dense, ids[:, :512], 0)
         # warm-up one step each
         time_steps(dense, dcache, feed[:, :1], 1, args.context)
         time_steps(ours, acache, feed[:, :1], 1, args.context)
