@@ -71,6 +71,7 @@ def bench(
     from ..evaluation.harness import ModelUnderTest, Variant
     from ..evaluation.options import parse_int_list
     from ..io import atomic_directory, check_output_dir, write_json
+    from ..runtime.selectors.a2ats import fused_kernel_refusal
     from ..runtime.settings import parse_overrides
 
     ctx_list = parse_int_list(contexts, "--contexts")
@@ -119,7 +120,7 @@ def bench(
                                           tick=lambda: progress.advance(bar)))
     microbench = None
     if mut.device.type != "cuda":
-        notes.append(_cpu_decode_path(dtype))
+        notes.append(_cpu_decode_path(dtype, fused_kernel_refusal(mut.runtime.rotary)))
         notes.append("kernel micro-benchmarks skipped: they run on GPU only")
     else:
         microbench = _kernel_microbench(notes)
@@ -139,14 +140,17 @@ def bench(
         console.print(f"wrote {out / 'bench.json'}", highlight=False)
 
 
-def _cpu_decode_path(dtype: str) -> str:
-    """Which code the A²ATS contenders' CPU decode steps ran (the default ``kernels=auto``), for the record."""
+def _cpu_decode_path(dtype: str, refusal: str | None = None) -> str:
+    """Which code the A²ATS contenders' CPU decode steps ran (the default ``kernels=auto``), for the record
+    (``refusal``: why the model's rotation keeps the fused kernel out, if it does)."""
     from ..kernels import cpu_decode
 
     if not cpu_decode.available():
         return f"A²ATS decode steps ran the torch path: {cpu_decode.unavailable_reason()}"
     if dtype != "float32":
         return f"A²ATS decode steps ran the torch path: the fused CPU kernel serves float32 K/V, not {dtype}"
+    if refusal is not None:
+        return f"A²ATS decode steps ran the torch path: {refusal}"
     return "A²ATS decode steps ran the fused CPU kernel (kernels=auto); --also kernels=torch times the torch path"
 
 
