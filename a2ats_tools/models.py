@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compat import LOAD_KWARGS
 from .errors import A2atsError, UnsupportedModelError
 from .io import first_line
 from .rope import HALVES, RopeLayout, Rotary, apply_rope, rotate_half
@@ -184,7 +185,7 @@ def load_model(
     def load(implementation: str | None):
         return AutoModelForCausalLM.from_pretrained(
             source.path_or_id, gguf_file=source.gguf_file, dtype=dtype, attn_implementation=implementation,
-            **safetensors_only,
+            **safetensors_only, **LOAD_KWARGS,
         )
 
     try:

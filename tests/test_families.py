@@ -288,6 +288,31 @@ def test_partial_rotary_keeps_the_fused_cpu_kernel_out(checkpoints):
     assert llama.a2ats.selectors()[0].fused_refusal is None
 
 
+@pytest.mark.parametrize("name", ("olmo2", "qwen3", "cohere2"))
+def test_captured_keys_are_after_the_norm_and_before_rope(name):
+    """Calibration stores the keys the model rotates: after its q/k norm (OLMo 2: over the whole projection,
+    before the heads are split; Qwen3: per head) and before RoPE (Cohere 2's NoPE full layers: as projected)."""
+    from a2ats_tools.calibration.capture import capturing
+
+    model = build(name)
+    layer = full_layers(name)[0]
+    attn = next(m for m in model.modules() if getattr(m, "layer_idx", None) == layer and hasattr(m, "k_proj"))
+    inputs: list[torch.Tensor] = []
+    handle = attn.register_forward_pre_hook(lambda m, a, kw: inputs.append(kw["hidden_states"]), with_kwargs=True)
+    captured: dict[int, torch.Tensor] = {}
+    with torch.no_grad(), capturing(model, lambda i, q, k: captured.setdefault(i, k)):
+        model(input_ids=prompt(12, batch=1))
+    handle.remove()
+    with torch.no_grad():
+        keys = attn.k_proj(inputs[-1])
+        if name == "olmo2":
+            keys = attn.k_norm(keys)
+        keys = keys.view(1, 12, -1, 16).transpose(1, 2)
+        if name == "qwen3":
+            keys = attn.k_norm(keys)
+    torch.testing.assert_close(captured[layer], keys, atol=1e-5, rtol=1e-5)
+
+
 def test_gemma3_rotary_is_each_layer_types_own():
     """WRoPE and the bucket tables use the full layers' (global, linearly scaled) frequencies, exactly the
     module's own; the sliding layers' local ones differ."""
