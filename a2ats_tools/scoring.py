@@ -55,7 +55,7 @@ def bucketed_scores(
     hkv, n, _ = keys.shape
     g = hq // hkv
     centres = torch.tensor(buckets.centres)
-    qw = rotary.rotate_to(q_pre, centres)  # [Hq, M, P, d]
+    qw = rotary.apply(q_pre.float().unsqueeze(-2), *rotary.relative_cos_sin(centres))  # [Hq, M, P, d]
     qw = qw.reshape(hkv, g * m * buckets.count, d)
     all_scores = torch.bmm(qw, keys.float().transpose(1, 2)).reshape(hq, m, buckets.count, n)
     dist = q_pos.reshape(m, 1) - torch.arange(n).reshape(1, n)
@@ -69,10 +69,8 @@ def exact_logits(q_pre: torch.Tensor, q_pos: torch.Tensor, keys_pre: torch.Tenso
     hkv, n, _ = keys_pre.shape
     cq, sq = rotary.cos_sin(q_pos)
     ck, sk = rotary.cos_sin(torch.arange(n))
-    from .rope import apply_rope
-
-    q = apply_rope(q_pre.float(), cq, sq)
-    k = apply_rope(keys_pre.float(), ck, sk)
+    q = rotary.apply(q_pre.float(), cq, sq)
+    k = rotary.apply(keys_pre.float(), ck, sk)
     return torch.bmm(q.reshape(hkv, (hq // hkv) * m, d), k.transpose(1, 2)).reshape(hq, m, n)
 
 

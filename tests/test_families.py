@@ -56,15 +56,31 @@ def family_config(name: str):
                                    rope_parameters=rope, query_pre_attn_scalar=32, **COMMON)
     if name == "mistral-sliding":
         return tf.MistralConfig(num_hidden_layers=2, sliding_window=WINDOW, **COMMON)
-    if name == "glm4":
+    if name == "glm4":  # partial rotary (half the head), adjacent pairs from rotate-half factors
         return tf.Glm4Config(num_hidden_layers=2, pad_token_id=0, **COMMON)
+    if name == "phi3-partial":  # partial rotary with rotate-half pairs (Phi-4-mini's layout)
+        return tf.Phi3Config(num_hidden_layers=2, partial_rotary_factor=0.5, pad_token_id=0, **COMMON)
+    if name == "olmo2":  # q/k norms over the whole projection, before the heads are split
+        return tf.Olmo2Config(num_hidden_layers=2, pad_token_id=0, **COMMON)
+    if name == "cohere2":  # hybrid: sliding layers with adjacent-pair RoPE, full layers without RoPE (NoPE)
+        return tf.Cohere2Config(num_hidden_layers=4, layer_types=HYBRID, sliding_window=WINDOW, pad_token_id=0,
+                                **COMMON)
+    if name == "smollm3-mixed-nope":  # full layers, one with RoPE and one without
+        return tf.SmolLM3Config(num_hidden_layers=2, no_rope_layers=[1, 0], pad_token_id=0, **COMMON)
     raise KeyError(name)
 
 
-SERVED = ("llama3", "qwen2-yarn", "qwen3", "qwen3-moe", "gemma2", "gemma3")
+SERVED = ("llama3", "qwen2-yarn", "qwen3", "qwen3-moe", "gemma2", "gemma3", "glm4", "phi3-partial", "olmo2", "cohere2")
 REFUSED = {
     "mistral-sliding": "every layer attends to a window of 16 tokens",
-    "glm4": "partial rotary embeddings",
+    "smollm3-mixed-nope": r"full-attention layers \[1\] apply no rotary embedding but the others do",
+}
+LAYOUTS = {  # how each family's retrieved layers rotate, as probed from its own modeling code
+    "llama3": "16 of 16 dimensions rotated, halves pairs from halves factors",
+    "glm4": "8 of 16 dimensions rotated, adjacent pairs from halves factors",
+    "phi3-partial": "8 of 16 dimensions rotated, halves pairs from halves factors",
+    "olmo2": "16 of 16 dimensions rotated, halves pairs from halves factors",
+    "cohere2": "no rotation (NoPE)",
 }
 
 
@@ -77,7 +93,7 @@ def build(name: str, attn: str = "eager", seed: int = 0):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # peaky attention, like a real model
         for pname, p in model.named_parameters():
-            if pname.endswith(("q_proj.weight", "k_proj.weight")):
+            if pname.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight")):
                 p.mul_(4.0)
     return model.eval()
 
@@ -200,6 +216,101 @@ def test_families_that_cannot_be_served_get_a_one_line_error(name, tokenizer, tm
     assert "\n" not in str(err.value)
     with pytest.raises(UnsupportedModelError, match=REFUSED[name]):
         calibrate(tmp_path / "calib", loaded=(model, tokenizer), tokens=64, allow_few_tokens=True)
+
+
+@pytest.mark.parametrize("name", ("glm4", "phi3-partial", "llama3", "gemma3"))
+def test_rotary_reproduces_the_models_own_rope(name):
+    """The runtime's rotation (factors from the module's buffers, the probed layout) equals what the model's own
+    rotary module and apply_rotary_pos_emb compute, pass-through dimensions included, and undoing it restores
+    the pre-RoPE vectors."""
+    import sys
+
+    from a2ats_tools.models import attention_modules
+    from a2ats_tools.rope import undo_rope
+
+    model = build(name)
+    rot = rotary(model)
+    apply = sys.modules[type(attention_modules(model)[0]).__module__].apply_rotary_pos_emb
+    pos = torch.tensor([[0, 3, 70, 1500]])
+    extra = ("full_attention",) if name == "gemma3" else ()
+    cos, sin = rotary_module(model)(torch.zeros(1), pos, *extra)
+    ours_cos, ours_sin = rot.cos_sin(pos)
+    torch.testing.assert_close((ours_cos, ours_sin), (cos, sin), atol=1e-6, rtol=1e-6)
+    q = torch.randn(1, 3, 4, 16, generator=torch.Generator().manual_seed(2))
+    theirs, _ = apply(q, q, cos, sin)
+    ours = rot.apply(q, ours_cos[:, None], ours_sin[:, None])
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    if rot.rotary_dim < 16:
+        assert torch.equal(ours[..., rot.rotary_dim :], q[..., rot.rotary_dim :])  # position-free dimensions
+    torch.testing.assert_close(undo_rope(theirs, cos[:, None], sin[:, None], rot.layout), q, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_each_family_gets_its_own_rotation_layout(name):
+    assert rotary(build(name)).describe() == LAYOUTS[name]
+
+
+def test_a_rotation_no_layout_reproduces_is_refused_by_name(monkeypatch):
+    """A modeling module whose apply_rotary_pos_emb pairs dimensions some other way gets a one-line error."""
+    import sys
+
+    from a2ats_tools.models import attention_modules
+
+    model = build("llama3")
+    code = sys.modules[type(attention_modules(model)[0]).__module__]
+    original = code.apply_rotary_pos_emb
+
+    def reversed_dimensions(q, k, cos, sin, unsqueeze_dim=1):  # the angles meet the dimensions in reverse order
+        q2, k2 = original(q.flip(-1), k.flip(-1), cos, sin, unsqueeze_dim)
+        return q2.flip(-1), k2.flip(-1)
+
+    monkeypatch.setattr(code, "apply_rotary_pos_emb", reversed_dimensions)
+    with pytest.raises(UnsupportedModelError, match="llama rotates 16 of 16 dimensions in a layout A²ATS does not "
+                                                   "reproduce") as err:
+        check_supported(model)
+    assert "\n" not in str(err.value)
+
+
+def test_partial_rotary_keeps_the_fused_cpu_kernel_out(checkpoints):
+    """The fused CPU kernel rotates every dimension: a partial-rotary model decodes on the torch path under
+    kernels=auto, and kernels=cpu is a one-line error saying why."""
+    from a2ats_tools import load_converted
+    from a2ats_tools.errors import A2atsError
+
+    model, _ = load_converted(checkpoints["glm4"][1], budget=2, n_sink=2, window=4)
+    selector = model.a2ats.selectors()[0]
+    assert selector.fused_refusal == ("the fused CPU kernel rotates all dimensions by halves, this model's "
+                                      "retrieved layers: 8 of 16 dimensions rotated, adjacent pairs from halves factors")
+    with pytest.raises(A2atsError, match="kernels=cpu: the fused CPU kernel rotates all dimensions") as err:
+        model.a2ats.configure(kernels="cpu")
+    assert "\n" not in str(err.value)
+    llama, _ = load_converted(checkpoints["llama3"][1])
+    assert llama.a2ats.selectors()[0].fused_refusal is None
+
+
+@pytest.mark.parametrize("name", ("olmo2", "qwen3", "cohere2"))
+def test_captured_keys_are_after_the_norm_and_before_rope(name):
+    """Calibration stores the keys the model rotates: after its q/k norm (OLMo 2: over the whole projection,
+    before the heads are split; Qwen3: per head) and before RoPE (Cohere 2's NoPE full layers: as projected)."""
+    from a2ats_tools.calibration.capture import capturing
+
+    model = build(name)
+    layer = full_layers(name)[0]
+    attn = next(m for m in model.modules() if getattr(m, "layer_idx", None) == layer and hasattr(m, "k_proj"))
+    inputs: list[torch.Tensor] = []
+    handle = attn.register_forward_pre_hook(lambda m, a, kw: inputs.append(kw["hidden_states"]), with_kwargs=True)
+    captured: dict[int, torch.Tensor] = {}
+    with torch.no_grad(), capturing(model, lambda i, q, k: captured.setdefault(i, k)):
+        model(input_ids=prompt(12, batch=1))
+    handle.remove()
+    with torch.no_grad():
+        keys = attn.k_proj(inputs[-1])
+        if name == "olmo2":
+            keys = attn.k_norm(keys)
+        keys = keys.view(1, 12, -1, 16).transpose(1, 2)
+        if name == "qwen3":
+            keys = attn.k_norm(keys)
+    torch.testing.assert_close(captured[layer], keys, atol=1e-5, rtol=1e-5)
 
 
 def test_gemma3_rotary_is_each_layer_types_own():

@@ -42,6 +42,51 @@ def test_relative_rotation_property(rot):
     assert torch.allclose(true, rel, atol=1e-4)
 
 
+def _partial_rotary_model(family: str):
+    """A tiny partial-rotary decoder (half the head rotated): GLM-4 (adjacent pairs) or Phi-3 with longrope
+    scaling (Phi-4-mini's layout, an attention scaling above 1)."""
+    import transformers as tf
+
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, num_hidden_layers=1, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    if family == "glm4":
+        config = tf.Glm4Config(**common)
+    else:
+        rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.1, 1.3, 1.6],
+                "long_factor": [1.0, 2.0, 4.0, 8.0], "factor": 4.0, "partial_rotary_factor": 0.5}
+        config = tf.Phi3Config(rope_parameters=rope, max_position_embeddings=2048, **common)
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("family", ["glm4", "phi3-longrope"])
+def test_partial_rotary_tables_give_the_true_logit_at_a_bucket_centre(family):
+    """A²ATS's score table, for a key exactly at a bucket centre's distance, is the true RoPE logit: the rotated
+    dimensions carry the relative rotation (attention scaling included), the pass-through ones enter as they
+    are; undoing RoPE leaves the pass-through dimensions untouched."""
+    from a2ats_tools.kernels.score_select import build_tables
+
+    rot = rotary(_partial_rotary_model(family))
+    assert rot.rotary_dim == 8 and not rot.full
+    assert (rot.attention_scaling > 1.0) == (family == "phi3-longrope")
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 2, 16, generator=g), torch.randn(2, 16, 5, generator=g)  # [B, Hq, d], codebook [Hkv, d, C]
+    centres = torch.tensor([64, 300])
+    cos, sin = rot.relative_cos_sin(centres)
+    table = build_tables(q, k, cos, sin, "max", layout=rot.layout).reshape(2, 2, 5)  # [Hkv, P, C] (G = 1)
+    t = 1000
+    for p, c in enumerate(centres.tolist()):
+        cq, sq = rot.cos_sin(torch.tensor([t]))
+        ck, sk = rot.cos_sin(torch.tensor([t - c]))
+        q_post = rot.apply(q[0], cq, sq)  # [Hq, d]
+        k_post = rot.apply(k.transpose(1, 2), ck, sk)  # [Hkv, C, d]
+        true = torch.einsum("hd,hcd->hc", q_post, k_post)
+        torch.testing.assert_close(table[:, p], true, atol=1e-4, rtol=1e-4)
+        assert torch.equal(k_post[..., 8:], k.transpose(1, 2)[..., 8:])
+        back = undo_rope(k_post, ck, sk, rot.layout)
+        torch.testing.assert_close(back, k.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
 def test_log_buckets_cover_distances():
     assert DistanceBuckets.log_spaced(8192).count == 7  # default ratio 2
     b = DistanceBuckets.log_spaced(8192, start=64, ratio=math.sqrt(2))

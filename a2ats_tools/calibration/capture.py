@@ -23,15 +23,15 @@ from torch import nn
 
 from ..errors import CapturedStateError
 from ..exact_attention import exact_attention
-from ..models import attention_modules, retrieval_layers
-from ..rope import undo_rope
+from ..models import attention_modules, retrieval_layers, rotary
+from ..rope import HALVES, undo_rope
 
 ATTN_NAME = "a2ats_capture"
 
 # sink(layer_idx, queries [B, Hq, T, d], keys [B, Hkv, T, d]) -- pre-RoPE, float32, new tokens only
 Sink = Callable[[int, torch.Tensor, torch.Tensor], None]
 
-_active: dict[str, object] = {"sink": None, "stash": {}, "layers": frozenset()}
+_active: dict[str, object] = {"sink": None, "stash": {}, "layers": frozenset(), "layout": HALVES}
 
 
 def capture_attention_forward(
@@ -55,8 +55,9 @@ def capture_attention_forward(
         t = query.shape[2]
         cos = cos[:, None, -t:, :].to(torch.float32)
         sin = sin[:, None, -t:, :].to(torch.float32)
-        q = undo_rope(query.float(), cos, sin)
-        k = undo_rope(key[:, :, -t:, :].float(), cos, sin)
+        layout = _active["layout"]  # the model's own pairing (partial rotary: only the rotated dimensions)
+        q = undo_rope(query.float(), cos, sin, layout)
+        k = undo_rope(key[:, :, -t:, :].float(), cos, sin, layout)
         if not (torch.isfinite(q).all() and torch.isfinite(k).all()):
             raise CapturedStateError(
                 f"captured queries/keys of layer {layer} contain NaN or Inf; try --dtype float32 or another model"
@@ -87,6 +88,7 @@ def capturing(model: nn.Module, sink: Sink) -> Iterator[None]:
     """Within the block, every forward of ``model`` reports pre-RoPE queries/keys of each retrieved
     (full-attention) layer to ``sink``."""
     _register_interfaces()
+    layout = rotary(model).layout  # probed with the model's own attention, before it is replaced
     previous = model.config._attn_implementation
     layers = frozenset(retrieval_layers(model))
     handles = [
@@ -95,11 +97,11 @@ def capturing(model: nn.Module, sink: Sink) -> Iterator[None]:
         if int(m.layer_idx) in layers
     ]
     model.set_attn_implementation(ATTN_NAME)
-    _active["sink"], _active["stash"], _active["layers"] = sink, {}, layers
+    _active.update(sink=sink, stash={}, layers=layers, layout=layout)
     try:
         yield
     finally:
-        _active["sink"], _active["stash"], _active["layers"] = None, {}, frozenset()
+        _active.update(sink=None, stash={}, layers=frozenset(), layout=HALVES)
         for h in handles:
             h.remove()
         model.set_attn_implementation(previous)

@@ -234,9 +234,12 @@ def _start(mut: Any, stream: list[int], point: Any, plan: Plan) -> tuple[Any, An
 
 
 def _hardware_notes(mut: Any, dtype: str) -> list[str]:
+    from ..runtime.selectors.a2ats import fused_kernel_refusal
+
     if mut.device.type == "cuda":
         return []
-    return [_cpu_decode_path(dtype), "kernel micro-benchmarks skipped: they run on GPU only"]
+    return [_cpu_decode_path(dtype, fused_kernel_refusal(mut.runtime.rotary)),
+            "kernel micro-benchmarks skipped: they run on GPU only"]
 
 
 def _record(params: dict, plan: Plan, mut: Any, contenders: list, points: list, microbench: str | None,
@@ -273,14 +276,17 @@ def _write(out: Path, overwrite: bool, result: dict, mut: Any) -> None:
         plot_latency(result["points"], tmp / "latency.png", title=f"decode step latency ({mut.device.type})")
 
 
-def _cpu_decode_path(dtype: str) -> str:
-    """Which code the A²ATS contenders' CPU decode steps ran (the default ``kernels=auto``), for the record."""
+def _cpu_decode_path(dtype: str, refusal: str | None = None) -> str:
+    """Which code the A²ATS contenders' CPU decode steps ran (the default ``kernels=auto``), for the record
+    (``refusal``: why the model's rotation keeps the fused kernel out, if it does)."""
     from ..kernels import cpu_decode
 
     if not cpu_decode.available():
         return f"A²ATS decode steps ran the torch path: {cpu_decode.unavailable_reason()}"
     if dtype != "float32":
         return f"A²ATS decode steps ran the torch path: the fused CPU kernel serves float32 K/V, not {dtype}"
+    if refusal is not None:
+        return f"A²ATS decode steps ran the torch path: {refusal}"
     return "A²ATS decode steps ran the fused CPU kernel (kernels=auto); --also kernels=torch times the torch path"
 
 

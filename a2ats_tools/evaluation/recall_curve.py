@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import DataError
-from ..rope import WROPE_DISTANCE, DistanceBuckets, Rotary, apply_rope
+from ..rope import WROPE_DISTANCE, DistanceBuckets, Rotary
 from ..runtime.cache import LayerState
 from ..runtime.selectors import SELECTOR_CLASSES, A2atsSelector, TokenSelector
 from ..runtime.settings import RuntimeSettings
@@ -113,7 +113,7 @@ def method_selector(
     if issubclass(cls, A2atsSelector):
         selector = cls(chosen, layer, *geometry, codebook=codebook, whitening=whitening, rotary=rotary)
     else:
-        selector = cls(chosen, layer, *geometry)
+        selector = cls(chosen, layer, *geometry, layout=rotary.layout)
     selector.scale = scale
     return selector
 
@@ -124,7 +124,7 @@ def prefilled_state(keys_pre: torch.Tensor, rotary: Rotary, selectors: Sequence[
     n = keys_pre.shape[1]
     cos, sin = rotary.cos_sin(torch.arange(n))
     pre = keys_pre.float().unsqueeze(0)
-    post = apply_rope(pre, cos, sin)
+    post = rotary.apply(pre, cos, sin)
     state = LayerState()
     state.keys, state.values, state.length, state.capacity = post, post, n, n
     for selector in selectors:
@@ -199,7 +199,7 @@ def layer_recall(
     state = prefilled_state(keys, rotary, list(builders.values()))
     positions = query_positions(n, queries_per_sequence, settings.window)
     cos, sin = rotary.cos_sin(positions)
-    q_post_all = apply_rope(queries[:, positions].float(), cos, sin)  # [Hq, M, d]
+    q_post_all = rotary.apply(queries[:, positions].float(), cos, sin)  # [Hq, M, d]
     out: dict[tuple[str, str, str], float] = {}
     for i, t in enumerate(positions.tolist()):
         length = t + 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..rope import apply_rope
+from ..rope import HALVES, RopeLayout, apply_rope
 from ..scoring import group_aggregate
 from ..selection import KEY_TYPES
 from ._dispatch import resolve_backend, tl, triton
@@ -22,12 +22,13 @@ TRITON_AGGREGATIONS = ("sum", "max")
 
 def build_tables(
     q_pre: torch.Tensor, codebook_t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, aggregation: str,
-    dtype: torch.dtype = torch.float32, emulate_bf16: bool = False,
+    dtype: torch.dtype = torch.float32, emulate_bf16: bool = False, layout: RopeLayout = HALVES,
 ) -> torch.Tensor:
     """Score tables ``[B,Hkv,G',P·C]`` in ``dtype`` of the step's pre-RoPE queries ``q_pre [B,Hq,d]``.
 
     ``codebook_t [Hkv,d,C]`` (in ``dtype``, or float32 of bf16-rounded values with ``emulate_bf16``); ``cos``/``sin
-    [P,d]`` rotate a query to the ``P`` bucket centres in use. For ``sum`` the group's queries are summed first
+    [P,r]`` rotate a query to the ``P`` bucket centres in use, as ``layout`` pairs dimensions (a partial rotary
+    embedding's ``r < d``: the other dimensions enter every bucket's score unrotated). For ``sum`` the group's queries are summed first
     (scores are linear in the query), so ``G' = 1``; otherwise ``G' = G``. ``emulate_bf16``: bf16 operands, a
     float32 product and a bf16 table, what a native bf16 product computes, on CPUs without bf16 instructions.
     """
@@ -37,7 +38,7 @@ def build_tables(
     if aggregation == "sum":
         q = q.sum(2, keepdim=True)
     g, p = q.shape[2], cos.shape[0]
-    rotated = apply_rope(q.unsqueeze(3), cos, sin).transpose(0, 1)  # [Hkv, B, G', P, d]
+    rotated = apply_rope(q.unsqueeze(3), cos, sin, layout).transpose(0, 1)  # [Hkv, B, G', P, d]
     qw = rotated.reshape(hkv, b * g * p, d)
     if emulate_bf16:
         table = torch.bmm(qw.to(torch.bfloat16).float(), codebook_t).to(torch.bfloat16)

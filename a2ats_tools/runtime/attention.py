@@ -79,7 +79,7 @@ def a2ats_attention_forward(
         out, picked = fused
         layer.last_selection = picked  # -1 pads the rows of samples that keep fewer (left padding)
         return out.to(query.dtype).unsqueeze(1), None
-    q_pre = undo_rope(q_post.float(), cos[:, -1:].float(), sin[:, -1:].float())
+    q_pre = undo_rope(q_post.float(), cos[:, -1:].float(), sin[:, -1:].float(), layer.selector.layout)
     chosen = layer.selector.select(st, q_pre, q_post, st.length, valid)
     layer.last_selection = (chosen.indices, chosen.keep)
     if softcap is None and use_triton(layer.selector.settings.kernels, q_post, st.keys, st.values):

@@ -121,7 +121,7 @@ class A2atsLayer(CacheLayerMixin):
             raise RuntimeError("A²ATS cache updated without the attention pre-hook (call runtime.attach first)")
         cos, sin = self.rope
         if n > 1:
-            keys_pre = undo_rope_keys(key_states, cos[:, -n:], sin[:, -n:])
+            keys_pre = undo_rope_keys(key_states, cos[:, -n:], sin[:, -n:], self.selector.layout)
             self.selector.on_prefill(st, keys_pre, key_states, start)
         else:  # the selector undoes RoPE when it needs to (A²ATS: once per block of steps)
             self.selector.on_decode_append(st, key_states, (cos[:, -n:], sin[:, -n:]), start)

@@ -29,6 +29,7 @@ from ..models import (
 from . import attention, hooks
 from .cache import A2atsCache
 from .selectors import SELECTOR_CLASSES, A2atsSelector, DenseSelector, TokenSelector
+from .selectors.a2ats import fused_kernel_refusal
 from .settings import RuntimeSettings, use_cpu_kernel, use_triton
 
 
@@ -48,13 +49,17 @@ class A2atsRuntime:
 
     def check(self, settings: RuntimeSettings) -> None:
         """Settings that depend on the model: a known selector, dense layers that exist, kernels that can run on the
-        model's device (so ``kernels=cpu`` without a compiler fails here, not at the first decode step)."""
+        model's device (so ``kernels=cpu`` without a compiler, or for a rotation the fused kernel does not implement,
+        fails here, not at the first decode step)."""
         if settings.selector not in SELECTOR_CLASSES:
             raise A2atsError(f"unknown selector {settings.selector!r}; choose from {', '.join(SELECTOR_CLASSES)}")
         layers = self.config.geometry.num_layers
         beyond = [i for i in settings.dense_layers if i >= layers]
         if beyond:
             raise A2atsError(f"dense_layers {beyond} do not exist: the model has {layers} layers")
+        refusal = fused_kernel_refusal(self.rotary)
+        if settings.kernels == "cpu" and settings.selector == A2atsSelector.name and refusal is not None:
+            raise A2atsError(f"kernels=cpu: {refusal}; use kernels=auto or torch")
         if settings.kernels in ("cpu", "triton"):
             probe = torch.empty(0, device=next(self.model.parameters()).device)
             (use_cpu_kernel if settings.kernels == "cpu" else use_triton)(settings.kernels, probe)
@@ -86,7 +91,7 @@ class A2atsRuntime:
             if issubclass(cls, A2atsSelector):
                 sel = cls(*args, codebook=self.codebooks[i], whitening=self.whitening[i], rotary=self.rotary).to(device)
             else:
-                sel = cls(*args)
+                sel = cls(*args, layout=self.rotary.layout)
             out.append(sel)
         self._selector_memo = (settings, device, out)
         return out

@@ -13,6 +13,15 @@ from ..settings import cpu_has_native_bf16, resolve_score_dtype, use_cpu_kernel,
 from .base import TokenSelector
 
 
+def fused_kernel_refusal(rotary: Rotary) -> str | None:
+    """Why the fused CPU kernel cannot serve layers rotated by ``rotary`` (None: it can). The kernel rotates every
+    dimension by ``rotate_half`` halves; other rotations (partial rotary, adjacent pairs, NoPE) take the torch
+    path, which applies the model's own layout."""
+    if rotary.full:
+        return None
+    return f"the fused CPU kernel rotates all dimensions by halves, this model's retrieved layers: {rotary.describe()}"
+
+
 class _FusedPlan(NamedTuple):
     kernel: Any  # kernels.cpu_decode.StepPlan
     offsets_used: int  # buckets in use this step
@@ -27,7 +36,7 @@ class A2atsSelector(TokenSelector):
     ENCODE_BLOCK = 32  # decode steps: keys encoded together (at most the window, so pending keys are always kept)
 
     def __init__(self, settings, layer_idx, num_heads, num_kv_heads, head_dim, *, codebook, whitening, rotary: Rotary):
-        super().__init__(settings, layer_idx, num_heads, num_kv_heads, head_dim)
+        super().__init__(settings, layer_idx, num_heads, num_kv_heads, head_dim, rotary.layout)
         from ...kernels.encode import prepare_codebook
 
         cb = codebook.float()
@@ -37,8 +46,9 @@ class A2atsSelector(TokenSelector):
         self.code_dtype = self.encode_tables.code_dtype  # every codes buffer's dtype: int16, int32 past 32767 codes
         buckets: DistanceBuckets = settings.buckets
         self.buckets = buckets
-        cos, sin = rotary.cos_sin(torch.tensor(buckets.centres))
-        self.cos, self.sin = cos, sin  # [P, d]
+        cos, sin = rotary.relative_cos_sin(torch.tensor(buckets.centres))  # the true logit's weighting
+        self.cos, self.sin = cos, sin  # [P, r]: r < d for a partial rotary embedding
+        self.fused_refusal = fused_kernel_refusal(rotary)
         self._scoring_codebooks: dict[torch.dtype, torch.Tensor] = {}  # the table's right operand, per dtype
         self._codebook_tiles: torch.Tensor | None = None  # the fused CPU kernel's layouts, made on first use
         self._encode_tiles: torch.Tensor | None = None
@@ -119,7 +129,7 @@ class A2atsSelector(TokenSelector):
         cos, sin = state.meta["pending_cos"][:, :count], state.meta["pending_sin"][:, :count]
         keys_post = state.keys[:, :, start : start + count].to(state.device)
         b, h = keys_post.shape[:2]
-        self._codes_buffer(state, b, h)[:, :, start : start + count] = self.encode(undo_rope_keys(keys_post, cos, sin))
+        self._codes_buffer(state, b, h)[:, :, start : start + count] = self.encode(undo_rope_keys(keys_post, cos, sin, self.layout))
 
     def bucket_index(self, state: Any, length: int, device: torch.device) -> tuple[torch.Tensor, int]:
         """Offsets into one (sample, KV head)'s score table for this step: ``(offsets, used)``.
@@ -145,7 +155,9 @@ class A2atsSelector(TokenSelector):
         if codebook is None or codebook.device != q_pre.device:
             codebook = self.codebook_t.to(q_pre.device, dtype)
             self._scoring_codebooks[dtype] = codebook = codebook.float() if emulate else codebook
-        return build_tables(q_pre, codebook, self.cos[:used], self.sin[:used], self.settings.aggregation, dtype, emulate)
+        return build_tables(
+            q_pre, codebook, self.cos[:used], self.sin[:used], self.settings.aggregation, dtype, emulate, self.layout
+        )
 
     def scores(self, state, q_pre, q_post, length):
         codes = self._codes_buffer(state, q_pre.shape[0], self.num_kv_heads)  # pending (windowed) rows: stale codes
@@ -158,8 +170,8 @@ class A2atsSelector(TokenSelector):
         """The fused CPU kernel (``kernels/cpu_decode``: scoring queries, tables, top-K, re-rank and attention in
         one call) where it applies: ``kernels`` auto or cpu with everything on the CPU (:func:`use_cpu_kernel`),
         float32 K/V and score tables, no padding or left padding, a codebook size divisible by 16 whose codes
-        fit int16 (the kernel's codes)."""
-        if not use_cpu_kernel(self.settings.kernels, state.keys, q_post):
+        fit int16 (the kernel's codes), and a rotation the kernel implements (:func:`fused_kernel_refusal`)."""
+        if self.fused_refusal is not None or not use_cpu_kernel(self.settings.kernels, state.keys, q_post):
             return None
         if (
             state.keys.dtype != torch.float32

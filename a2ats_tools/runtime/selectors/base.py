@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 
 from ...kernels.sparse_attention import gather_rows
-from ...rope import undo_rope_keys
+from ...rope import HALVES, RopeLayout, undo_rope_keys
 from ...selection import Selection, StepBudget, select, step_budget
 from ..settings import RuntimeSettings
 
@@ -29,8 +29,13 @@ class TokenSelector:
     reranks: ClassVar[bool] = False  # True: the ``rerank`` setting applies (approximate scorers only)
     full_keep_shortcut: ClassVar[bool] = True  # decode densely while the budget covers every row (tests turn it off)
 
-    def __init__(self, settings: RuntimeSettings, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int):
+    def __init__(
+        self, settings: RuntimeSettings, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int,
+        layout: RopeLayout = HALVES,
+    ):
+        """``layout``: how the layer's RoPE pairs dimensions (the model's, for undoing it on keys and queries)."""
         self.settings = settings
+        self.layout = layout
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.group = num_heads // num_kv_heads
@@ -51,7 +56,7 @@ class TokenSelector:
         ``(cos, sin)`` ``[B or 1, n, d]`` that rotated them. Default: undo RoPE and call :meth:`on_append`; a
         selector that needs the pre-RoPE form only later may keep ``rope`` and defer that work."""
         cos, sin = rope
-        keys_pre = undo_rope_keys(keys_post, cos, sin)
+        keys_pre = undo_rope_keys(keys_post, cos, sin, self.layout)
         self.on_append(state, keys_pre, keys_post, start)
 
     # --- selection ------------------------------------------------------------------------------------------
