@@ -1,8 +1,9 @@
 // A²ATS decode step for one layer on the CPU, fused: score every cached row from the step's lookup table,
 // keep sinks + window + the best rows by approximate score, optionally re-rank an over-fetched candidate set by
-// exact logits, then attend exactly over the kept rows. One call per layer; rows (sample, KV head) are split
-// over threads. The torch reference is A2atsSelector.select + runtime.attention.sparse_decode (unpadded batch,
-// one budget for every sample); kernels/cpu_decode.py builds, loads and checks this file.
+// exact logits, then attend exactly over the kept rows. One call per layer, in phases over every (sample, KV
+// head) row, the passes over many rows split into spans so that threads share them evenly. The torch
+// reference is A2atsSelector.select + kernels.sparse_attention.sparse_decode_torch (left-padded batches, a
+// budget per sample); kernels/cpu_decode.py builds, loads and checks this file.
 //
 // Built with: g++ -O3 -march=native -fopenmp -shared -fPIC. Rows run on OpenMP threads: loaded into a process
 // where torch already loaded its libgomp.so.1, the library shares torch's OpenMP runtime and thread pool.
