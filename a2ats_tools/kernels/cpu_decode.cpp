@@ -232,6 +232,7 @@ struct Problem {
   float* out;        // [B*Hkv, G, d]
   int64_t* picked;   // [B*Hkv, k]: kept rows ascending, then -1
   int64_t k;
+  int64_t c_count;  // codes per codebook: a code outside [0, C) is clamped and reported, never read past
 };
 
 // A step's rows split into phases so that every thread gets an equal share even when the rows are fewer than
@@ -250,7 +251,15 @@ struct RowWork {
   std::vector<float> logits;  // [G, nc]: exact logits of every candidate
   std::vector<int64_t> keep;  // positions into cand of the kept rows, ascending
   std::vector<float> partial;  // [spans of keep, G, 2 + d]: each span's softmax max, sum and weighted values
+  std::vector<char> bad_code;  // per scoring span: a code outside [0, C) was read
 };
+
+// A code as a table column: clamped into [0, C) so that no table is read out of bounds, `bad` set if it was not.
+inline int64_t column(int16_t code, int64_t c_count, bool& bad) {
+  const int64_t c = static_cast<uint16_t>(code);  // negative codes become >= 32768 >= C
+  bad |= c >= c_count;
+  return std::min(c, c_count - 1);
+}
 
 inline int64_t spans(int64_t count, int64_t span) { return (count + span - 1) / span; }
 
@@ -266,6 +275,7 @@ void plan_row(const Problem& p, int64_t row, RowWork& w) {
   const int64_t s = p.approx_aggregation == 2 ? 1 : spans(w.mid, kScoreSpan);
   w.span_lo.assign(s, UINT32_MAX);
   w.span_hi.assign(s, 0);
+  w.bad_code.assign(s, 0);
 }
 
 // 1a. Approximate scores of middle rows [j0, j1) of a row (aggregation sum or max; softmax needs the whole row).
@@ -275,10 +285,11 @@ void score_span(const Problem& p, int64_t row, RowWork& w, int64_t span) {
   const int16_t* codes = p.codes + sb * p.codes_sb + sh * p.codes_sh;
   const int64_t j0 = span * kScoreSpan, j1 = std::min(w.mid, j0 + kScoreSpan), base = w.sink_end;
   uint32_t lo = UINT32_MAX, hi = 0;
+  bool bad = false;
   uint32_t* approx = w.approx.data();
   if (p.heads == 1) {  // sum (the group's one table: the default), or max with G = 1
     for (int64_t j = j0; j < j1; ++j) {
-      const uint32_t key = order_key(table[p.offsets[base + j] + codes[base + j]]);
+      const uint32_t key = order_key(table[p.offsets[base + j] + column(codes[base + j], p.c_count, bad)]);
       approx[j] = key;
       lo = std::min(lo, key);
       hi = std::max(hi, key);
@@ -286,7 +297,7 @@ void score_span(const Problem& p, int64_t row, RowWork& w, int64_t span) {
   } else {
     const int64_t hs = p.head_stride;
     for (int64_t j = j0; j < j1; ++j) {
-      const int64_t at = p.offsets[base + j] + codes[base + j];
+      const int64_t at = p.offsets[base + j] + column(codes[base + j], p.c_count, bad);
       float score = table[at];
       for (int64_t g = 1; g < p.heads; ++g) score = std::max(score, table[g * hs + at]);
       const uint32_t key = order_key(score);
@@ -297,6 +308,7 @@ void score_span(const Problem& p, int64_t row, RowWork& w, int64_t span) {
   }
   w.span_lo[span] = lo;
   w.span_hi[span] = hi;
+  w.bad_code[span] = bad;
 }
 
 // 1a'. Approximate scores with aggregation softmax: each head's softmax over all n rows, summed over the group.
@@ -305,11 +317,12 @@ void score_softmax(const Problem& p, int64_t row, RowWork& w) {
   const float* table = p.table + sb * p.table_sb + sh * p.table_sh;
   const int16_t* codes = p.codes + sb * p.codes_sb + sh * p.codes_sh;
   std::vector<float> probs(p.heads * n);
+  bool bad = false;
   for (int64_t g = 0; g < p.heads; ++g) {
     float* x = probs.data() + g * n;
     float mx = -INFINITY;
     for (int64_t r = 0; r < n; ++r)
-      mx = std::max(mx, x[r] = table[g * p.head_stride + p.offsets[r] + codes[r]] * p.scale);
+      mx = std::max(mx, x[r] = table[g * p.head_stride + p.offsets[r] + column(codes[r], p.c_count, bad)] * p.scale);
     const float inv = 1.0f / exp_shifted(x, n, mx);
     for (int64_t r = 0; r < n; ++r) x[r] *= inv;
   }
@@ -324,6 +337,7 @@ void score_softmax(const Problem& p, int64_t row, RowWork& w) {
   }
   w.span_lo[0] = lo;
   w.span_hi[0] = hi;
+  w.bad_code[0] = bad;
 }
 
 // 1b. Where the top middle rows end, and the candidates in ascending row order.
@@ -514,7 +528,8 @@ __attribute__((optimize("fp-contract=off"))) void scoring_queries(const float* q
 // One layer's decode step. q [B, Hq, d]: the step's RoPE'd queries; cos/sin [B, d]: the step's rotary
 // factors; bucket_cos/sin [P, d]: those of the bucket centres in use; tiles [Hkv, C/16, d, 16]: the codebooks
 // in 16-code tiles; rows [Hkv, B*G'*P, d] and table [Hkv, B*G'*P, C]: scratch for the scoring queries and
-// tables, G' = 1 for approx_aggregation 0 (sum: one table of the group's summed query), else G.
+// tables, G' = 1 for approx_aggregation 0 (sum: one table of the group's summed query), else G. Returns 0, or 2
+// where a scored row's code lies outside [0, C) (read clamped: no table is read out of bounds).
 extern "C" int a2ats_cpu_decode(int64_t batch, int64_t hkv, int64_t buckets, int approx_aggregation,
                                 int64_t c_count, const float* cos,
                                 const float* sin, const float* bucket_cos, const float* bucket_sin, float* rows,
@@ -528,7 +543,7 @@ extern "C" int a2ats_cpu_decode(int64_t batch, int64_t hkv, int64_t buckets, int
   const int64_t heads = fold ? 1 : group, per_sample = heads * buckets, r_count = batch * per_sample;
   Problem p{hkv, table, per_sample * c_count, r_count * c_count, heads, buckets * c_count, approx_aggregation,
             codes, codes_sb, codes_sh, offsets, q, keys, values, kv_sb, kv_sh, group, d, n, n_sink, window, first,
-            top, rerank, aggregation, scale, out, picked, k};
+            top, rerank, aggregation, scale, out, picked, k, c_count};
   const int64_t rows_total = batch * hkv;
   std::vector<RowWork> work(rows_total);
   std::vector<std::pair<int64_t, int64_t>> items;
@@ -574,6 +589,9 @@ extern "C" int a2ats_cpu_decode(int64_t batch, int64_t hkv, int64_t buckets, int
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows_total; ++r) merge_spans(p, r, work[r]);
   }
+  for (const RowWork& w : work)
+    for (char bad : w.bad_code)
+      if (bad) return 2;  // a code outside [0, C): the caller refuses the step
   return 0;
 }
 
