@@ -6,12 +6,14 @@ batch 4 and 8192 cached tokens, buckets 2x apart from 64 (7), top-K 3% (246) wit
 by difference between rows: the re-rank's extra key reads (default - no re-rank), the K kept rows (no re-rank -
 no top-K), the tables of P - 1 more buckets (no top-K - one bucket), scoring and cutting every row (one
 bucket - one bucket at a tiny context); the Python wrapper (a plan per step, then each layer's call, as in
-the runtime) is timed around the C call. ``torch bmm`` builds the same tables with torch, for scale. Run: ``python benchmarks/cpu_kernel_parts.py [--tokens 8192] [--batch 4]``.
+the runtime) is timed around the C call. ``torch bmm`` builds the same tables with torch, and ``index_select``
+reads the same number of random key and value rows, for scale: the memory cost of the rows alone. Run: ``python benchmarks/cpu_kernel_parts.py [--tokens 8192] [--batch 4]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import torch
@@ -98,6 +100,24 @@ def main() -> None:
     finally:
         lib.a2ats_cpu_decode = call
     wrapper_us = max(0.0, whole - spent[0]) / (args.repeat * args.layers) * 1e6
+    forced = 8 + 64  # sinks + window
+    key_rows = min(n, (math.ceil(top * args.rerank) if args.rerank else top) + forced)  # every candidate's key
+    value_rows = min(n, top + forced)  # the kept rows' values
+
+    def rows_of(count: int) -> list[torch.Tensor]:
+        return [torch.randint(0, n, (b * hkv, count), generator=g).sort(-1).values for _ in layers]
+
+    picks = list(zip(rows_of(key_rows), rows_of(value_rows), strict=True))
+
+    def read_rows() -> None:  # what reading the rows' bytes alone costs, as torch gathers them
+        for layer, (k_rows, v_rows) in zip(layers, picks, strict=True):
+            keys, values = layer["keys"].view(b * hkv, n, d), layer["values"].view(b * hkv, n, d)
+            for r in range(b * hkv):
+                keys[r].index_select(0, k_rows[r])
+                values[r].index_select(0, v_rows[r])
+
+    reads = (key_rows + value_rows) * b * hkv * args.layers
+    read_ms = best_ms(read_rows, args.repeat)
     rotated = torch.randn(hkv, b * p, d, generator=g)
     table = torch.empty(hkv, b * p, c)
     bmm = best_ms(lambda: [torch.bmm(rotated, layer["codebook"], out=table) for layer in layers], args.repeat)
@@ -117,6 +137,8 @@ def main() -> None:
           f"(~{more_gflop / max(more, 1e-9) * 1e3:.0f} GFLOP/s of {more_gflop:.2f} GFLOP)")
     print(f"{'  scoring + cutting every row':44s} {values[3] - values[4]:8.2f}")
     print(f"{'  Python wrapper per call (us)':44s} {wrapper_us:8.1f}")
+    print(f"{'torch index_select of the same rows':44s} {read_ms:8.2f}  ({reads} random {d * 4}-byte rows, "
+          f"{read_ms * 1e6 / reads:.0f} ns each)")
     print(f"{'torch bmm, the same tables':44s} {bmm:8.2f}  (~{gflop / bmm * 1e3:.0f} GFLOP/s)")
 
 

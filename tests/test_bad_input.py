@@ -126,8 +126,8 @@ def _pre_rope_keys(layer, n: int) -> torch.Tensor:
     ],
 )
 def test_fused_kernel_refuses_codes_it_cannot_index(codes, why):
-    """The fused kernel reads score tables through raw codes: int32 codes, or codes outside the codebook,
-    are refused before it runs."""
+    """The fused kernel reads score tables through raw codes: int32 codes are refused before it runs, codes
+    outside the codebook as it reads them (clamped: no table is read out of bounds)."""
     b, hkv, hq, d, c, length = 2, 2, 4, 16, 32, 8
     g = torch.Generator().manual_seed(4)
     tiles = cpu_decode.codebook_tiles(torch.randn(hkv, c, d, generator=g))

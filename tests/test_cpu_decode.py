@@ -18,7 +18,10 @@ from a2ats_tools.runtime.settings import RuntimeSettings, use_cpu_kernel
 needs_kernel = pytest.mark.skipif(not cpu_decode.available(), reason=cpu_decode.unavailable_reason() or "built")
 
 
-def make_step(length: int, *, seed: int = 0, distinct_codes: bool = True, pad: tuple[int, int] = (0, 0), **settings):
+def make_step(
+    length: int, *, seed: int = 0, distinct_codes: bool = True, pad: tuple[int, int] = (0, 0), codes: int = 2048,
+    **settings,
+):
     """A selector with a random codebook over a random cache of ``length`` rows, and one step's queries;
     ``pad``: left-padding rows of each of the two samples."""
     from a2ats_tools.models import rotary
@@ -26,7 +29,7 @@ def make_step(length: int, *, seed: int = 0, distinct_codes: bool = True, pad: t
     from .conftest import build_tiny_model
 
     g = torch.Generator().manual_seed(seed)
-    b, hq, hkv, d, c = 2, 6, 2, 16, 2048
+    b, hq, hkv, d, c = 2, 6, 2, 16, codes
     settings.setdefault("buckets", DistanceBuckets.log_spaced(2048))
     rs = RuntimeSettings(n_sink=4, window=16, **settings)
     rot = rotary(build_tiny_model("llama"))
@@ -88,6 +91,22 @@ def test_fused_step_matches_select_and_sparse_decode(rerank, how, buckets, budge
     assert rows.shape == ref_rows.shape
     assert torch.equal(rows.sort(-1).values, ref_rows)  # the same rows (-1 pads a sample that keeps fewer)
     assert ((rows[..., 1:] > rows[..., :-1]) | (rows[..., 1:] == -1)).all()  # ascending, then the -1 padding
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("approx", ["sum", "max", "softmax"])
+def test_long_caches_split_into_spans_match_the_torch_path(approx):
+    """More middle rows than one scoring span, and more candidates and kept rows than one exact-row span: the
+    spans' scores, cuts and partial attentions give what one pass over the row gives."""
+    sel, state, q_post, rope, valid = make_step(
+        20000, codes=20480, rerank=2.0, rerank_aggregation="softmax", budget=0.05, score_dtype="float32",
+        pad=(0, 3000), aggregation=approx,
+    )
+    ref_out, ref_rows = reference(sel, state, q_post, rope, valid)
+    out, rows = sel.fused_decode(state, q_post, rope, state.length, valid, sel.scale)
+    assert (rows >= 0).sum(-1).min() > 2 * 256  # several spans of kept rows per (sample, KV head)
+    assert torch.equal(rows.sort(-1).values, ref_rows)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
 
 

@@ -1,8 +1,9 @@
 // A²ATS decode step for one layer on the CPU, fused: score every cached row from the step's lookup table,
 // keep sinks + window + the best rows by approximate score, optionally re-rank an over-fetched candidate set by
-// exact logits, then attend exactly over the kept rows. One call per layer; rows (sample, KV head) are split
-// over threads. The torch reference is A2atsSelector.select + runtime.attention.sparse_decode (unpadded batch,
-// one budget for every sample); kernels/cpu_decode.py builds, loads and checks this file.
+// exact logits, then attend exactly over the kept rows. One call per layer, in phases over every (sample, KV
+// head) row, the passes over many rows split into spans so that threads share them evenly. The torch
+// reference is A2atsSelector.select + kernels.sparse_attention.sparse_decode_torch (left-padded batches, a
+// budget per sample); kernels/cpu_decode.py builds, loads and checks this file.
 //
 // Built with: g++ -O3 -march=native -fopenmp -shared -fPIC. Rows run on OpenMP threads: loaded into a process
 // where torch already loaded its libgomp.so.1, the library shares torch's OpenMP runtime and thread pool.
@@ -231,92 +232,164 @@ struct Problem {
   float* out;        // [B*Hkv, G, d]
   int64_t* picked;   // [B*Hkv, k]: kept rows ascending, then -1
   int64_t k;
+  int64_t c_count;  // codes per codebook: a code outside [0, C) is clamped and reported, never read past
 };
 
-void solve_row(const Problem& p, int64_t row) {
-  const int64_t n = p.n, g_count = p.group, d = p.d;
-  const int64_t sb = row / p.hkv, sh = row % p.hkv;
-  const int64_t table_base = sb * p.table_sb + sh * p.table_sh;
-  const int16_t* codes = p.codes + sb * p.codes_sb + sh * p.codes_sh;
-  const float* q = p.q + row * g_count * d;
-  const float* keys = p.keys + sb * p.kv_sb + sh * p.kv_sh;
-  const float* values = p.values + sb * p.kv_sb + sh * p.kv_sh;
-  const int64_t start = std::min(p.first[sb], n), top = p.top[sb];
-  const int64_t sink_end = std::min(start + p.n_sink, n);
-  const int64_t win_start = std::max(n - p.window, sink_end);
-  const int64_t fetch = p.rerank > 0 ? static_cast<int64_t>(std::ceil(static_cast<double>(top) * p.rerank)) : 0;
+// A step's rows split into phases so that every thread gets an equal share even when the rows are fewer than
+// the threads or do not divide among them (batch 1: 3 KV heads on 2 threads): the passes over every middle row
+// and over the candidates' keys and values run over spans of rows of every (sample, KV head); the cuts, which
+// need a whole row, run per row. Barriers separate the phases.
+constexpr int64_t kScoreSpan = 16384;  // middle rows per scoring work item
+constexpr int64_t kRowSpan = 256;      // candidates (or kept rows) per exact-logit and attention work item
 
-  // 1. approximate scores of the rows between the sinks and the window, and where the top ones end
-  const int64_t mid = win_start - sink_end;
-  const bool rerank = fetch > 0;
-  std::vector<uint32_t> approx(mid), scratch;
+struct RowWork {
+  int64_t start = 0, sink_end = 0, win_start = 0, mid = 0, top = 0, fetch = 0;
+  std::vector<uint32_t> approx;  // order keys of the middle rows' approximate scores
+  std::vector<uint32_t> span_lo, span_hi;  // their range per scoring span
+  std::vector<int64_t> cand;  // candidates in ascending row order: sinks, chosen middle rows, window
+  std::vector<char> is_forced;
+  std::vector<float> logits;  // [G, nc]: exact logits of every candidate
+  std::vector<int64_t> keep;  // positions into cand of the kept rows, ascending
+  std::vector<float> partial;  // [spans of keep, G, 2 + d]: each span's softmax max, sum and weighted values
+  std::vector<char> bad_code;  // per scoring span: a code outside [0, C) was read
+};
+
+// A code as a table column: clamped into [0, C) so that no table is read out of bounds, `bad` set if it was not.
+inline int64_t column(int16_t code, int64_t c_count, bool& bad) {
+  const int64_t c = static_cast<uint16_t>(code);  // negative codes become >= 32768 >= C
+  bad |= c >= c_count;
+  return std::min(c, c_count - 1);
+}
+
+inline int64_t spans(int64_t count, int64_t span) { return (count + span - 1) / span; }
+
+void plan_row(const Problem& p, int64_t row, RowWork& w) {
+  const int64_t n = p.n, sb = row / p.hkv;
+  w.start = std::min(p.first[sb], n);
+  w.top = p.top[sb];
+  w.sink_end = std::min(w.start + p.n_sink, n);
+  w.win_start = std::max(n - p.window, w.sink_end);
+  w.mid = w.win_start - w.sink_end;
+  w.fetch = p.rerank > 0 ? static_cast<int64_t>(std::ceil(static_cast<double>(w.top) * p.rerank)) : 0;
+  w.approx.resize(w.mid);
+  const int64_t s = p.approx_aggregation == 2 ? 1 : spans(w.mid, kScoreSpan);
+  w.span_lo.assign(s, UINT32_MAX);
+  w.span_hi.assign(s, 0);
+  w.bad_code.assign(s, 0);
+}
+
+// 1a. Approximate scores of middle rows [j0, j1) of a row (aggregation sum or max; softmax needs the whole row).
+void score_span(const Problem& p, int64_t row, RowWork& w, int64_t span) {
+  const int64_t sb = row / p.hkv, sh = row % p.hkv;
+  const float* table = p.table + sb * p.table_sb + sh * p.table_sh;
+  const int16_t* codes = p.codes + sb * p.codes_sb + sh * p.codes_sh;
+  const int64_t j0 = span * kScoreSpan, j1 = std::min(w.mid, j0 + kScoreSpan), base = w.sink_end;
   uint32_t lo = UINT32_MAX, hi = 0;
-  const float* table = p.table + table_base;
-  const int64_t hs = p.head_stride;
-  auto keep_key = [&](int64_t j, float score) {
-    const uint32_t key = order_key(score);
-    approx[j] = key;
-    lo = std::min(lo, key);
-    hi = std::max(hi, key);
-  };
-  if (p.approx_aggregation == 2) {  // each head's softmax over all n rows (as torch's), summed over the group
-    std::vector<float> probs(p.heads * n);
-    for (int64_t g = 0; g < p.heads; ++g) {
-      float* x = probs.data() + g * n;
-      float mx = -INFINITY;
-      for (int64_t r = 0; r < n; ++r) mx = std::max(mx, x[r] = table[g * hs + p.offsets[r] + codes[r]] * p.scale);
-      const float inv = 1.0f / exp_shifted(x, n, mx);
-      for (int64_t r = 0; r < n; ++r) x[r] *= inv;
+  bool bad = false;
+  uint32_t* approx = w.approx.data();
+  if (p.heads == 1) {  // sum (the group's one table: the default), or max with G = 1
+    for (int64_t j = j0; j < j1; ++j) {
+      const uint32_t key = order_key(table[p.offsets[base + j] + column(codes[base + j], p.c_count, bad)]);
+      approx[j] = key;
+      lo = std::min(lo, key);
+      hi = std::max(hi, key);
     }
-    for (int64_t j = 0; j < mid; ++j) {
-      float score = probs[sink_end + j];
-      for (int64_t g = 1; g < p.heads; ++g) score += probs[g * n + sink_end + j];
-      keep_key(j, score);
-    }
-  } else if (p.heads == 1) {  // sum (the group's one table: the default, a plain gather loop), or max with G = 1
-    for (int64_t j = 0; j < mid; ++j) keep_key(j, table[p.offsets[sink_end + j] + codes[sink_end + j]]);
   } else {
-    for (int64_t j = 0; j < mid; ++j) {
-      const int64_t at = p.offsets[sink_end + j] + codes[sink_end + j];
+    const int64_t hs = p.head_stride;
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t at = p.offsets[base + j] + column(codes[base + j], p.c_count, bad);
       float score = table[at];
       for (int64_t g = 1; g < p.heads; ++g) score = std::max(score, table[g * hs + at]);
-      keep_key(j, score);
+      const uint32_t key = order_key(score);
+      approx[j] = key;
+      lo = std::min(lo, key);
+      hi = std::max(hi, key);
     }
   }
-  const Cut cut = top_m_cut(approx.data(), mid, std::min(rerank ? fetch : top, mid), lo, hi, scratch);
+  w.span_lo[span] = lo;
+  w.span_hi[span] = hi;
+  w.bad_code[span] = bad;
+}
 
-  // 2. candidates in ascending row order: sinks, chosen middle rows, window
-  std::vector<int64_t> cand;
-  std::vector<char> is_forced;
-  cand.reserve(n - start - mid + std::min(mid, rerank ? fetch : top));
-  for (int64_t r = start; r < sink_end; ++r) cand.push_back(r), is_forced.push_back(1);
-  int64_t ties = cut.ties;
-  for (int64_t j = 0; j < mid; ++j)
-    if (cut.keeps(approx[j], ties)) cand.push_back(sink_end + j), is_forced.push_back(0);
-  for (int64_t r = win_start; r < n; ++r) cand.push_back(r), is_forced.push_back(1);
-  const int64_t nc = static_cast<int64_t>(cand.size());
-  const int64_t forced = n - start - mid;
-
-  // 3. exact logits of every candidate for each query head of the group
-  std::vector<float> logits(g_count * nc);
-  for (int64_t c = 0; c < nc; ++c) {
-    if (c + kAhead < nc) prefetch_row(keys + cand[c + kAhead] * d, d);
-    const float* key = keys + cand[c] * d;
-    for (int64_t g = 0; g < g_count; ++g) logits[g * nc + c] = dot(q + g * d, key, d);
+// 1a'. Approximate scores with aggregation softmax: each head's softmax over all n rows, summed over the group.
+void score_softmax(const Problem& p, int64_t row, RowWork& w) {
+  const int64_t n = p.n, sb = row / p.hkv, sh = row % p.hkv;
+  const float* table = p.table + sb * p.table_sb + sh * p.table_sh;
+  const int16_t* codes = p.codes + sb * p.codes_sb + sh * p.codes_sh;
+  std::vector<float> probs(p.heads * n);
+  bool bad = false;
+  for (int64_t g = 0; g < p.heads; ++g) {
+    float* x = probs.data() + g * n;
+    float mx = -INFINITY;
+    for (int64_t r = 0; r < n; ++r)
+      mx = std::max(mx, x[r] = table[g * p.head_stride + p.offsets[r] + column(codes[r], p.c_count, bad)] * p.scale);
+    const float inv = 1.0f / exp_shifted(x, n, mx);
+    for (int64_t r = 0; r < n; ++r) x[r] *= inv;
   }
+  uint32_t lo = UINT32_MAX, hi = 0;
+  for (int64_t j = 0; j < w.mid; ++j) {
+    float score = probs[w.sink_end + j];
+    for (int64_t g = 1; g < p.heads; ++g) score += probs[g * n + w.sink_end + j];
+    const uint32_t key = order_key(score);
+    w.approx[j] = key;
+    lo = std::min(lo, key);
+    hi = std::max(hi, key);
+  }
+  w.span_lo[0] = lo;
+  w.span_hi[0] = hi;
+  w.bad_code[0] = bad;
+}
 
-  // 4. re-rank: keep the forced rows and the `top` best middle candidates by the aggregated exact score
-  std::vector<int64_t> keep_pos;  // positions into cand
-  keep_pos.reserve(p.k);
-  if (rerank && nc - forced > top) {
+// 1b. Where the top middle rows end, and the candidates in ascending row order.
+void choose_candidates(const Problem& p, RowWork& w) {
+  const int64_t n = p.n;
+  uint32_t lo = UINT32_MAX, hi = 0;
+  for (size_t s = 0; s < w.span_lo.size(); ++s) lo = std::min(lo, w.span_lo[s]), hi = std::max(hi, w.span_hi[s]);
+  std::vector<uint32_t> scratch;
+  const bool rerank = w.fetch > 0;
+  const Cut cut = top_m_cut(w.approx.data(), w.mid, std::min(rerank ? w.fetch : w.top, w.mid), lo, hi, scratch);
+  w.cand.clear();
+  w.is_forced.clear();
+  w.cand.reserve(n - w.start - w.mid + std::min(w.mid, rerank ? w.fetch : w.top));
+  for (int64_t r = w.start; r < w.sink_end; ++r) w.cand.push_back(r), w.is_forced.push_back(1);
+  int64_t ties = cut.ties;
+  for (int64_t j = 0; j < w.mid; ++j)
+    if (cut.keeps(w.approx[j], ties)) w.cand.push_back(w.sink_end + j), w.is_forced.push_back(0);
+  for (int64_t r = w.win_start; r < n; ++r) w.cand.push_back(r), w.is_forced.push_back(1);
+  w.logits.resize(p.group * w.cand.size());
+}
+
+// 2. Exact logits of candidates [c0, c1) for each query head of the group.
+void candidate_logits(const Problem& p, int64_t row, RowWork& w, int64_t span) {
+  const int64_t sb = row / p.hkv, sh = row % p.hkv, d = p.d, nc = static_cast<int64_t>(w.cand.size());
+  const float* keys = p.keys + sb * p.kv_sb + sh * p.kv_sh;
+  const float* q = p.q + row * p.group * d;
+  const int64_t c0 = span * kRowSpan, c1 = std::min(nc, c0 + kRowSpan);
+  for (int64_t c = c0; c < std::min(c1, c0 + kAhead); ++c) prefetch_row(keys + w.cand[c] * d, d);
+  for (int64_t c = c0; c < c1; ++c) {
+    if (c + kAhead < c1) prefetch_row(keys + w.cand[c + kAhead] * d, d);
+    const float* key = keys + w.cand[c] * d;
+    for (int64_t g = 0; g < p.group; ++g) w.logits[g * nc + c] = dot(q + g * d, key, d);
+  }
+}
+
+// 3. Re-rank: keep the forced rows and the `top` best middle candidates by the aggregated exact score; write
+// the kept rows out.
+void rerank_candidates(const Problem& p, int64_t row, RowWork& w) {
+  const int64_t nc = static_cast<int64_t>(w.cand.size()), g_count = p.group;
+  const int64_t forced = p.n - w.start - w.mid;
+  w.keep.clear();
+  w.keep.reserve(p.k);
+  if (w.fetch > 0 && nc - forced > w.top) {
+    const float* logits = w.logits.data();
     std::vector<float> agg(nc, 0.0f);
     if (p.aggregation == 2) {
+      std::vector<float> e(nc);
       for (int64_t g = 0; g < g_count; ++g) {
-        const float* lg = logits.data() + g * nc;
+        const float* lg = logits + g * nc;
         float mx = -INFINITY;
         for (int64_t c = 0; c < nc; ++c) mx = std::max(mx, lg[c] * p.scale);
         float total = 0.0f;
-        std::vector<float> e(nc);
         for (int64_t c = 0; c < nc; ++c) total += (e[c] = std::exp(lg[c] * p.scale - mx));
         for (int64_t c = 0; c < nc; ++c) agg[c] += e[c] / total;
       }
@@ -330,45 +403,89 @@ void solve_row(const Problem& p, int64_t row) {
         agg[c] = a;
       }
     }
-    std::vector<uint32_t> middle;
+    std::vector<uint32_t> middle, scratch;
     uint32_t mlo = UINT32_MAX, mhi = 0;
     for (int64_t c = 0; c < nc; ++c) {
-      if (is_forced[c]) continue;
+      if (w.is_forced[c]) continue;
       const uint32_t key = order_key(agg[c]);
       middle.push_back(key);
       mlo = std::min(mlo, key);
       mhi = std::max(mhi, key);
     }
-    const Cut best = top_m_cut(middle.data(), static_cast<int64_t>(middle.size()), top, mlo, mhi, scratch);
+    const Cut best = top_m_cut(middle.data(), static_cast<int64_t>(middle.size()), w.top, mlo, mhi, scratch);
     int64_t m = 0, left = best.ties;
     for (int64_t c = 0; c < nc; ++c)
-      if (is_forced[c] || best.keeps(middle[m++], left)) keep_pos.push_back(c);
+      if (w.is_forced[c] || best.keeps(middle[m++], left)) w.keep.push_back(c);
   } else {
-    for (int64_t c = 0; c < nc; ++c) keep_pos.push_back(c);
+    for (int64_t c = 0; c < nc; ++c) w.keep.push_back(c);
   }
-  const int64_t kept = static_cast<int64_t>(keep_pos.size());
+  const int64_t kept = static_cast<int64_t>(w.keep.size());
   int64_t* picked = p.picked + row * p.k;
-  for (int64_t i = 0; i < p.k; ++i) picked[i] = i < kept ? cand[keep_pos[i]] : -1;
+  for (int64_t i = 0; i < p.k; ++i) picked[i] = i < kept ? w.cand[w.keep[i]] : -1;
+  w.partial.resize(spans(kept, kRowSpan) * g_count * (2 + p.d));
+}
 
-  // 5. exact attention of each query head over the kept rows
-  std::vector<float> w(kept);
+// 4. Each query head's attention over kept rows [i0, i1): the span's softmax max, sum of weights and weighted
+// sum of values, merged across spans in phase 5 (each value row is read once for the whole group).
+void attend_span(const Problem& p, int64_t row, RowWork& w, int64_t span) {
+  const int64_t sb = row / p.hkv, sh = row % p.hkv, d = p.d, g_count = p.group;
+  const int64_t nc = static_cast<int64_t>(w.cand.size()), kept = static_cast<int64_t>(w.keep.size());
+  const float* values = p.values + sb * p.kv_sb + sh * p.kv_sh;
+  const int64_t i0 = span * kRowSpan, i1 = std::min(kept, i0 + kRowSpan);
+  float* part = w.partial.data() + span * g_count * (2 + d);
   for (int64_t g = 0; g < g_count; ++g) {
-    const float* lg = logits.data() + g * nc;
+    const float* lg = w.logits.data() + g * nc;
     float mx = -INFINITY;
-    for (int64_t i = 0; i < kept; ++i) mx = std::max(mx, lg[keep_pos[i]] * p.scale);
-    float total = 0.0f;
-    for (int64_t i = 0; i < kept; ++i) total += (w[i] = std::exp(lg[keep_pos[i]] * p.scale - mx));
-    float* o = p.out + (row * g_count + g) * d;
-    std::fill(o, o + d, 0.0f);
-    const float inv = 1.0f / total;
-    for (int64_t i = 0; i < kept; ++i) {
-      if (g == 0 && i + kAhead < kept) prefetch_row(values + cand[keep_pos[i + kAhead]] * d, d);
-      const float wi = w[i] * inv;
-      const float* v = values + cand[keep_pos[i]] * d;
+    for (int64_t i = i0; i < i1; ++i) mx = std::max(mx, lg[w.keep[i]] * p.scale);
+    float* slot = part + g * (2 + d);
+    slot[0] = mx;
+    slot[1] = 0.0f;
+    std::fill(slot + 2, slot + 2 + d, 0.0f);
+  }
+  for (int64_t i = i0; i < std::min(i1, i0 + kAhead); ++i) prefetch_row(values + w.cand[w.keep[i]] * d, d);
+  for (int64_t i = i0; i < i1; ++i) {
+    if (i + kAhead < i1) prefetch_row(values + w.cand[w.keep[i + kAhead]] * d, d);
+    const int64_t c = w.keep[i];
+    const float* v = values + w.cand[c] * d;
+    for (int64_t g = 0; g < g_count; ++g) {
+      float* slot = part + g * (2 + d);
+      const float wi = std::exp(w.logits[g * nc + c] * p.scale - slot[0]);
+      slot[1] += wi;
+      float* o = slot + 2;
 #pragma omp simd
       for (int64_t e = 0; e < d; ++e) o[e] += wi * v[e];
     }
   }
+}
+
+// 5. The spans' partial attentions merged into each query head's output.
+void merge_spans(const Problem& p, int64_t row, const RowWork& w) {
+  const int64_t d = p.d, g_count = p.group, count = spans(static_cast<int64_t>(w.keep.size()), kRowSpan);
+  for (int64_t g = 0; g < g_count; ++g) {
+    float* o = p.out + (row * g_count + g) * d;
+    std::fill(o, o + d, 0.0f);
+    float mx = -INFINITY;
+    for (int64_t s = 0; s < count; ++s) mx = std::max(mx, w.partial[(s * g_count + g) * (2 + d)]);
+    float total = 0.0f;
+    for (int64_t s = 0; s < count; ++s) {
+      const float* slot = w.partial.data() + (s * g_count + g) * (2 + d);
+      const float f = std::exp(slot[0] - mx);
+      total += f * slot[1];
+#pragma omp simd
+      for (int64_t e = 0; e < d; ++e) o[e] += f * slot[2 + e];
+    }
+    if (count == 0) continue;
+    const float inv = 1.0f / total;
+    for (int64_t e = 0; e < d; ++e) o[e] *= inv;
+  }
+}
+
+// Work items (row, span) of a phase that runs over spans of every row.
+void span_items(std::vector<std::pair<int64_t, int64_t>>& items, const std::vector<RowWork>& work,
+                int64_t (*count)(const RowWork&)) {
+  items.clear();
+  for (size_t r = 0; r < work.size(); ++r)
+    for (int64_t s = 0; s < count(work[r]); ++s) items.emplace_back(static_cast<int64_t>(r), s);
 }
 
 // The scoring queries of sample b, KV head h: the group's RoPE'd queries q [G, d] taken back to pre-RoPE form
@@ -411,7 +528,8 @@ __attribute__((optimize("fp-contract=off"))) void scoring_queries(const float* q
 // One layer's decode step. q [B, Hq, d]: the step's RoPE'd queries; cos/sin [B, d]: the step's rotary
 // factors; bucket_cos/sin [P, d]: those of the bucket centres in use; tiles [Hkv, C/16, d, 16]: the codebooks
 // in 16-code tiles; rows [Hkv, B*G'*P, d] and table [Hkv, B*G'*P, C]: scratch for the scoring queries and
-// tables, G' = 1 for approx_aggregation 0 (sum: one table of the group's summed query), else G.
+// tables, G' = 1 for approx_aggregation 0 (sum: one table of the group's summed query), else G. Returns 0, or 2
+// where a scored row's code lies outside [0, C) (read clamped: no table is read out of bounds).
 extern "C" int a2ats_cpu_decode(int64_t batch, int64_t hkv, int64_t buckets, int approx_aggregation,
                                 int64_t c_count, const float* cos,
                                 const float* sin, const float* bucket_cos, const float* bucket_sin, float* rows,
@@ -425,8 +543,10 @@ extern "C" int a2ats_cpu_decode(int64_t batch, int64_t hkv, int64_t buckets, int
   const int64_t heads = fold ? 1 : group, per_sample = heads * buckets, r_count = batch * per_sample;
   Problem p{hkv, table, per_sample * c_count, r_count * c_count, heads, buckets * c_count, approx_aggregation,
             codes, codes_sb, codes_sh, offsets, q, keys, values, kv_sb, kv_sh, group, d, n, n_sink, window, first,
-            top, rerank, aggregation, scale, out, picked, k};
+            top, rerank, aggregation, scale, out, picked, k, c_count};
   const int64_t rows_total = batch * hkv;
+  std::vector<RowWork> work(rows_total);
+  std::vector<std::pair<int64_t, int64_t>> items;
   threads = static_cast<int>(std::max<int64_t>(1, threads));
   constexpr int64_t kCodeBlock = 256;  // codes per table work item
   const int64_t blocks = (c_count + kCodeBlock - 1) / kCodeBlock;
@@ -445,8 +565,33 @@ extern "C" int a2ats_cpu_decode(int64_t batch, int64_t hkv, int64_t buckets, int
                    c0, std::min(c_count, c0 + kCodeBlock));
     }
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows_total; ++r) solve_row(p, r);
+    for (int64_t r = 0; r < rows_total; ++r) plan_row(p, r, work[r]);
+#pragma omp single
+    span_items(items, work, [](const RowWork& w) { return static_cast<int64_t>(w.span_lo.size()); });
+#pragma omp for schedule(dynamic)
+    for (size_t i = 0; i < items.size(); ++i) {
+      const auto [r, s] = items[i];
+      if (approx_aggregation == 2) score_softmax(p, r, work[r]);
+      else score_span(p, r, work[r], s);
+    }
+#pragma omp for schedule(dynamic)
+    for (int64_t r = 0; r < rows_total; ++r) choose_candidates(p, work[r]);
+#pragma omp single
+    span_items(items, work, [](const RowWork& w) { return spans(static_cast<int64_t>(w.cand.size()), kRowSpan); });
+#pragma omp for schedule(dynamic)
+    for (size_t i = 0; i < items.size(); ++i) candidate_logits(p, items[i].first, work[items[i].first], items[i].second);
+#pragma omp for schedule(dynamic)
+    for (int64_t r = 0; r < rows_total; ++r) rerank_candidates(p, r, work[r]);
+#pragma omp single
+    span_items(items, work, [](const RowWork& w) { return spans(static_cast<int64_t>(w.keep.size()), kRowSpan); });
+#pragma omp for schedule(dynamic)
+    for (size_t i = 0; i < items.size(); ++i) attend_span(p, items[i].first, work[items[i].first], items[i].second);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows_total; ++r) merge_spans(p, r, work[r]);
   }
+  for (const RowWork& w : work)
+    for (char bad : w.bad_code)
+      if (bad) return 2;  // a code outside [0, C): the caller refuses the step
   return 0;
 }
 

@@ -184,7 +184,7 @@ def decode_layer(
     ``offsets [length]`` (int64, ``bucket(t - j) * C``), aggregated over the group's heads by ``aggregation``
     (``max`` of the scores, or ``softmax``: each head's softmax of ``scale`` times its scores over all
     ``length`` rows, summed, as :func:`a2ats_tools.scoring.group_aggregate`); ``codes
-    [B, Hkv, >= length]`` int16 in ``[0, C)`` (checked: :func:`check_codes`); ``keys``/``values [B, Hkv, cap, d]``
+    [B, Hkv, >= length]`` int16 in ``[0, C)`` (checked by the kernel as it reads them: a ValueError where one is outside); ``keys``/``values [B, Hkv, cap, d]``
     float32. It keeps the first ``n_sink`` and last ``window`` rows and ``top`` more: the best by approximate
     score, or with ``rerank`` > 0 the best of ``ceil(top * rerank)`` candidates by exact score aggregated over the group (``rerank_aggregation``).
     Left padding: ``first [B]`` (int64) is each sample's first real row, ``top`` may be per sample ``[B]``;
@@ -205,7 +205,9 @@ def decode_layer(
             raise ValueError("q_post, bucket cos/sin, tiles, keys and values must be float32 CPU tensors")
     if tiles.shape != (hkv, c // 16, d, 16) or not tiles.is_contiguous() or plan.cos.shape != (b, d):
         raise ValueError(f"unexpected shapes: tiles {tuple(tiles.shape)}, cos {tuple(plan.cos.shape)}")
-    check_codes(codes[:, :, : plan.length], c)
+    if codes.dtype != torch.int16 or not takes_codebook(c):
+        raise ValueError(f"the fused CPU kernel reads int16 codes of at most 32767 centroids, got {codes.dtype} "
+                         f"codes of {c}")
     q, bucket_cos, bucket_sin = q_post.contiguous(), bucket_cos.contiguous(), bucket_sin.contiguous()
     codes = _rows_contiguous(codes)
     keys, values = _rows_contiguous(keys, 2), _rows_contiguous(values, 2)
@@ -215,7 +217,7 @@ def decode_layer(
     rows, table = _scratch(hkv * b * heads * buckets * d, hkv * b * heads * buckets * c)
     out = torch.empty(b, hq, d, dtype=torch.float32)
     picked = torch.empty(b, hkv, plan.k, dtype=torch.int64)
-    lib.a2ats_cpu_decode(
+    status = lib.a2ats_cpu_decode(
         b, hkv, buckets, plan.aggregation, c, plan.cos.data_ptr(), plan.sin.data_ptr(), bucket_cos.data_ptr(),
         bucket_sin.data_ptr(), rows.data_ptr(), tiles.data_ptr(), table.data_ptr(), codes.data_ptr(),
         codes.stride(0), codes.stride(1), plan.offsets.data_ptr(), q.data_ptr(), keys.data_ptr(),
@@ -223,6 +225,8 @@ def decode_layer(
         plan.first.data_ptr(), plan.top.data_ptr(), plan.rerank, plan.rerank_aggregation, scale, out.data_ptr(),
         picked.data_ptr(), plan.k, torch.get_num_threads(),
     )
+    if status:
+        raise ValueError(f"codes must lie in [0, {c}): a scored row's code is outside it")
     return out, picked
 
 
@@ -251,19 +255,6 @@ def takes_codebook(num_codes: int) -> bool:
     """Whether the kernel can index a codebook of ``num_codes``: it reads and writes int16 codes only, so a
     larger codebook (int32 codes, :func:`~a2ats_tools.kernels.encode.code_dtype`) stays on the torch path."""
     return code_dtype(num_codes) == torch.int16
-
-
-def check_codes(codes: torch.Tensor, num_codes: int) -> None:
-    """Refuse ``codes`` the kernel would read a score table out of bounds with: not int16, or outside
-    ``[0, num_codes)``. The kernel indexes raw memory, so this is the only guard (one pass over int16 codes,
-    far less than the kernel's own pass over codes, offsets and tables)."""
-    if codes.dtype != torch.int16 or not takes_codebook(num_codes):
-        raise ValueError(f"the fused CPU kernel reads int16 codes of at most 32767 centroids, got {codes.dtype} "
-                         f"codes of {num_codes}")
-    if codes.numel():
-        low, high = torch.aminmax(codes)
-        if int(low) < 0 or int(high) >= num_codes:
-            raise ValueError(f"codes must lie in [0, {num_codes}), got [{int(low)}, {int(high)}]")
 
 
 _SCRATCH = threading.local()
