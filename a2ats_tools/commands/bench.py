@@ -6,15 +6,16 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import options
+
+if TYPE_CHECKING:
+    from ..reporting import Reporter
 
 SCHEMA_VERSION = 2
 TEXT = "builtin:pydoc"  # the prompts' text: Python's documentation topics, shuffled with --seed
@@ -112,28 +113,29 @@ def bench(
     params = dict(locals())  # the options as given, before any other local exists
     from ..evaluation.harness import ModelUnderTest
     from ..io import check_output_dir
+    from ..reporting import ConsoleReporter
 
     plan = _plan(params)
     check_output_dir(out, overwrite, "bench output directory")  # fail fast; written once the timings are in
-    console = Console(stderr=True, quiet=quiet)
+    reporter = ConsoleReporter(quiet)
     options.check_device_and_dtype(device, dtype)
     mut = ModelUnderTest(checkpoint, device=device, dtype=dtype, **options.runtime_overrides(params))
     contenders = _contenders(mut, also or [], plan)
     grid, notes = _grid(mut, plan, contenders)
-    points = _run_points(mut, contenders, grid, plan, console)
+    points = _run_points(mut, contenders, grid, plan, reporter)
     notes += _hardware_notes(mut, dtype)
     microbench = _kernel_microbench(notes) if mut.device.type == "cuda" else None
     result = _record(params, plan, mut, contenders, points, microbench, notes)
     _write(out, overwrite, result, mut)
-    if not quiet:
-        Console().print(bench_table(points))
-        if generate:
-            Console().print(generate_table(points))
-        if profile:
-            Console().print(profile_table(points))
-        for n in notes:
-            console.print(f"[yellow]note:[/] {escape(n)}")
-        console.print(f"wrote {out / 'bench.json'}", highlight=False)
+    tables = ConsoleReporter(quiet, stderr=False)  # the tables go to stdout
+    tables.table(bench_table(points))
+    if generate:
+        tables.table(generate_table(points))
+    if profile:
+        tables.table(profile_table(points))
+    for n in notes:
+        reporter.note(n)
+    reporter.info(f"wrote {out / 'bench.json'}")
 
 
 def _plan(params: dict[str, Any]) -> Plan:
@@ -189,7 +191,7 @@ def _grid(mut: Any, plan: Plan, contenders: list[Any]) -> tuple[list[Any], list[
                        caches=len(contenders), element_size=element, memory_limit=plan.memory_limit)
 
 
-def _run_points(mut: Any, contenders: list[Any], grid: list[Any], plan: Plan, console: Console) -> list[dict]:
+def _run_points(mut: Any, contenders: list[Any], grid: list[Any], plan: Plan, reporter: Reporter) -> list[dict]:
     """Every grid point in turn, with a progress bar; each point's peak RSS beside its timings."""
     from ..bench.decode import bench_point
     from ..bench.memory import peak_rss_bytes, reset_device_peak, reset_peak_rss
@@ -197,19 +199,15 @@ def _run_points(mut: Any, contenders: list[Any], grid: list[Any], plan: Plan, co
 
     stream = text_tokens(mut.tokenizer, plan.seed)
     points = []
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, disable=console.quiet,
-    ) as progress:
-        bar = progress.add_task("bench", total=len(grid) * len(contenders) * (plan.timing.repeats + 1))
+    with reporter.progress("bench", total=len(grid) * len(contenders) * (plan.timing.repeats + 1)) as bar:
         for point in grid:
-            progress.update(bar, description=f"context {point.context}, batch {point.batch}, {point.cache} cache")
+            bar.describe(f"context {point.context}, batch {point.batch}, {point.cache} cache")
             scope = "point" if reset_peak_rss() else "process"
             reset_device_peak(mut.device)
             contenders[0].prepare()  # prefills are dense
             start, floor = _start(mut, stream, point, plan)
             res = bench_point(mut.model, contenders, start, plan.timing, floor=floor,
-                              pad_token_id=mut.tokenizer.pad_token_id, tick=lambda: progress.advance(bar))
+                              pad_token_id=mut.tokenizer.pad_token_id, tick=bar.advance)
             del start, floor
             res["rss"] = {"peak_bytes": peak_rss_bytes(), "scope": scope}
             points.append(res)
