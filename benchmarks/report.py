@@ -201,7 +201,6 @@ def _mib(b: Any) -> str:
 
 
 def bench_section(run: Run, figure: Figure) -> list[str]:
-    from a2ats_tools.bench.plots import plot_throughput
 
     b = run.data
     points = b.get("points") or []
@@ -212,6 +211,9 @@ def bench_section(run: Run, figure: Figure) -> list[str]:
               "contender, alternating in one process; speed-up = dense step time over the contender's, per block "
               "pair, median (min–max). Prefill: the shared dense prefill plus the contender's cache fill. KV MiB: "
               "K/V (and codes) on the compute device; RSS: the process after the point.", ""]
+    if any("floor" in p for p in points):
+        lines += scaling_table(points)
+        return lines + _bench_figures(run, figure, points)
     point_extra = sorted({k for p in points for k in p if k not in POINT_KEYS})
     contender_extra = sorted({k for p in points for c in p["contenders"].values() for k in c
                               if k not in CONTENDER_KEYS and not k.startswith("speedup_vs_")})
@@ -230,8 +232,15 @@ def bench_section(run: Run, figure: Figure) -> list[str]:
                          f"{c['prefill_s']:.1f}", _mib(c.get("kv_device_bytes")), _mib(c.get("process_bytes_after")),
                          *(_value(c.get(k)) for k in contender_extra)])
     lines += table(head, rows)
-    lines.append(figure("throughput_vs_context.png", "decode throughput vs context length",
-                        lambda path: plot_throughput(points, path, title=f"decode throughput ({b.get('device', '?')})")))
+    return lines + _bench_figures(run, figure, points)
+
+
+def _bench_figures(run: Run, figure: Figure, points: list[dict]) -> list[str]:
+    from a2ats_tools.bench.plots import plot_throughput
+
+    b = run.data
+    lines = [figure("throughput_vs_context.png", "decode throughput vs context length",
+                    lambda path: plot_throughput(points, path, title=f"decode throughput ({b.get('device', '?')})"))]
     for png in sorted(run.path.parent.glob("*.png")):  # figures the bench draws that are not re-plotted here
         if png.name not in KNOWN_PNGS:
             lines.append(figure(f"bench_{png.name}", png.stem.replace("_", " "),
@@ -239,6 +248,43 @@ def bench_section(run: Run, figure: Figure) -> list[str]:
     if isinstance(b.get("kernels"), str) and b["kernels"].strip():
         lines += ["", "Kernel micro-benchmarks (`benchmarks/kernels.py`):", "", "```", b["kernels"].rstrip(), "```"]
     return lines + [""]
+
+
+def _ms(stats: dict | None) -> str:
+    """A step latency as median (min–max) ms."""
+    if not stats:
+        return "–"
+    return f"{1000 * stats['median']:.0f} ({1000 * stats['min']:.0f}–{1000 * stats['max']:.0f})"
+
+
+def _ratio(stats: dict | None) -> str:
+    return "–" if not stats else f"{stats['median']:.2f}× ({stats['min']:.2f}–{stats['max']:.2f})"
+
+
+def scaling_table(points: list[dict]) -> list[str]:
+    """Bench points timed beside the floor: per point, each contender's step (ms), its ratio to dense and to the
+    floor, and the memory: KV bytes on the compute device per contender and the process's peak RSS."""
+    names = list(points[0]["contenders"])
+    retrieval = names[1:]
+    head = ["context", "batch", "cache", "floor ms", *(f"{n} ms" for n in names),
+            *(f"dense / {n}" for n in retrieval), *(f"{n} / floor" for n in retrieval),
+            *(f"KV MiB {n}" for n in names), "peak RSS MiB"]
+    rows = []
+    for p in points:
+        c = p["contenders"]
+        floor = (p.get("floor") or {}).get("step_latency_s")
+        rss = (p.get("rss") or {}).get("peak_bytes")
+        rows.append([str(p["context"]), str(p["batch"]), str(p.get("cache", "real")), _ms(floor),
+                     *(_ms(c[n].get("step_latency_s")) for n in names),
+                     *(_ratio(c[n].get("speedup_vs_dense")) for n in retrieval),
+                     *(_ratio(c[n].get("vs_floor")) for n in retrieval),
+                     *(_mib(c[n].get("kv_device_bytes")) for n in names), _mib(rss)])
+    return [f"{points[0].get('steps', '?')} timed steps per block, {points[0].get('repeats', '?')} blocks per "
+            "contender, alternating in one process with the floor (dense decoding from a short context, where "
+            "attention costs almost nothing); ms: the median block's median step, (min–max) over blocks; ratios "
+            "per block pair. Synthetic caches: a real prefill of N tokens tiled to the context, keys re-rotated "
+            "([bench](bench.md#cache-kinds-real-and-synthetic)). Peak RSS: the process during the point "
+            "(every contender's cache is alive at once).", "", *table(head, rows)]
 
 
 # --- summary: one number per cell ---------------------------------------------------------------------------
