@@ -207,13 +207,13 @@ def bench_section(run: Run, figure: Figure) -> list[str]:
     lines = _header(f"Decode speed and memory on {b.get('device', '?')}, {b.get('dtype', '?')}", run)
     if not points:
         return lines + ["No grid points in this run.", ""]
+    if any("floor" in p for p in points):
+        lines += scaling_table(points) + generate_table(points) + profile_table(points)
+        return lines + _bench_figures(run, figure, points)
     lines += [f"{points[0].get('steps', '?')} timed steps per block, {points[0].get('repeats', '?')} blocks per "
               "contender, alternating in one process; speed-up = dense step time over the contender's, per block "
               "pair, median (min–max). Prefill: the shared dense prefill plus the contender's cache fill. KV MiB: "
               "K/V (and codes) on the compute device; RSS: the process after the point.", ""]
-    if any("floor" in p for p in points):
-        lines += scaling_table(points)
-        return lines + _bench_figures(run, figure, points)
     point_extra = sorted({k for p in points for k in p if k not in POINT_KEYS})
     contender_extra = sorted({k for p in points for c in p["contenders"].values() for k in c
                               if k not in CONTENDER_KEYS and not k.startswith("speedup_vs_")})
@@ -259,6 +259,37 @@ def _ms(stats: dict | None) -> str:
 
 def _ratio(stats: dict | None) -> str:
     return "–" if not stats else f"{stats['median']:.2f}× ({stats['min']:.2f}–{stats['max']:.2f})"
+
+
+def generate_table(points: list[dict]) -> list[str]:
+    """The steps timed from outside through ``model.generate`` (``--generate``), beside the forward-only ones."""
+    rows = []
+    for p in points:
+        floor = ((p.get("floor") or {}).get("generate") or {}).get("step_latency_s")
+        for name, c in p["contenders"].items():
+            g = c.get("generate")
+            if g:
+                rows.append([str(p["context"]), str(p["batch"]), name, _ms(g.get("step_latency_s")),
+                             _ms(c.get("step_latency_s")), _ratio(g.get("speedup_vs_dense")),
+                             _ratio(g.get("vs_floor")), _ms(floor)])
+    if not rows:
+        return []
+    return ["", "Through `model.generate` (a logits processor stamps each token; the prefill left out), beside the "
+            "forward-only step:", "", *table(["context", "batch", "contender", "generate ms", "forward ms",
+                                             "dense / contender", "contender / floor", "floor generate ms"], rows)]
+
+
+def profile_table(points: list[dict]) -> list[str]:
+    """Where a step goes (``--profile``): torch.profiler time per step by group, ms."""
+    groups = sorted({k for p in points for c in p["contenders"].values() for k in (c.get("profile") or {}).get("groups", {})})
+    rows = [[str(p["context"]), str(p["batch"]), name,
+             *(f"{1000 * c['profile']['groups'].get(k, 0.0):.1f}" for k in groups),
+             f"{1000 * c['profile'].get('wall_s_per_step', 0.0):.0f}"]
+            for p in points for name, c in p["contenders"].items() if c.get("profile")]
+    if not rows:
+        return []
+    return ["", "Where a step goes (torch.profiler, ms per step; the profiler's own overhead is in the wall time):",
+            "", *table(["context", "batch", "contender", *groups, "wall ms"], rows)]
 
 
 def scaling_table(points: list[dict]) -> list[str]:
@@ -333,7 +364,8 @@ def summary_rows(runs: list[Run]) -> list[list[str]]:
             names = list(point["contenders"])
             if len(names) >= 2:
                 dense, a2ats = (point["contenders"][n] for n in names[:2])
-                speed.append([f"decode tokens/s, batch {point['batch']}, context {longest}, {d.get('device', '?')}",
+                cache = "" if point.get("cache", "real") == "real" else f", {point['cache']} cache"
+                speed.append([f"decode tokens/s, batch {point['batch']}, context {longest}{cache}, {d.get('device', '?')}",
                              f"{a2ats['tokens_per_s']['median']:.1f}", f"{dense['tokens_per_s']['median']:.1f}",
                              names[0]])
     return recall + ppl + tasks + speed

@@ -111,7 +111,7 @@ def tiny_model_dirs(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def embedded_model(embedded_source):
-    """SmolLM2-135M-Instruct loaded once per session (about 20 s)."""
+    """SmolLM2-135M-Instruct, loaded once for the whole test run."""
     from a2ats_tools.models import load_model
 
     return load_model(embedded_source)
