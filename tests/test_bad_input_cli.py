@@ -412,8 +412,10 @@ def sigint_when(args: list, ready: Callable[[], bool]) -> tuple[int, str]:
     """Start ``a2ats ARGS`` in a subprocess, send SIGINT once ``ready()``, return (exit code, stderr)."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     env.pop("A2ATS_DEBUG", None)
+    # the child starts with Ctrl-C's default action, as from a shell, whatever this process inherited or set
     proc = subprocess.Popen([sys.executable, "-m", "a2ats_tools.cli", *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _wait_for(ready, proc)
         proc.send_signal(signal.SIGINT)
