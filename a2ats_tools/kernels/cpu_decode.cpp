@@ -130,7 +130,7 @@ inline float exp_shifted(float* x, int64_t n, float shift) {
 
 // acc[r] = rows[r] . (16 codes of one tile) for RB rows. A tile is the codebook's 16 codes side by side per
 // dimension, [d, 16]: 4 KB read front to back (a [d, C] layout would stride 16 KB per dimension, every load
-// landing in the same L1 set: half the speed, measured). Each codebook load feeds RB FMAs per half.
+// landing in the same L1 set). Each codebook load feeds RB FMAs per half.
 template <int RB>
 inline void tile_product(const float* rows, const float* tile, int64_t d, v8 (&acc)[RB][2]) {
   for (int r = 0; r < RB; ++r) acc[r][0] = acc[r][1] = v8{};
