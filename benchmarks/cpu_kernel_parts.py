@@ -22,6 +22,7 @@ from cpu_ops import timed as best_ms  # best of n after warm-up calls
 
 from a2ats_tools.kernels import cpu_decode
 from a2ats_tools.rope import DistanceBuckets
+from a2ats_tools.runtime.settings import RuntimeSettings
 
 
 def main() -> None:
@@ -56,6 +57,7 @@ def main() -> None:
         })
     offsets = buckets.bucket_of((n - 1) - torch.arange(n)).to(torch.int64) * c  # row j at distance t - j
     top = max(1, round(args.budget * n))
+    n_sink, window = RuntimeSettings.n_sink, RuntimeSettings.window  # the runtime's defaults
 
     step_cos, step_sin = step_angles.cos(), step_angles.sin()
 
@@ -66,7 +68,7 @@ def main() -> None:
         rows_offsets = offsets[n - length :].clamp_max((used - 1) * c)
 
         def step() -> None:  # as the runtime: one plan per step, then each layer's call
-            plan = cpu_decode.plan_step(step_cos, step_sin, rows_offsets, length, 8, 64, k, rerank, "softmax")
+            plan = cpu_decode.plan_step(step_cos, step_sin, rows_offsets, length, n_sink, window, k, rerank, "softmax")
             for layer in layers:
                 cpu_decode.decode_layer(
                     plan, q, cos, sin, layer["tiles"], layer["codes"], layer["keys"], layer["values"], d**-0.5
@@ -100,7 +102,7 @@ def main() -> None:
     finally:
         lib.a2ats_cpu_decode = call
     wrapper_us = max(0.0, whole - spent[0]) / (args.repeat * args.layers) * 1e6
-    forced = 8 + 64  # sinks + window
+    forced = n_sink + window
     key_rows = min(n, (math.ceil(top * args.rerank) if args.rerank else top) + forced)  # every candidate's key
     value_rows = min(n, top + forced)  # the kept rows' values
 
