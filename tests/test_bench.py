@@ -92,12 +92,16 @@ def test_synthetic_cache_of_the_source_length_is_the_real_cache():
         assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.equal(a.values, b.values)
 
 
-def test_synthetic_cache_rotates_tiled_keys_to_their_new_positions():
+@pytest.mark.parametrize("family", ["llama", "glm4"])  # GLM-4: partial rotary, adjacent pairs
+def test_synthetic_cache_rotates_tiled_keys_to_their_new_positions(family):
     """A cache of 2n tokens from a prefill of n: rows < n are the source's; row p >= n holds source row p - n's
-    pre-RoPE key rotated to p by the model's own rotary embedding."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    pre-RoPE key rotated to p by the model's own rotary embedding and its own way of applying it."""
+    import importlib
 
-    model = build_tiny_model("llama")
+    from .test_families import build
+
+    model = build_tiny_model("llama") if family == "llama" else build(family)
+    apply_rotary_pos_emb = importlib.import_module(type(model).__module__).apply_rotary_pos_emb
     n = 24
     ids = torch.randint(100, 1000, (1, n), generator=torch.Generator().manual_seed(1))
     start = synthetic_prefill(model, ids, 2 * n)

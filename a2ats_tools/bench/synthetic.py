@@ -28,9 +28,9 @@ LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")  # rope types whose frequencies 
 def rerotate(keys: torch.Tensor, rot: Rotary, source_pos: torch.Tensor, target_pos: torch.Tensor) -> torch.Tensor:
     """Post-RoPE ``keys [B, H, n, d]`` at ``source_pos [n]`` -> the same keys rotated to ``target_pos [n]``."""
     cos, sin = rot.cos_sin(source_pos)
-    pre = undo_rope_keys(keys, cos[None], sin[None])
+    pre = undo_rope_keys(keys, cos[None], sin[None], rot.layout)
     cos, sin = rot.cos_sin(target_pos)
-    return apply_rope(pre, cos[None, None], sin[None, None]).to(keys.dtype)
+    return apply_rope(pre, cos[None, None], sin[None, None], rot.layout).to(keys.dtype)
 
 
 def tiled_keys(keys: torch.Tensor, rot: Rotary, length: int) -> torch.Tensor:
@@ -40,12 +40,13 @@ def tiled_keys(keys: torch.Tensor, rot: Rotary, length: int) -> torch.Tensor:
     device = keys.device
     src = torch.arange(n, device=device)
     cos, sin = rot.cos_sin(src)
-    pre = undo_rope_keys(keys, cos[None], sin[None])  # float32
+    pre = undo_rope_keys(keys, cos[None], sin[None], rot.layout)  # float32
     out = torch.empty(b, h, length, d, dtype=keys.dtype, device=device)
     for start in range(0, length, TILE_CHUNK):
         pos = torch.arange(start, min(length, start + TILE_CHUNK), device=device)
         cos, sin = rot.cos_sin(pos)
-        out[:, :, start : start + len(pos)] = apply_rope(pre[:, :, pos % n], cos[None, None], sin[None, None])
+        out[:, :, start : start + len(pos)] = apply_rope(pre[:, :, pos % n], cos[None, None], sin[None, None],
+                                                         rot.layout)
     return out
 
 
