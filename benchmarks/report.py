@@ -228,7 +228,7 @@ def bench_section(run: Run, figure: Figure) -> list[str]:
             rows.append([str(p["context"]), str(p["batch"]), *(_value(p.get(k)) for k in point_extra), name,
                          f"{c['tokens_per_s']['median']:.1f}",
                          f"{1000 * lat['median']:.0f}" if "median" in lat else "–",
-                         f"{s['median']:.2f}× ({s['min']:.2f}–{s['max']:.2f})" if s else "–",
+                         _ratio(s),
                          f"{c['prefill_s']:.1f}", _mib(c.get("kv_device_bytes")), _mib(c.get("process_bytes_after")),
                          *(_value(c.get(k)) for k in contender_extra)])
     lines += table(head, rows)
