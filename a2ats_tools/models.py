@@ -203,6 +203,23 @@ def load_model(
     return model
 
 
+def model_skeleton(directory: str | Path) -> nn.Module:
+    """The model of a checkpoint directory's ``config.json`` with its modules and buffers (rotary embeddings
+    included) but no weights (meta parameters): what a serving engine, which loads the weights itself, needs
+    of the model's own definition (layer types, rotary embeddings, attention modules)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(str(directory))
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    except (OSError, ValueError, KeyError) as exc:
+        raise A2atsError(f"could not build the model of {directory}: {first_line(exc)}") from None
+    return model.eval()
+
+
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
@@ -413,8 +430,13 @@ def pairing(model: nn.Module, layer_type: str = FULL) -> RopeLayout:
 @torch.no_grad()
 def _applies_rotary(model: nn.Module, attention: nn.Module, rot: Rotary) -> bool | None:
     """Whether ``attention`` rotates by the position embeddings it is given: its output for two tokens at
-    distance 1 and at distance 9 differs (None: the module cannot be called so, assume it does)."""
+    distance 1 and at distance 9 differs (None: the module cannot be called so, assume it does). A weightless
+    skeleton's module (meta parameters, as a serving engine builds one) is probed on a CPU copy with random
+    weights."""
     param = next(model.parameters())
+    if param.is_meta:
+        attention = _materialized(attention)
+        param = next(attention.parameters())
     hidden = int(text_config(model).hidden_size)
     h = torch.randn(1, 2, hidden, generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
     outs = []
@@ -426,6 +448,18 @@ def _applies_rotary(model: nn.Module, attention: nn.Module, rot: Rotary) -> bool
             return None
         outs.append(out[0] if isinstance(out, tuple) else out)
     return not torch.equal(outs[0], outs[1])
+
+
+def _materialized(module: nn.Module) -> nn.Module:
+    """A CPU copy of a module with meta parameters, its weights drawn from a seeded normal distribution."""
+    import copy
+
+    out = copy.deepcopy(module).to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.dtype) * 0.02)
+    return out
 
 
 def rope_layout(model: nn.Module) -> RopeLayout:

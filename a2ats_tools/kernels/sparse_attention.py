@@ -18,8 +18,11 @@ def gather_rows(buffer: torch.Tensor, indices: torch.Tensor, device: torch.devic
 
     One ``index_select`` over the buffer's rows (many times faster than ``gather`` with an expanded index), zero
     copy when rows are packed (a slice of a larger preallocated cache is fine). When the buffer lives on the host
-    (offload), the gather runs there and only the selected rows move.
+    (offload), the gather runs there and only the selected rows move. A buffer that is not a tensor (a paged
+    cache's rows, :class:`~a2ats_tools.serving.paged.PagedRows`) gathers its own rows.
     """
+    if not isinstance(buffer, torch.Tensor):
+        return buffer.gather_rows(indices, device)
     b, h, n, d = buffer.shape
     s0, s1, s2, s3 = buffer.stride()
     if not (s3 == 1 and s2 == d and s1 % d == 0 and s0 % d == 0):

@@ -36,8 +36,14 @@ from .settings import RuntimeSettings, use_cpu_kernel, use_triton
 class A2atsRuntime:
     """Per-model runtime state: settings, artifacts and the selector factory. Lives at ``model.a2ats``."""
 
-    def __init__(self, model: nn.Module, config: A2atsConfig, codebooks, whitening, settings: RuntimeSettings):
+    def __init__(
+        self, model: nn.Module, config: A2atsConfig, codebooks, whitening, settings: RuntimeSettings,
+        device: torch.device | None = None,
+    ):
+        """``device``: where selectors run (default: the model's parameters'; a weightless skeleton of the model,
+        as a serving engine builds one for its own weights, names it)."""
         self.model = model
+        self.device = device
         self.config = config
         self.codebooks, self.whitening = codebooks, whitening
         self.settings = settings
@@ -61,8 +67,12 @@ class A2atsRuntime:
         if settings.kernels == "cpu" and settings.selector == A2atsSelector.name and refusal is not None:
             raise A2atsError(f"kernels=cpu: {refusal}; use kernels=auto or torch")
         if settings.kernels in ("cpu", "triton"):
-            probe = torch.empty(0, device=next(self.model.parameters()).device)
+            probe = torch.empty(0, device=self.compute_device)
             (use_cpu_kernel if settings.kernels == "cpu" else use_triton)(settings.kernels, probe)
+
+    @property
+    def compute_device(self) -> torch.device:
+        return self.device if self.device is not None else next(self.model.parameters()).device
 
     def configure(self, **overrides: Any) -> RuntimeSettings:
         """Change the settings for later calls (budget, n_sink, window, buckets, aggregation, selector, ...)."""
@@ -74,7 +84,7 @@ class A2atsRuntime:
     def selectors(self, settings: RuntimeSettings | None = None) -> list[TokenSelector | None]:
         """One selector per retrieved layer, None for a windowed layer (dense over its window)."""
         settings = settings or self.settings
-        device = next(self.model.parameters()).device
+        device = self.compute_device
         memo = self._selector_memo
         if memo is not None and memo[0] == settings and memo[1] == device:
             return memo[2]
@@ -166,14 +176,19 @@ def check_layers(config: A2atsConfig, model: nn.Module) -> None:
         )
 
 
-def attach(model: nn.Module, config: A2atsConfig, codebooks, whitening, settings: RuntimeSettings | None = None) -> nn.Module:
-    """Turn retrieval attention on for ``model`` (in place): checks geometry, registers the attention/mask
-    functions, installs the hooks and wraps ``generate``. ``model.a2ats`` is the :class:`A2atsRuntime`."""
+def check_artifacts(config: A2atsConfig, model: nn.Module) -> None:
+    """The model is one A²ATS serves, and the checkpoint's codebooks fit it (geometry and retrieved layers)."""
     check_supported(model)
     problem = config.geometry.mismatch(geometry(model))
     if problem:
         raise ArtifactError(f"the checkpoint's codebooks do not fit this model: {problem}")
     check_layers(config, model)
+
+
+def attach(model: nn.Module, config: A2atsConfig, codebooks, whitening, settings: RuntimeSettings | None = None) -> nn.Module:
+    """Turn retrieval attention on for ``model`` (in place): checks geometry, registers the attention/mask
+    functions, installs the hooks and wraps ``generate``. ``model.a2ats`` is the :class:`A2atsRuntime`."""
+    check_artifacts(config, model)
     attention.register()
     if model.config._attn_implementation != attention.NAME:
         model._a2ats_plain_attention = model.config._attn_implementation  # what detach() goes back to
