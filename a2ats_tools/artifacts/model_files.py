@@ -15,11 +15,13 @@ from typing import Any
 from torch import nn
 
 from ..errors import ArtifactError
-from ..io import atomic_path
+from ..io import atomic_path, open_safetensors
 from ..models import geometry
 from .checkpoint import CONFIG_FILE, A2atsConfig
 
 QUANT_METHOD = "a2ats"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
 
 
 def quantization_entry() -> dict[str, Any]:
@@ -53,7 +55,33 @@ def write_model_files(model: nn.Module, tokenizer: Any, directory: str | Path, *
         if quantizer is not None:
             model.hf_quantizer = quantizer
     set_quantization_entry(directory / "config.json")
+    write_weights_index(directory)
     return "copied"
+
+
+def write_weights_index(directory: str | Path) -> None:
+    """``model.safetensors.index.json`` for a single-file save, naming every weight's file: loaders that read
+    every ``*.safetensors`` of a directory without an index (vLLM) would take the codebooks file for weights.
+    A sharded save has its index already."""
+    directory = Path(directory)
+    single, index = directory / WEIGHTS_FILE, directory / WEIGHTS_INDEX
+    if index.exists() or not single.is_file():
+        return
+    total = 0
+    with open_safetensors(single) as f:
+        names = sorted(f.keys())
+        for name in names:
+            t = f.get_slice(name)
+            count = 1
+            for n in t.get_shape():
+                count *= n
+            total += count * DTYPE_BYTES.get(t.get_dtype(), 4)
+    data = {"metadata": {"total_size": total}, "weight_map": {name: WEIGHTS_FILE for name in names}}
+    with atomic_path(index) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def set_quantization_entry(config_json: str | Path) -> None:
