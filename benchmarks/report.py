@@ -47,13 +47,13 @@ def load_runs(sources: Iterable[Path]) -> list[Run]:
             files.append(src)
         elif src.is_dir():
             for where in (src, *sorted(p for p in src.iterdir() if p.is_dir())):
-                files += [where / n for n in ("results.json", "bench.json") if (where / n).is_file()]
+                files += [where / n for n in ("results.json", "bench.json", "bench-vllm.json") if (where / n).is_file()]
         else:
             raise SystemExit(f"report: {src} does not exist")
     runs = []
     for f in files:
         data = json.loads(f.read_text())
-        kind = {"a2ats.eval": "eval", "a2ats.bench": "bench"}.get(data.get("schema", ""))
+        kind = {"a2ats.eval": "eval", "a2ats.bench": "bench", "a2ats.vllm-bench": "vllm"}.get(data.get("schema", ""))
         if kind is None:
             kind = "bench" if "points" in data else "eval"
         runs.append(Run(kind, f, data))
@@ -320,6 +320,36 @@ def scaling_table(points: list[dict]) -> list[str]:
 
 # --- summary: one number per cell ---------------------------------------------------------------------------
 
+def _step_ms(point: dict | None) -> str:
+    if not point:
+        return "–"
+    ms = point["step_ms"]
+    return f"{ms['median']:.0f} ({ms['min']:.0f}–{ms['max']:.0f})"
+
+
+def vllm_section(run: Run, figure: Figure) -> list[str]:
+    """``benchmarks/vllm_decode.py``: each point's decode step, vLLM dense against A²ATS, from one run."""
+    by = {(p["context"], p["batch"], p["contender"]): p for p in run.data["points"]}
+    keys = sorted({(c, b) for c, b, _ in by})
+    rows = []
+    for context, batch in keys:
+        dense, ours = by.get((context, batch, "vLLM dense")), by.get((context, batch, "A²ATS"))
+        speedup = "–"
+        if dense and ours:
+            speedup = f"{dense['step_ms']['median'] / ours['step_ms']['median']:.2f}×"
+        rows.append([f"{context:,}", str(batch), _step_ms(dense), _step_ms(ours), speedup,
+                     f"{dense['tokens_per_s']:.1f}" if dense else "–", f"{ours['tokens_per_s']:.1f}" if ours else "–",
+                     f"{dense['prefill_s']:.0f} / {ours['prefill_s']:.0f}" if dense and ours else "–"])
+    lines = [f"### vLLM {run.data.get('vllm', '?')}: decode step, A²ATS against vLLM dense", "", f"*{caption(run)}*", "",
+             f"Checkpoint `{Path(run.data.get('checkpoint', '?')).name}` at its own settings; vLLM dense is the same "
+             "checkpoint served with `A2ATS_SETTINGS=selector=dense`. Step: median over requests of (last token - "
+             "first token) / (tokens - 1), min / median / max over the timed passes. "
+             "[Serving with vLLM](serving-vllm.md).", ""]
+    head = ["context", "batch", "vLLM dense step (ms)", "A²ATS step (ms)", "speed-up", "dense tok/s", "A²ATS tok/s",
+            "prefill s (dense / A²ATS)"]
+    return lines + table(head, rows)
+
+
 def _budget(run: Run) -> float | int | None:
     rt = run.data.get("runtime") or (run.data.get("settings") or {}).get("runtime") or {}
     return rt.get("budget")
@@ -356,7 +386,7 @@ def summary_rows(runs: list[Run]) -> list[list[str]]:
                 tasks.append([f"task exact-match, mean of {len(cells)} cells ({n_tasks} task{'s' * (n_tasks > 1)}, "
                              f"{lengths[0]}–{lengths[-1]} tokens), budget {label}",
                              f"{mean[name]:.2f}", f"{mean['dense']:.2f}", "dense"])
-        points = d.get("points") or []
+        points = d.get("points") or [] if run.kind == "bench" else []
         if points:
             longest = max(p["context"] for p in points)
             at = [p for p in points if p["context"] == longest]
@@ -400,6 +430,7 @@ SECTIONS: list[tuple[str, str, str, Callable[[Run, Figure], list[str]]]] = [
     ("perplexity", "eval", "Decode-mode perplexity", perplexity_section),
     ("tasks", "eval", "Long-context tasks", tasks_section),
     ("points", "bench", "Decode speed and memory", bench_section),
+    ("points", "vllm", "Serving with vLLM", vllm_section),
 ]
 
 

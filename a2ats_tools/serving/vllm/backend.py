@@ -127,6 +127,12 @@ class A2atsCpuAttentionImpl(CPUAttentionBackendImpl):
             if self._a2ats is not None and self.sliding_window == -1:
                 served = self._a2ats.served(str(checkpoint_dir(self._directory)))
                 self._retrieval = served.layer(layer.layer_name)
+                heads = None if self._retrieval is None else self._retrieval.selector.num_kv_heads
+                if heads is not None and heads != self.num_kv_heads:
+                    raise A2atsError(
+                        f"this worker holds {self.num_kv_heads} of the layer's {heads} KV heads (tensor parallelism); "
+                        "A²ATS in vLLM serves one worker per model replica (tensor_parallel_size=1)"
+                    )
         return self._retrieval
 
     def _code_store(self, retrieval: LayerRetrieval, kv_cache: torch.Tensor) -> CodeStore:
