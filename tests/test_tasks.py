@@ -68,3 +68,15 @@ def test_haystack_from_file(tmp_path, tokenizer):
     assert sum(h.lengths[i % 3] for i in range(len(h.fill(50)))) <= 50
     with pytest.raises(A2atsError):
         Haystack.from_file(tmp_path / "missing.txt", tokenizer)
+
+
+def test_the_pydoc_haystack_is_real_text_and_a_bad_name_is_refused(tokenizer):
+    from a2ats_tools.errors import DataError
+
+    hay = Haystack.named("pydoc", tokenizer)
+    assert len(set(hay.sentences)) > 1000  # Python's documentation, not a few repeated sentences
+    s = make_sample("niah_single", tokenizer, hay, 600, 0, seed=0)
+    assert s.answers[0] in s.prompt and "The grass is green" not in s.prompt
+    assert Haystack.named(None, tokenizer).sentences == Haystack.noise(tokenizer).sentences
+    with pytest.raises(DataError, match="neither noise nor pydoc nor an existing file"):
+        Haystack.check("no-such-file.txt")

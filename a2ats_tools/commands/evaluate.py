@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from ..evaluation.haystack import BUILTIN, HAYSTACK_HELP
 from . import options
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ def evaluate(
     tasks: str = typer.Option("all", "--tasks", help="passkey, niah_single, niah_multikey, niah_multivalue, variable_tracking, niah, all."),
     lengths: str = typer.Option("1024,2048,4096,8192", "--lengths", help="Task context lengths (tokens; longer than the model's are skipped)."),
     samples: int = typer.Option(2, "--samples", help="Samples per task and length."),
-    haystack: Path = typer.Option(None, "--haystack", help="Haystack text file (default: built-in noise sentences)."),
+    haystack: str = typer.Option(None, "--haystack", help="Task filler: " + HAYSTACK_HELP + " (default: noise)."),
     recall_length: int = typer.Option(4096, "--recall-length", help="Tokens per held-out sequence for recall."),
     recall_sequences: int = typer.Option(1, "--recall-sequences", help="Held-out sequences for recall."),
     queries: int = typer.Option(16, "--queries", help="Query positions per held-out sequence (second half)."),
@@ -79,6 +80,8 @@ def evaluate(
 
       a2ats eval runs/ckpt --stages tasks --tasks passkey,niah --lengths 4k,8k --samples 4 -o runs/niah
 
+      a2ats eval runs/ckpt --stages tasks --tasks niah_single --haystack pydoc --samples 10 -o runs/niah-text
+
       a2ats eval runs/ckpt --stages perplexity --ppl-length 8192 --ppl-tokens 256 --baselines none -o runs/ppl
 
       a2ats eval runs/ckpt --stages perplexity,tasks --baselines norerank --also score_dtype=float32 -o runs/knobs
@@ -94,6 +97,7 @@ def evaluate(
         stages, budgets, tasks, lengths, baselines, samples, recall_sequences, queries, ppl_tokens, ppl_texts
     )
     check_output_dir(out, overwrite, "eval output directory")  # fail fast; written once the results are in
+    Haystack.check(haystack)
     options.check_device_and_dtype(device, dtype)
     mut = ModelUnderTest(checkpoint, device=device, dtype=dtype, **options.runtime_overrides(params))
     max_len = mut.runtime.config.geometry.max_position_embeddings
@@ -102,11 +106,11 @@ def evaluate(
     if len(kept) < len(length_list):
         notes.append(f"lengths above the model's context ({max_len}) skipped: {sorted(set(length_list) - set(kept))}")
     base_budget, variants = _configurations(mut, budget_list, baseline_list, baseline_budget, also or [])
-    haystack_text = Haystack.from_file(haystack, mut.tokenizer) if haystack else Haystack.noise(mut.tokenizer)
+    haystack_text = Haystack.named(haystack, mut.tokenizer)
     results = new_results(str(checkpoint), {
         "budgets": budget_list, "baselines": baseline_list, "baseline_budget": base_budget, "stages": chosen,
         "tasks": task_list, "lengths": kept, "samples": samples, "seed": seed, "device": device, "dtype": dtype,
-        "haystack": str(haystack) if haystack else "builtin:noise", "runtime": mut.base_settings.to_record(),
+        "haystack": f"builtin:{haystack}" if haystack in BUILTIN else str(haystack) if haystack else "builtin:noise", "runtime": mut.base_settings.to_record(),
     })
     results["notes"] = notes
     reporter = ConsoleReporter(quiet)

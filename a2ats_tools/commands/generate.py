@@ -10,6 +10,7 @@ import typer
 from rich.markup import escape
 
 from ..errors import A2atsError
+from ..evaluation.haystack import HAYSTACK_HELP
 from . import options
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None, task: str | None)
     return check_prompt(prompt)
 
 
-def _check_task_options(task: str | None, length: int, index: int, haystack: Path | None, chat: bool) -> None:
+def _check_task_options(task: str | None, length: int, index: int, haystack: str | None, chat: bool) -> None:
     """Refuse bad or inapplicable --task options before any model is loaded."""
     from ..evaluation.tasks import TASKS
 
@@ -52,17 +53,18 @@ def _check_task_options(task: str | None, length: int, index: int, haystack: Pat
         raise A2atsError("--task-sample must be >= 0")
     if chat:
         raise A2atsError("--task prompts carry the chat template already; drop --chat")
-    if haystack is not None and not haystack.is_file():
-        raise A2atsError(f"haystack file {haystack} does not exist")
+    from ..evaluation.haystack import Haystack
+
+    Haystack.check(haystack)
 
 
-def _task_sample(task: str, tokenizer, length: int, index: int, seed: int, haystack: Path | None):
+def _task_sample(task: str, tokenizer, length: int, index: int, seed: int, haystack: str | None):
     """Sample ``index`` of an eval task at ``length`` tokens, the same as ``a2ats eval --seed SEED`` builds (its
     prompt already carries the chat template)."""
     from ..evaluation.haystack import Haystack
     from ..evaluation.tasks import make_sample
 
-    hay = Haystack.from_file(haystack, tokenizer) if haystack is not None else Haystack.noise(tokenizer)
+    hay = Haystack.named(haystack, tokenizer)
     return make_sample(task, tokenizer, hay, length, index, seed)
 
 
@@ -96,7 +98,7 @@ def generate(
     task_length: int = typer.Option(4096, "--task-length", help="Context length of the --task prompt, in tokens."),
     task_sample: int = typer.Option(0, "--task-sample", help="Which --task sample (numbered as a2ats eval numbers them)."),
     task_seed: int = typer.Option(1234, "--task-seed", help="Seed of the --task samples (a2ats eval's --seed)."),
-    haystack: Path = typer.Option(None, "--haystack", help="Text file for the --task filler (default: built-in noise)."),
+    haystack: str = typer.Option(None, "--haystack", help="The --task filler: " + HAYSTACK_HELP + " (default: noise)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the tokenizer's chat template (instruct models)."),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", "-n", help="Tokens to generate (default 64; a --task's own)."),
     budget: options.Budget = None,

@@ -1,4 +1,5 @@
-"""Haystack text for the long-context tasks: built-in noise sentences or a user's text file, cut at sentences."""
+"""Haystack text for the long-context tasks, cut at sentences: built-in noise sentences (``noise``), Python's own
+documentation (``pydoc``: real prose and code, shipped with every Python), or a user's text file."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ from ..errors import DataError
 NOISE_TEXT = (
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 )
+
+
+BUILTIN = ("noise", "pydoc")
+HAYSTACK_HELP = "noise (built-in repeated sentences), pydoc (Python's own documentation: real text), or a text file"
 
 
 class Haystack:
@@ -26,6 +31,27 @@ class Haystack:
     @classmethod
     def noise(cls, tokenizer: Any) -> Haystack:
         return cls(NOISE_TEXT, tokenizer)
+
+    @classmethod
+    def pydoc(cls, tokenizer: Any) -> Haystack:
+        import pydoc_data.topics
+
+        return cls("\n\n".join(pydoc_data.topics.topics.values()), tokenizer)
+
+    @classmethod
+    def named(cls, spec: str | Path | None, tokenizer: Any) -> Haystack:
+        """``noise`` (also None), ``pydoc`` or a text file's path."""
+        if spec is None or str(spec) == "noise":
+            return cls.noise(tokenizer)
+        if str(spec) == "pydoc":
+            return cls.pydoc(tokenizer)
+        return cls.from_file(spec, tokenizer)
+
+    @staticmethod
+    def check(spec: str | Path | None) -> None:
+        """Refuse a haystack that is neither built in nor an existing file (before any model is loaded)."""
+        if spec is not None and str(spec) not in BUILTIN and not Path(spec).is_file():
+            raise DataError(f"haystack {spec} is neither {' nor '.join(BUILTIN)} nor an existing file")
 
     @classmethod
     def from_file(cls, path: str | Path, tokenizer: Any) -> Haystack:
