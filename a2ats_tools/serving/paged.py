@@ -19,13 +19,16 @@ import torch
 @dataclass(frozen=True)
 class DecodeRows:
     """Where each row of a left-aligned decode batch lives. ``slots [B, L]`` (int64; padding rows point at the
-    request's first slot, a valid row that is never kept), ``valid [B, L]``, ``lengths [B]``, ``positions [B]``
-    (each query's position, ``length - 1``)."""
+    request's first slot, a valid row that is never kept), ``valid [B, L]`` and ``lengths [B]``."""
 
     slots: torch.Tensor
     valid: torch.Tensor
     lengths: torch.Tensor
-    positions: torch.Tensor
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """Each request's query position ``[B]`` (its last row)."""
+        return self.lengths - 1
 
     @property
     def width(self) -> int:
@@ -43,7 +46,7 @@ def decode_rows(seq_lens: torch.Tensor, block_table: torch.Tensor, block_size: i
     position = position.clamp_min(0)
     blocks = block_table.long().gather(1, position // block_size)
     slots = blocks * block_size + position % block_size
-    return DecodeRows(slots, valid, lengths, lengths - 1)
+    return DecodeRows(slots, valid, lengths)
 
 
 @dataclass(frozen=True)
