@@ -67,21 +67,18 @@ def write_weights_index(directory: str | Path) -> None:
     single, index = directory / WEIGHTS_FILE, directory / WEIGHTS_INDEX
     if index.exists() or not single.is_file():
         return
-    total = 0
     with open_safetensors(single) as f:
         names = sorted(f.keys())
-        for name in names:
-            t = f.get_slice(name)
-            count = 1
-            for n in t.get_shape():
-                count *= n
-            total += count * DTYPE_BYTES.get(t.get_dtype(), 4)
-    data = {"metadata": {"total_size": total}, "weight_map": {name: WEIGHTS_FILE for name in names}}
+    data = {"metadata": {"total_size": tensor_bytes(single)}, "weight_map": {name: WEIGHTS_FILE for name in names}}
     with atomic_path(index) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
-DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+def tensor_bytes(path: Path) -> int:
+    """Bytes of tensor data in a safetensors file: the file less its 8-byte length prefix and JSON header."""
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    return path.stat().st_size - 8 - header
 
 
 def set_quantization_entry(config_json: str | Path) -> None:

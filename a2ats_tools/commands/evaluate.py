@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from ..evaluation.haystack import BUILTIN, HAYSTACK_HELP
+from ..evaluation.haystack import HAYSTACK_HELP
 from . import options
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ def evaluate(
     results = new_results(str(checkpoint), {
         "budgets": budget_list, "baselines": baseline_list, "baseline_budget": base_budget, "stages": chosen,
         "tasks": task_list, "lengths": kept, "samples": samples, "seed": seed, "device": device, "dtype": dtype,
-        "haystack": f"builtin:{haystack}" if haystack in BUILTIN else str(haystack) if haystack else "builtin:noise", "runtime": mut.base_settings.to_record(),
+        "haystack": Haystack.describe(haystack), "runtime": mut.base_settings.to_record(),
     })
     results["notes"] = notes
     reporter = ConsoleReporter(quiet)

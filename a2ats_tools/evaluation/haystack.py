@@ -53,6 +53,13 @@ class Haystack:
         if spec is not None and str(spec) not in BUILTIN and not Path(spec).is_file():
             raise DataError(f"haystack {spec} is neither {' nor '.join(BUILTIN)} nor an existing file")
 
+    @staticmethod
+    def describe(spec: str | Path | None) -> str:
+        """How a result file records the haystack: ``builtin:NAME`` or the file's path."""
+        if spec is None or str(spec) in BUILTIN:
+            return f"builtin:{spec or 'noise'}"
+        return str(spec)
+
     @classmethod
     def from_file(cls, path: str | Path, tokenizer: Any) -> Haystack:
         p = Path(path)
