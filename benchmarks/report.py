@@ -337,13 +337,17 @@ def vllm_section(run: Run, figure: Figure) -> list[str]:
         speedup = "–"
         if dense and ours:
             speedup = f"{dense['step_ms']['median'] / ours['step_ms']['median']:.2f}×"
-        rows.append([f"{context:,}", str(batch), _step_ms(dense), _step_ms(ours), speedup,
+        shared = max((p or {}).get("shared_prefix", 0) for p in (dense, ours))
+        where = f"{context:,}" + (f" ({shared:,} shared)" if shared else "")
+        rows.append([where, str(batch), _step_ms(dense), _step_ms(ours), speedup,
                      f"{dense['tokens_per_s']:.1f}" if dense else "–", f"{ours['tokens_per_s']:.1f}" if ours else "–",
                      f"{dense['prefill_s']:.0f} / {ours['prefill_s']:.0f}" if dense and ours else "–"])
     lines = [f"### vLLM {run.data.get('vllm', '?')}: decode step, A²ATS against vLLM dense", "", f"*{caption(run)}*", "",
              f"Checkpoint `{Path(run.data.get('checkpoint', '?')).name}` at its own settings; vLLM dense is the same "
              "checkpoint served with `A2ATS_SETTINGS=selector=dense`. Step: median over requests of (last token - "
-             "first token) / (tokens - 1), min / median / max over the timed passes. "
+             "first token) / (tokens - 1), min / median / max over the timed passes. A context marked *shared* gives the "
+             "batch's prompts the same first tokens (prefilled once, prefix-cached; each request reads its own block "
+             "table). "
              "[Serving with vLLM](serving-vllm.md).", ""]
     head = ["context", "batch", "vLLM dense step (ms)", "A²ATS step (ms)", "speed-up", "dense tok/s", "A²ATS tok/s",
             "prefill s (dense / A²ATS)"]

@@ -5,7 +5,8 @@
 For each contender (vLLM dense: the checkpoint served with ``selector=dense``; A²ATS: its own settings) one
 engine serves every point in turn. A point prefills ``batch`` distinct prompts of real text (``context`` tokens
 each) once, then generates ``new`` tokens for the same prompts, whose prefill prefix caching serves from the
-first pass: every request then decodes in lockstep, and a decode step is ``(last token - first token) / (new -
+first pass (with ``--share-from``, long batches share a prefix, so one prefill serves the batch): every
+request then decodes in lockstep, and a decode step is ``(last token - first token) / (new -
 1)`` from vLLM's own per-request timestamps (median over the requests, min/median/max over ``--repeats``).
 Contexts beyond the model's ``max_position_embeddings`` are timed with ``VLLM_ALLOW_LONG_MAX_MODEL_LEN=1`` and
 noted: timing does not depend on what the model makes of them, quality does. Writes ``bench-vllm.json``
@@ -33,10 +34,14 @@ def text_tokens(tokenizer, count: int) -> list[int]:
     return (ids * (count // len(ids) + 1))[:count]
 
 
-def prompts_for(tokens: list[int], context: int, batch: int, salt: int) -> list[dict]:
-    """``batch`` distinct prompts of ``context`` tokens (different windows of the text: nothing shared)."""
-    stride = max(1, (len(tokens) - context) // max(1, batch))
-    return [{"prompt_token_ids": tokens[(salt + i * stride) % (len(tokens) - context) :][:context]}
+def prompts_for(tokens: list[int], context: int, batch: int, salt: int, shared: int = 0) -> list[dict]:
+    """``batch`` distinct prompts of ``context`` tokens (different windows of the text); with ``shared``, each
+    starts with the same ``shared`` tokens and only its last ``context - shared`` differ, so one prefill
+    (prefix-cached) serves every request."""
+    tail = context - shared
+    stride = max(1, (len(tokens) - tail) // max(1, batch))
+    head = tokens[:shared]
+    return [{"prompt_token_ids": head + tokens[(salt + i * stride) % (len(tokens) - tail) :][:tail]}
             for i in range(batch)]
 
 
@@ -72,14 +77,16 @@ def run_contender(name: str, settings: str, args, tokens: list[int]) -> list[dic
     timed = SamplingParams(max_tokens=args.new, min_tokens=args.new, ignore_eos=True, temperature=0.0)
     points = []
     for context, batch in args.points:
-        prompts = prompts_for(tokens, context, batch, salt=context)
+        shared = max(0, context - args.distinct) if batch > 1 and context >= args.share_from else 0
+        prompts = prompts_for(tokens, context, batch, salt=context, shared=shared)
         t0 = time.perf_counter()
         llm.generate(prompts, warm, use_tqdm=False)  # prefill, kept by prefix caching
         prefill_s = time.perf_counter() - t0
         steps = [step_seconds(llm.generate(prompts, timed, use_tqdm=False)) for _ in range(args.repeats)]
         point = {"contender": name, "context": context, "batch": batch, "step_ms": {
             "min": 1e3 * min(steps), "median": 1e3 * statistics.median(steps), "max": 1e3 * max(steps)},
-            "tokens_per_s": batch / statistics.median(steps), "prefill_s": prefill_s, "new_tokens": args.new}
+            "tokens_per_s": batch / statistics.median(steps), "prefill_s": prefill_s, "new_tokens": args.new,
+            "shared_prefix": shared}
         print(json.dumps(point), file=sys.stderr, flush=True)
         points.append(point)
     del llm
@@ -92,6 +99,10 @@ def main() -> None:
     parser.add_argument("--points", default="8192x1,8192x8,32768x1,32768x8", type=parse_points,
                         help="CONTEXTxBATCH,... (each prefilled once per contender: a 32K prefill of 8 requests "
                         "takes most of an hour on 2 cores)")
+    parser.add_argument("--share-from", type=int, default=1 << 30,
+                        help="at this context and above, a batch's prompts share all but their last --distinct "
+                        "tokens (one prefill for the batch; each request still reads its own block table)")
+    parser.add_argument("--distinct", type=int, default=512, help="tokens that differ between shared prompts")
     parser.add_argument("--new", type=int, default=24, help="tokens generated per timed pass")
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per point")
     parser.add_argument("--chunk", type=int, default=2048, help="vLLM's max_num_batched_tokens (prefill chunk)")
