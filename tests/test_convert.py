@@ -131,6 +131,24 @@ def test_algorithm_choice_is_recorded(calib, tmp_path):
         convert(calib, tmp_path / "bad", codes=16, algorithm="elkan")
 
 
+def test_recorded_settings_are_the_loaded_defaults(calib, tmp_path):
+    from a2ats_tools.runtime.settings import RuntimeSettings
+
+    out = convert(calib, tmp_path / "set", codes=8, iters=2, light=True, compare_plain=False,
+                  settings="rerank=8,aggregation=max,budget=5%")
+    config = read_config(out)
+    assert (config.rerank, config.aggregation, config.budget) == (8, "max", 0.05)
+    loaded = RuntimeSettings.from_config(config)
+    assert (loaded.rerank, loaded.aggregation, loaded.budget) == (8, "max", 0.05)
+    assert RuntimeSettings.from_config(config, rerank=2).rerank == 2  # load-time options still override
+    default = read_config(convert(calib, tmp_path / "plain", codes=8, iters=2, light=True, compare_plain=False))
+    assert default.rerank == RuntimeSettings.rerank and default.aggregation == RuntimeSettings.aggregation
+    for bad, message in (("kernels=torch", "records only"), ("rerank=0.5", "over-fetch"), ("rerank", "KEY=VALUE")):
+        with pytest.raises(A2atsError, match=message):
+            convert(calib, tmp_path / "bad", codes=8, settings=bad)
+        assert not (tmp_path / "bad").exists()  # refused before any training, nothing written
+
+
 def test_too_few_keys_fails_or_shrinks(calib, tmp_path):
     with pytest.raises(DataError, match="--codes"):
         convert(calib, tmp_path / "x", codes=4096)

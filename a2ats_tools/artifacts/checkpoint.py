@@ -46,6 +46,7 @@ class A2atsConfig:
     buckets: dict[str, Any] = field(default_factory=RuntimeSettings.buckets.to_config)
     budget: float | int = RuntimeSettings.budget
     aggregation: str = RuntimeSettings.aggregation
+    rerank: float = RuntimeSettings.rerank
     dense_layers: list[int] = field(default_factory=list)  # layers that decode densely (optional; default none)
     retrieval_layers: list[int] | None = None  # layers with codebooks (the full-attention ones); None: every layer
     seed: int = 0

@@ -34,6 +34,10 @@ def convert(
     compare_plain: bool = typer.Option(
         True, "--compare-plain/--no-compare-plain", help="Also train plain VQ codebooks for the report."
     ),
+    settings: str = typer.Option(
+        None, "--settings", help="Decode defaults the checkpoint records (budget, n_sink, window, aggregation, "
+        "rerank), e.g. 'rerank=8,aggregation=max'; load-time options still override them."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or report table."),
 ) -> None:
     """Train query-aware VQ codebooks on a calibration and write a converted checkpoint.
@@ -49,6 +53,8 @@ def convert(
 
       a2ats convert runs/calib-small --out runs/small --codes 1024 --iters 10 --overwrite
 
+      a2ats convert runs/calib-gemma3 --out runs/gemma3-a2ats --settings rerank=8,aggregation=max
+
       a2ats convert runs/calib --out runs/plain --plain --buckets single --no-compare-plain
 
       accelerate launch --multi_gpu --num_processes 2 -m a2ats_tools.cli convert runs/calib --out runs/conv
@@ -61,5 +67,5 @@ def convert(
     run_convert(
         calibration, out, model=model, codes=codes, plain=plain, positions=positions, buckets=buckets, iters=iters,
         tol=tol, algorithm=algorithm, seed=seed, device=device, light=light, allow_shrink=allow_shrink,
-        overwrite=overwrite, compare_plain=compare_plain, reporter=ConsoleReporter(quiet),
+        overwrite=overwrite, compare_plain=compare_plain, settings=settings, reporter=ConsoleReporter(quiet),
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -284,6 +284,7 @@ def convert(
     seeding: str = "kmeans||",
     algorithm: str = "auto",
     heads_per_batch: int | None = None,
+    settings: str | None = None,
     loaded: tuple[Any, Any] | None = None,
     reporter: Reporter | None = None,
 ) -> Path:
@@ -292,7 +293,8 @@ def convert(
     ``loaded`` passes an already loaded ``(model, tokenizer)`` (tests); otherwise the model comes from
     ``model`` or the calibration manifest. Under ``accelerate launch`` the heads are split across processes.
     ``algorithm``: ``lloyd`` (full Lloyd), ``two-level`` (coarse-to-fine, ≈√codes times cheaper per iteration)
-    or ``auto`` (``lloyd`` on CUDA, ``two-level`` otherwise). ``reporter`` shows progress, warnings and the
+    or ``auto`` (``lloyd`` on CUDA, ``two-level`` otherwise). ``settings`` (``"rerank=8,aggregation=max"``)
+    records decode defaults in the checkpoint (checked before any training). ``reporter`` shows progress, warnings and the
     report table (default: nothing).
     """
     reporter = reporter or Reporter()
@@ -300,6 +302,7 @@ def convert(
     state, torch_device, algorithm = _setup(device, seeding, iters, algorithm)
     check_output_dir(out, overwrite)  # fail fast; checked again under the lock
     calib = CalibrationSet(calibration)
+    recorded = _recorded_settings(calib, settings)
     shown = reporter if state.is_main_process else Reporter()  # the other ranks train in silence
     pos = parse_positions(positions)
     bucket_spec = resolve_buckets(buckets, calib.geometry.max_position_embeddings)
@@ -318,7 +321,7 @@ def convert(
         books = _merge_parts(tmp, calib, also_plain)
         factors32 = {i: f.float() for i, f in factors.items()}
         write_codebooks(tmp, books.query_aware, factors32)
-        config = _config(calib, calibration, codes, plain, bucket_spec, seed)
+        config = replace(_config(calib, calibration, codes, plain, bucket_spec, seed), **recorded)
         lm = _write_model(tmp, config, calib, model, loaded, light, reporter)
         report = _report(calib, books, factors32, lm, bucket_spec, reporter)
         report["training"] = training.record(pos, keys_per_head(calib), books.inertia, jitters)
@@ -329,6 +332,13 @@ def convert(
         write_config(tmp, config)  # last: only now does the folder load
     reporter.info(f"wrote {out}")
     return out
+
+
+def _recorded_settings(calib: CalibrationSet, spec: str | None) -> dict[str, Any]:
+    """``--settings`` as checkpoint fields, checked against the runtime's rules."""
+    if not spec:
+        return {}
+    return RuntimeSettings(max_distance=calib.geometry.max_position_embeddings).recorded(spec)
 
 
 def _setup(device: str, seeding: str, iters: int, algorithm: str) -> tuple[Any, torch.device, str]:

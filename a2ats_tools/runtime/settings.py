@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from ..artifacts.checkpoint import A2atsConfig
 
 OFFLOADS = (None, "cpu")
+RECORDED = ("budget", "n_sink", "window", "aggregation", "rerank")  # settings a checkpoint carries as defaults
 SCORE_DTYPES = ("auto", "float32", "bfloat16")
 KERNELS = ("auto", "torch", "triton", "cpu")
 
@@ -106,6 +107,16 @@ class RuntimeSettings:
             values["buckets"] = parse_buckets(values["buckets"], self.buckets, values.get("max_distance", self.max_distance))
         return replace(self, **values)
 
+    def recorded(self, spec: str) -> dict[str, Any]:
+        """The checkpoint fields that ``convert --settings`` sets from ``spec`` (``"rerank=8,aggregation=max"``),
+        checked as runtime overrides; only the settings a checkpoint records are accepted."""
+        overrides = parse_overrides(spec)
+        other = sorted(set(overrides) - set(RECORDED))
+        if other:
+            raise A2atsError(f"a checkpoint records only {', '.join(RECORDED)}; {', '.join(other)} is set at load time")
+        checked = self.with_overrides(**overrides)
+        return {k: getattr(checked, k) for k in overrides}
+
     @classmethod
     def from_config(cls, config: A2atsConfig, **overrides: Any) -> RuntimeSettings:
         base = cls(
@@ -114,6 +125,7 @@ class RuntimeSettings:
             window=config.window,
             buckets=config.distance_buckets(),
             aggregation=config.aggregation,
+            rerank=config.rerank,
             max_distance=config.geometry.max_position_embeddings,
             dense_layers=tuple(config.dense_layers),
         )
