@@ -120,12 +120,8 @@ class RuntimeSettings:
     @classmethod
     def from_config(cls, config: A2atsConfig, **overrides: Any) -> RuntimeSettings:
         base = cls(
-            budget=config.budget,
-            n_sink=config.n_sink,
-            window=config.window,
+            **{name: getattr(config, name) for name in RECORDED},
             buckets=config.distance_buckets(),
-            aggregation=config.aggregation,
-            rerank=config.rerank,
             max_distance=config.geometry.max_position_embeddings,
             dense_layers=tuple(config.dense_layers),
         )
