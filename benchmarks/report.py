@@ -88,6 +88,24 @@ def caption(run: Run) -> str:
     return "Run: " + " · ".join(parts) + "."
 
 
+def model_name(run: Run) -> str:
+    """The model a run measured: recorded in the JSON, else read from its checkpoint, else the checkpoint's name."""
+    if run.data.get("model"):
+        return run.data["model"]
+    ck = Path(run.data.get("checkpoint", "?"))
+    try:
+        from a2ats_tools.artifacts.checkpoint import read_config
+
+        return read_config(ck).model_name()
+    except Exception:  # the checkpoint is not on this machine, or not readable: name it by its directory
+        return ck.name
+
+
+def short_model_name(run: Run) -> str:
+    """The model's name without the packaging detail in brackets (a table column)."""
+    return model_name(run).split(" (", 1)[0]
+
+
 def runtime_line(run: Run) -> str:
     """The A²ATS runtime settings the run used (its checkpoint's defaults plus its options)."""
     rt = run.data.get("runtime") or (run.data.get("settings") or {}).get("runtime") or {}
@@ -101,7 +119,7 @@ def runtime_line(run: Run) -> str:
             value = f"{value.get('mode')} ({len(value.get('centres', []))})"
         shown.append(f"{key} {value}")
     ck = run.data.get("checkpoint", "?")
-    return f"Checkpoint `{Path(ck).name}`; runtime: " + ", ".join(shown) + "."
+    return f"Model {model_name(run)}, checkpoint `{Path(ck).name}`; runtime: " + ", ".join(shown) + "."
 
 
 def _header(title: str, run: Run) -> list[str]:
@@ -343,7 +361,7 @@ def vllm_section(run: Run, figure: Figure) -> list[str]:
                      f"{dense['tokens_per_s']:.1f}" if dense else "–", f"{ours['tokens_per_s']:.1f}" if ours else "–",
                      f"{dense['prefill_s']:.0f} / {ours['prefill_s']:.0f}" if dense and ours else "–"])
     lines = [f"### vLLM {run.data.get('vllm', '?')}: decode step, A²ATS against vLLM dense", "", f"*{caption(run)}*", "",
-             f"Checkpoint `{Path(run.data.get('checkpoint', '?')).name}` at its own settings; vLLM dense is the same "
+             f"Model {model_name(run)}, checkpoint `{Path(run.data.get('checkpoint', '?')).name}` at its own settings; vLLM dense is the same "
              "checkpoint served with `A2ATS_SETTINGS=selector=dense`. Step: median over requests of (last token - "
              "first token) / (tokens - 1), min / median / max over the timed passes. A context marked *shared* gives the "
              "batch's prompts the same first tokens (prefilled once, prefix-cached; each request reads its own block "
@@ -366,18 +384,18 @@ def summary_rows(runs: list[Run]) -> list[list[str]]:
 
     recall, ppl, tasks, speed = [], [], [], []  # one list per measure, so the table reads in the page's order
     for run in runs:
-        d, budget = run.data, _budget(run)
+        d, budget, model = run.data, _budget(run), short_model_name(run)
         label = budget_label(budget) if budget is not None else "?"
         r = d.get("recall")
         key = next((k for k in (r or {}).get("budgets", []) if budget is not None and float(k) == float(budget)), None)
         if r and key and "a2ats" in r["overall"] and "oracle" in r["overall"]:
-            recall.append([f"held-out attention-mass recall, {r['length']} tokens, budget {label}",
+            recall.append([model, f"held-out attention-mass recall, {r['length']} tokens, budget {label}",
                          f"{r['overall']['a2ats'][key]['mass']:.3f}", f"{r['overall']['oracle'][key]['mass']:.3f}",
                          "exact top-K"])
         p = d.get("perplexity")
         name = f"a2ats@{label}"
         if p and name in p["configs"] and "dense" in p["configs"]:
-            ppl.append([f"decode perplexity, last {p['n_decode']} of {p['length']} tokens, budget {label}",
+            ppl.append([model, f"decode perplexity, last {p['n_decode']} of {p['length']} tokens, budget {label}",
                          f"{p['configs'][name]['perplexity']:.2f}", f"{p['configs']['dense']['perplexity']:.2f}",
                          "dense"])
         t = d.get("tasks")
@@ -387,7 +405,7 @@ def summary_rows(runs: list[Run]) -> list[list[str]]:
             if cells:
                 mean = {c: sum(row["scores"][c]["mean"] for row in cells) / len(cells) for c in (name, "dense")}
                 n_tasks = len({row["task"] for row in cells})
-                tasks.append([f"task exact-match, mean of {len(cells)} cells ({n_tasks} task{'s' * (n_tasks > 1)}, "
+                tasks.append([model, f"task exact-match, mean of {len(cells)} cells ({n_tasks} task{'s' * (n_tasks > 1)}, "
                              f"{lengths[0]}–{lengths[-1]} tokens), budget {label}",
                              f"{mean[name]:.2f}", f"{mean['dense']:.2f}", "dense"])
         points = d.get("points") or [] if run.kind == "bench" else []
@@ -399,13 +417,13 @@ def summary_rows(runs: list[Run]) -> list[list[str]]:
             if len(names) >= 2:
                 dense, a2ats = (point["contenders"][n] for n in names[:2])
                 cache = "" if point.get("cache", "real") == "real" else f", {point['cache']} cache"
-                speed.append([f"decode tokens/s, batch {point['batch']}, context {longest}{cache}, {d.get('device', '?')}",
+                speed.append([model, f"decode tokens/s, batch {point['batch']}, context {longest}{cache}, {d.get('device', '?')}",
                              f"{a2ats['tokens_per_s']['median']:.1f}", f"{dense['tokens_per_s']['median']:.1f}",
                              names[0]])
     return recall + ppl + tasks + speed
 
 
-SUMMARY_HEAD = ["measure", "A²ATS", "reference", "reference is"]
+SUMMARY_HEAD = ["model", "measure", "A²ATS", "reference", "reference is"]
 
 
 def summary_block(runs: list[Run]) -> list[str]:

@@ -112,6 +112,7 @@ def main() -> None:
 
     from transformers import AutoConfig, AutoTokenizer
 
+    from a2ats_tools.artifacts.checkpoint import read_config
     from a2ats_tools.provenance import run_provenance
 
     config = AutoConfig.from_pretrained(args.checkpoint)
@@ -128,6 +129,7 @@ def main() -> None:
     import vllm
 
     doc = {"schema": "a2ats.vllm-bench", "schema_version": 1, "checkpoint": str(args.checkpoint),
+           "model": read_config(args.checkpoint).model_name(),
            "vllm": vllm.__version__, "points": points, "notes": notes,
            "provenance": run_provenance()}
     args.out.mkdir(parents=True, exist_ok=True)

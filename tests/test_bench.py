@@ -184,6 +184,9 @@ def test_bench_command_end_to_end(tiny_checkpoint, tmp_path):  # noqa: F811
     assert result.exit_code == 0, result.output
     data = json.loads((out / "bench.json").read_text())
     assert [(p["context"], p["batch"]) for p in data["points"]] == [(64, 1), (64, 2)]
+    from a2ats_tools.artifacts.checkpoint import read_config
+
+    assert data["model"] == read_config(tiny_checkpoint).model_name() != ""
     c = data["points"][0]["contenders"]
     assert list(c) == ["dense", "a2ats", "a2ats[offload=cpu]", "a2ats[score_dtype=bfloat16,rerank=2]"]
     assert c["a2ats"]["speedup_vs_dense"]["median"] > 0

@@ -234,6 +234,9 @@ def test_eval_command_end_to_end(tiny_checkpoint, tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     data = json.loads((out / "results.json").read_text())
+    from a2ats_tools.artifacts.checkpoint import read_config
+
+    assert data["model"] == read_config(tiny_checkpoint).model_name() != ""  # a results table names its model
     assert data["tasks"]["configs"][0] == "dense"
     assert {"a2ats@5%", "a2ats@50%", "streaming@5%", "quest@5%", "wrope2048@5%", "exact@5%", "a2ats-norerank@5%",
             "a2ats[score_dtype=bfloat16]"} <= set(data["tasks"]["configs"])

@@ -63,6 +63,10 @@ class A2atsConfig:
             return list(range(self.geometry.num_layers))
         return [int(i) for i in self.retrieval_layers]
 
+    def model_name(self) -> str:
+        """The converted model's display name (its ``model_type`` for a config written without one)."""
+        return (self.model.get("source") or {}).get("display_name") or self.geometry.model_type
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["geometry"] = self.geometry.to_dict()

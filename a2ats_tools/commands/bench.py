@@ -255,7 +255,7 @@ def _record(params: dict, plan: Plan, mut: Any, contenders: list, points: list, 
     return {
         "schema": "a2ats.bench", "schema_version": SCHEMA_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
-        "checkpoint": str(params["checkpoint"]), "device": str(mut.device), "dtype": params["dtype"],
+        "checkpoint": str(params["checkpoint"]), "model": mut.runtime.config.model_name(), "device": str(mut.device), "dtype": params["dtype"],
         "torch_threads": torch.get_num_threads(), "runtime": mut.base_settings.to_record(),
         "max_position_embeddings": getattr(text_config(mut.model), "max_position_embeddings", None),
         "settings": settings, "contenders": [c.name for c in contenders], "legend": LEGEND,

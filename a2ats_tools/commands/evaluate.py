@@ -107,7 +107,7 @@ def evaluate(
         notes.append(f"lengths above the model's context ({max_len}) skipped: {sorted(set(length_list) - set(kept))}")
     base_budget, variants = _configurations(mut, budget_list, baseline_list, baseline_budget, also or [])
     haystack_text = Haystack.named(haystack, mut.tokenizer)
-    results = new_results(str(checkpoint), {
+    results = new_results(str(checkpoint), mut.runtime.config.model_name(), {
         "budgets": budget_list, "baselines": baseline_list, "baseline_budget": base_budget, "stages": chosen,
         "tasks": task_list, "lengths": kept, "samples": samples, "seed": seed, "device": device, "dtype": dtype,
         "haystack": Haystack.describe(haystack), "runtime": mut.base_settings.to_record(),

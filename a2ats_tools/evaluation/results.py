@@ -18,13 +18,14 @@ from ..reporting import Reporter
 SCHEMA = "a2ats.eval"
 
 
-def new_results(checkpoint: str, settings: dict[str, Any]) -> dict[str, Any]:
+def new_results(checkpoint: str, model: str, settings: dict[str, Any]) -> dict[str, Any]:
     return {
         "schema": SCHEMA,
         "tool_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": platform.node(),
         "checkpoint": checkpoint,
+        "model": model,
         "provenance": run_provenance(),
         "settings": settings,
         "recall": None,
