@@ -93,11 +93,12 @@ def model_name(run: Run) -> str:
     if run.data.get("model"):
         return run.data["model"]
     ck = Path(run.data.get("checkpoint", "?"))
-    try:
-        from a2ats_tools.artifacts.checkpoint import read_config
+    from a2ats_tools.artifacts.checkpoint import read_config
+    from a2ats_tools.errors import A2atsError
 
+    try:
         return read_config(ck).model_name()
-    except Exception:  # the checkpoint is not on this machine, or not readable: name it by its directory
+    except (A2atsError, OSError, ValueError):  # the checkpoint is not on this machine, or not readable
         return ck.name
 
 
