@@ -123,6 +123,29 @@ def test_ties_keep_the_earliest_rows_and_every_forced_row():
 
 
 @needs_kernel
+@pytest.mark.parametrize("approx", ["sum", "max"])
+def test_rows_sharing_a_cell_tie_to_the_earliest_across_spans(approx):
+    """Few codes, log buckets and several scoring spans: many rows share each (bucket, code) cell, so the cut
+    falls inside a cell's rows; the kernel keeps every row of a better cell and the earliest rows of that one, as
+    a stable sort of the torch scores does."""
+    length, budget = 40000, 0.05
+    sel, state, q_post, rope, valid = make_step(
+        length, distinct_codes=False, codes=16, rerank=0.0, budget=budget, score_dtype="float32", aggregation=approx,
+        buckets=DistanceBuckets.log_spaced(32768),
+    )
+    _, rows = sel.fused_decode(state, q_post, rope, state.length, valid, sel.scale)
+    q_pre = undo_rope(q_post, rope[0][:, None], rope[1][:, None])
+    scores = sel.scores(state, q_pre, q_post, length)  # [B, Hkv, N]
+    n_sink, window, top = sel.settings.n_sink, sel.settings.window, round(budget * length)
+    middle = scores[..., n_sink : length - window]
+    assert (middle.unsqueeze(-1) == middle[..., :50].unsqueeze(-2)).sum() > 50 * 100  # the ties are many
+    order = torch.sort(-middle, dim=-1, stable=True).indices[..., :top] + n_sink
+    forced = torch.cat([torch.arange(n_sink), torch.arange(length - window, length)])
+    expected = torch.cat([order, forced.expand(*order.shape[:2], -1)], -1).sort(-1).values
+    assert torch.equal(rows, expected)
+
+
+@needs_kernel
 @pytest.mark.parametrize("length", [3, 20, 24])
 def test_short_caches_keep_every_row(length):
     """Sinks and window overlapping or covering the cache: every row is attended, the output is dense attention."""
