@@ -201,7 +201,7 @@ def tasks_section(run: Run, figure: Figure) -> list[str]:
 
 POINT_KEYS = {"context", "batch", "steps", "repeats", "contenders"}
 CONTENDER_KEYS = {"prefill_s", "cache_fill_s", "step_latency_s", "tokens_per_s", "kv_device_bytes",
-                  "device_peak_bytes", "process_bytes_after"}
+                  "device_peak_bytes", "process_bytes_after", "kv_read_bytes_per_step", "kv_write_bytes_per_step"}
 
 
 def _value(v: Any) -> str:
@@ -215,8 +215,8 @@ def _value(v: Any) -> str:
     return str(v)
 
 
-def _mib(b: Any) -> str:
-    return "–" if b is None else f"{b / 2**20:.0f}"
+def _mib(b: Any, digits: int = 0) -> str:
+    return "–" if b is None else f"{b / 2**20:.{digits}f}"
 
 
 def bench_section(run: Run, figure: Figure) -> list[str]:
@@ -316,9 +316,10 @@ def scaling_table(points: list[dict]) -> list[str]:
     floor, and the memory: KV bytes on the compute device per contender and the process's peak RSS."""
     names = list(points[0]["contenders"])
     retrieval = names[1:]
+    reads = [n for n in retrieval if any(p["contenders"][n].get("kv_read_bytes_per_step") is not None for p in points)]
     head = ["context", "batch", "cache", "floor ms", *(f"{n} ms" for n in names),
             *(f"dense / {n}" for n in retrieval), *(f"{n} / floor" for n in retrieval),
-            *(f"KV MiB {n}" for n in names), "peak RSS MiB"]
+            *(f"KV MiB {n}" for n in names), *(f"KV read MiB/step {n}" for n in reads), "peak RSS MiB"]
     rows = []
     for p in points:
         c = p["contenders"]
@@ -328,13 +329,16 @@ def scaling_table(points: list[dict]) -> list[str]:
                      *(_ms(c[n].get("step_latency_s")) for n in names),
                      *(_ratio(c[n].get("speedup_vs_dense")) for n in retrieval),
                      *(_ratio(c[n].get("vs_floor")) for n in retrieval),
-                     *(_mib(c[n].get("kv_device_bytes")) for n in names), _mib(rss)])
+                     *(_mib(c[n].get("kv_device_bytes")) for n in names),
+                     *(_mib(c[n].get("kv_read_bytes_per_step"), 2) for n in reads), _mib(rss)])
     return [f"{points[0].get('steps', '?')} timed steps per block, {points[0].get('repeats', '?')} blocks per "
             "contender, alternating in one process with the floor (dense decoding from a short context, where "
             "attention costs almost nothing); ms: the median block's median step, (min–max) over blocks; ratios "
             "per block pair. Synthetic caches: a real prefill of N tokens tiled to the context, keys re-rotated "
             "([bench](bench.md#cache-kinds-real-and-synthetic)). Peak RSS: the process during the point "
-            "(every contender's cache is alive at once).", "", *table(head, rows)]
+            "(every contender's cache is alive at once)."
+            + (" KV read: the K/V bytes one decode step reads of the cache (candidates' keys, kept rows' values; "
+               "with offload, what moves from host to device)." if reads else ""), "", *table(head, rows)]
 
 
 # --- summary: one number per cell ---------------------------------------------------------------------------

@@ -191,6 +191,9 @@ def test_bench_command_end_to_end(tiny_checkpoint, tmp_path):  # noqa: F811
     assert list(c) == ["dense", "a2ats", "a2ats[offload=cpu]", "a2ats[score_dtype=bfloat16,rerank=2]"]
     assert c["a2ats"]["speedup_vs_dense"]["median"] > 0
     assert c["a2ats[offload=cpu]"]["kv_device_bytes"] < c["a2ats"]["kv_device_bytes"]  # K/V moved to the host side
+    # 64 tokens fit the budget: each step attends to the whole store, and appends one row per layer
+    assert c["dense"]["kv_read_bytes_per_step"] is None
+    assert c["a2ats"]["kv_read_bytes_per_step"] > 64 * c["a2ats"]["kv_write_bytes_per_step"] > 0
     assert data["runtime"]["rerank"] == 1.5 and data["runtime"]["offload"] is None  # the runtime options set a2ats
     assert (out / "throughput.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "latency.png").read_bytes()[:4] == b"\x89PNG"

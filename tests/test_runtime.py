@@ -283,6 +283,47 @@ def test_offload_equals_no_offload(tiny_checkpoints, budget):
     assert off_cache.device_bytes() < plain_cache.device_bytes()  # only codes stay on the compute device
 
 
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
+def test_a_decode_step_reads_only_its_candidates_and_kept_rows_of_the_store(tiny_checkpoints, kernels, monkeypatch):
+    """The cache counts its K/V store's traffic: each decode step appends one row per layer and reads every
+    candidate's key and every kept row's value (with offload, all that moves from host to device), the same on
+    the fused kernel and the torch path, a small share of the cache."""
+    import math
+
+    from a2ats_tools.kernels import cpu_decode
+    from a2ats_tools.runtime.cache import A2atsLayer
+    from a2ats_tools.selection import kept_rows, top_k
+
+    fused = []  # the fused kernel's calls
+    monkeypatch.setattr(cpu_decode, "decode_layer", lambda *a, _f=cpu_decode.decode_layer: fused.append(1) or _f(*a))
+    n_sink, window, budget, rerank, prompt, steps = 4, 16, 0.1, 2.0, 300, 3
+    model, _ = load(tiny_checkpoints["llama"], budget=budget, n_sink=n_sink, window=window, rerank=rerank,
+                    kernels=kernels)
+    ids = prompt_ids(prompt, batch=2)
+    cache = model.a2ats.new_cache(offload="cpu")
+    with torch.no_grad():
+        model(input_ids=ids, **cache_kwargs(cache), use_cache=True)
+        after_prefill = cache.store_traffic()
+        feed = prompt_ids(steps, 2, seed=7)
+        for i in range(steps):
+            model(input_ids=feed[:, i : i + 1], **cache_kwargs(cache), use_cache=True)
+    read, written = cache.store_traffic()
+    layers = [layer.state for layer in cache.layers if isinstance(layer, A2atsLayer)]
+    b, h, _, d = layers[0].keys.shape
+    row = d * layers[0].keys.element_size()
+    assert after_prefill == (2 * len(layers) * b * h * prompt * row,) * 2  # prefill attends to all it wrote
+    assert written - after_prefill[1] == 2 * len(layers) * b * h * steps * row
+    expected = after_prefill[0]
+    for length in range(prompt + 1, prompt + steps + 1):
+        top = top_k(length, budget)
+        kept = kept_rows(length, top, n_sink, window)
+        candidates = min(length, kept - top + math.ceil(top * rerank))
+        expected += len(layers) * b * h * (candidates + kept) * row
+    assert read == expected
+    assert (read - after_prefill[0]) / steps < 0.5 * 2 * len(layers) * b * h * (prompt + steps) * row  # far less than dense reads
+    assert bool(fused) == (kernels == "auto" and cpu_decode.available())
+
+
 def test_rerank_keeps_budget_and_full_budget_equality(tiny_checkpoints):
     model, _ = load(tiny_checkpoints["llama"], budget=6, n_sink=2, window=8, rerank=3.0)
     ids = prompt_ids(120)

@@ -71,6 +71,7 @@ class Run:
     blocks: list[float] = field(default_factory=list)
     generate_blocks: list[float] = field(default_factory=list)
     profile: dict[str, Any] | None = None
+    traffic: list[tuple[int, int]] = field(default_factory=list)  # per timed step: K/V store (read, write) bytes
 
     def step(self, model: Any) -> float:
         """One timed greedy decode step."""
@@ -126,11 +127,22 @@ def _blocks(model: Any, runs: Sequence[Run], timing: Timing, tick) -> None:
     for rep in range(timing.repeats + 1):  # block 0 is warm-up, not recorded
         for run in runs:
             run.prepare()
-            times = [run.step(model) for _ in range(timing.warmup if rep == 0 else timing.steps)]
+            before = _store_traffic(run.cache)
+            count = timing.warmup if rep == 0 else timing.steps
+            times = [run.step(model) for _ in range(count)]
             if rep > 0:
                 run.blocks.append(statistics.median(times))
+                after = _store_traffic(run.cache)
+                if before is not None and after is not None and count:
+                    run.traffic.append(((after[0] - before[0]) // count, (after[1] - before[1]) // count))
                 if tick is not None and run.name != FLOOR:
                     tick()
+
+
+def _store_traffic(cache: Any) -> tuple[int, int] | None:
+    """The A²ATS cache's K/V store ``(read, written)`` bytes so far (:meth:`A2atsCache.store_traffic`); None for
+    a dense cache, which reads all of itself every step."""
+    return cache.store_traffic() if hasattr(cache, "store_traffic") else None
 
 
 def _generate_rounds(model: Any, runs: Sequence[Run], timing: Timing, pad_token_id: int | None) -> None:
@@ -217,6 +229,9 @@ def _summary(runs: Sequence[Run], start: Prefilled, timing: Timing) -> dict[str,
             **_timings(lambda r: r.blocks, run, ref, floor),
             "tokens_per_s": stats([batch / t for t in run.blocks]),
             "kv_device_bytes": run.kv_device_bytes,
+            # per decode step, A²ATS caches only: bytes of K/V rows read from the store and appended to it
+            "kv_read_bytes_per_step": max(r for r, _ in run.traffic) if run.traffic else None,
+            "kv_write_bytes_per_step": max(w for _, w in run.traffic) if run.traffic else None,
             "device_peak_bytes": device_peak_bytes(device),
             "process_bytes_after": current_process_bytes(),
         }

@@ -29,6 +29,9 @@ LEGEND = {
     "prefill_s": "the shared dense cache's build time plus this contender's cache fill (cache_fill_s)",
     "cache_fill_share": "cache_fill_s / prefill_s on real prefills (keys encoded once); null otherwise",
     "kv_device_bytes": "K/V plus selector metadata on the compute device, after the fill",
+    "kv_read_bytes_per_step": "A²ATS: bytes of K/V rows one timed decode step read from the store (candidates' keys, "
+                              "kept rows' values; with offload=cpu what moves from host to device); null for dense",
+    "kv_write_bytes_per_step": "A²ATS: bytes one decode step appended to the store (its new keys and values)",
     "rss": "peak resident set size: over the point where the OS lets the peak be reset (scope point), else "
            "over the process so far (scope process: monotone)",
 }
@@ -335,7 +338,7 @@ def bench_table(points: list[dict]) -> Table:
     without cache kinds, floor or step latency, read as real-cache points)."""
     table = _table("Decode step: median (min–max over blocks); × floor and × dense per block pair",
                    ["context", "batch", "cache", "contender", "ms/step", "× floor", "speed-up", "tok/s",
-                    "prefill s (encode)", "KV MiB", "peak RSS GiB"])
+                    "prefill s (encode)", "KV MiB", "KV read MiB/step", "peak RSS GiB"])
     for p in points:
         rows = _rows(p)
         for i, (name, c) in enumerate(rows):
@@ -346,6 +349,7 @@ def bench_table(points: list[dict]) -> Table:
                 _spread(c.get("step_latency_s"), ms=True), _spread(c.get("vs_floor")), _spread(c.get("speedup_vs_dense")),
                 f"{c['tokens_per_s']['median']:.1f}" if "tokens_per_s" in c else "-", prefill,
                 f"{c['kv_device_bytes'] / 2**20:.1f}" if "kv_device_bytes" in c else "-",
+                f"{c['kv_read_bytes_per_step'] / 2**20:.2f}" if c.get("kv_read_bytes_per_step") is not None else "-",
                 f"{p['rss']['peak_bytes'] / 2**30:.2f}" if i == 0 and "rss" in p else "",
                 end_section=i == len(rows) - 1,
             )

@@ -529,7 +529,8 @@ __attribute__((optimize("fp-contract=off"))) void scoring_queries(const float* q
 // factors; bucket_cos/sin [P, d]: those of the bucket centres in use; tiles [Hkv, C/16, d, 16]: the codebooks
 // in 16-code tiles; rows [Hkv, B*G'*P, d] and table [Hkv, B*G'*P, C]: scratch for the scoring queries and
 // tables, G' = 1 for approx_aggregation 0 (sum: one table of the group's summed query), else G. Returns 0, or 2
-// where a scored row's code lies outside [0, C) (read clamped: no table is read out of bounds).
+// where a scored row's code lies outside [0, C) (read clamped: no table is read out of bounds). rows_read: the
+// K/V rows the step read (every candidate's key, every kept row's value), for the cache's traffic count.
 extern "C" int a2ats_cpu_decode(int64_t batch, int64_t hkv, int64_t buckets, int approx_aggregation,
                                 int64_t c_count, const float* cos,
                                 const float* sin, const float* bucket_cos, const float* bucket_sin, float* rows,
@@ -538,7 +539,7 @@ extern "C" int a2ats_cpu_decode(int64_t batch, int64_t hkv, int64_t buckets, int
                                 const float* values, int64_t kv_sb, int64_t kv_sh, int64_t group, int64_t d,
                                 int64_t n, int64_t n_sink, int64_t window, const int64_t* first, const int64_t* top,
                                 double rerank, int aggregation, float scale, float* out, int64_t* picked, int64_t k,
-                                int threads) {
+                                int64_t* rows_read, int threads) {
   const bool fold = approx_aggregation == 0;
   const int64_t heads = fold ? 1 : group, per_sample = heads * buckets, r_count = batch * per_sample;
   Problem p{hkv, table, per_sample * c_count, r_count * c_count, heads, buckets * c_count, approx_aggregation,
@@ -589,6 +590,9 @@ extern "C" int a2ats_cpu_decode(int64_t batch, int64_t hkv, int64_t buckets, int
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows_total; ++r) merge_spans(p, r, work[r]);
   }
+  int64_t read = 0;  // K rows of every candidate and V rows of every kept row
+  for (const RowWork& w : work) read += static_cast<int64_t>(w.cand.size() + w.keep.size());
+  *rows_read = read;
   for (const RowWork& w : work)
     for (char bad : w.bad_code)
       if (bad) return 2;  // a code outside [0, C): the caller refuses the step

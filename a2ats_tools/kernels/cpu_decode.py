@@ -38,7 +38,7 @@ _ARGTYPES = (
     + [_PTR, _PTR]
     + [_I64, _I64]
     + [_I64] * 5
-    + [_PTR, _PTR, ctypes.c_double, ctypes.c_int, ctypes.c_float, _PTR, _PTR, _I64, ctypes.c_int]
+    + [_PTR, _PTR, ctypes.c_double, ctypes.c_int, ctypes.c_float, _PTR, _PTR, _I64, ctypes.POINTER(_I64), ctypes.c_int]
 )
 
 
@@ -172,9 +172,10 @@ def decode_layer(
     keys: torch.Tensor,
     values: torch.Tensor,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's decode attention: ``(out [B, Hq, d] float32, picked rows [B, Hkv, k] int64)``: each row's
-    kept rows in ascending order, then ``-1`` where a sample keeps fewer than the largest ``k``.
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One layer's decode attention: ``(out [B, Hq, d] float32, picked rows [B, Hkv, k] int64, rows read)``:
+    each row's kept rows in ascending order, then ``-1`` where a sample keeps fewer than the largest ``k``; and
+    the K/V rows the step read (every candidate's key and every kept row's value, over all samples and heads).
 
     ``q_post [B, Hq, d]``: the step's RoPE'd queries, ``cos``/``sin [B, d]`` their rotary factors;
     ``bucket_cos``/``bucket_sin [P, d]``: those of the ``P`` bucket centres in use. The kernel takes each
@@ -217,17 +218,18 @@ def decode_layer(
     rows, table = _scratch(hkv * b * heads * buckets * d, hkv * b * heads * buckets * c)
     out = torch.empty(b, hq, d, dtype=torch.float32)
     picked = torch.empty(b, hkv, plan.k, dtype=torch.int64)
+    rows_read = _I64(0)
     status = lib.a2ats_cpu_decode(
         b, hkv, buckets, plan.aggregation, c, plan.cos.data_ptr(), plan.sin.data_ptr(), bucket_cos.data_ptr(),
         bucket_sin.data_ptr(), rows.data_ptr(), tiles.data_ptr(), table.data_ptr(), codes.data_ptr(),
         codes.stride(0), codes.stride(1), plan.offsets.data_ptr(), q.data_ptr(), keys.data_ptr(),
         values.data_ptr(), keys.stride(0), keys.stride(1), hq // hkv, d, plan.length, plan.n_sink, plan.window,
         plan.first.data_ptr(), plan.top.data_ptr(), plan.rerank, plan.rerank_aggregation, scale, out.data_ptr(),
-        picked.data_ptr(), plan.k, torch.get_num_threads(),
+        picked.data_ptr(), plan.k, ctypes.byref(rows_read), torch.get_num_threads(),
     )
     if status:
         raise ValueError(f"codes must lie in [0, {c}): a scored row's code is outside it")
-    return out, picked
+    return out, picked, rows_read.value
 
 
 def encode(keys: torch.Tensor, tiles: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

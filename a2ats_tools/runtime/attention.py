@@ -64,6 +64,8 @@ def a2ats_attention_forward(
         valid = _valid_rows(layer.state.step, attention_mask, query.shape[0], layer.state.length, query.device)
         sparse = not layer.selector.keeps_everything(layer.state, valid, layer.state.length)
     if not sparse:  # prefill, windowed and dense layers, decode steps whose budget still covers the whole cache
+        if isinstance(layer, A2atsLayer):  # reads the whole store
+            layer.state.store_read_bytes += key.numel() * key.element_size() + value.numel() * value.element_size()
         return exact_attention(module, query, key, value, attention_mask, scaling, softcap, dropout, **kwargs)
     st = layer.state
     b, hq, _, d = query.shape
@@ -88,6 +90,8 @@ def a2ats_attention_forward(
         out = sparse_attention.sparse_decode_torch(
             q_post, st.keys, st.values, chosen.indices, chosen.keep, scale, chosen.logits, softcap
         )
+        rows = chosen.indices.numel() * (1 if chosen.logits is not None else 2)  # values, and keys without logits
+        st.store_read_bytes += rows * d * st.values.element_size()
     return out.to(query.dtype).unsqueeze(1), None  # [B, 1, Hq, d]
 
 

@@ -39,6 +39,11 @@ class LayerState:
         self.device = torch.device("cpu")
         self.meta: dict[str, Any] = {}
         self.step = StepContext()
+        # K/V traffic of the store (host memory when offloaded): bytes appended, and bytes read: all of it by
+        # dense attention (prefill, short contexts), the candidates' keys and kept rows' values by a retrieval
+        # step on the CPU paths (torch and fused; Triton reads device-resident K/V and is not counted)
+        self.store_write_bytes = 0
+        self.store_read_bytes = 0
 
 
 class A2atsLayer(CacheLayerMixin):
@@ -116,6 +121,7 @@ class A2atsLayer(CacheLayerMixin):
         # pinned buffer that the copy may not have filled yet
         st.keys[:, :, start : start + n].copy_(key_states)
         st.values[:, :, start : start + n].copy_(value_states)
+        st.store_write_bytes += key_states.numel() * st.keys.element_size() + value_states.numel() * st.values.element_size()
         st.length = start + n
         if self.rope is None:
             raise RuntimeError("A²ATS cache updated without the attention pre-hook (call runtime.attach first)")
@@ -216,6 +222,13 @@ class A2atsCache(Cache):
         layer = self.layers[layer_idx]
         if isinstance(layer, A2atsLayer):
             layer.rope = (cos, sin)
+
+    def store_traffic(self) -> tuple[int, int]:
+        """``(bytes read, bytes written)`` of the retrieved layers' K/V stores so far (:class:`LayerState`): with
+        ``offload="cpu"`` on a GPU, what crossed between host and device; everywhere, what a step reads of the
+        cache instead of all of it."""
+        states = [layer.state for layer in self.layers if isinstance(layer, A2atsLayer)]
+        return sum(s.store_read_bytes for s in states), sum(s.store_write_bytes for s in states)
 
     def device_bytes(self) -> int:
         total = 0

@@ -188,10 +188,12 @@ class A2atsSelector(TokenSelector):
         if self._codebook_tiles is None:
             self._codebook_tiles = cpu_decode.codebook_tiles(self.codebook_t.transpose(1, 2))
         used = plan.offsets_used
-        return cpu_decode.decode_layer(
+        out, picked, rows_read = cpu_decode.decode_layer(
             plan.kernel, q_post.float(), self.cos[:used], self.sin[:used], self._codebook_tiles,
             self._codes_buffer(state, q_post.shape[0], self.num_kv_heads), state.keys, state.values, scale,
         )
+        state.store_read_bytes += rows_read * state.keys.shape[-1] * state.keys.element_size()
+        return out, picked
 
     def _step_plan(self, state, rope, length: int, valid: torch.Tensor) -> _FusedPlan | None:
         """The fused kernel's per-step arguments (None: padding other than left padding), built by the first
