@@ -29,11 +29,12 @@ KNOWN_PNGS = {"recall.png", "recall_topk.png", "tasks.png", "throughput.png"}  #
 
 @dataclass(frozen=True)
 class Run:
-    """One results document: ``kind`` is "eval" or "bench"."""
+    """One results document: ``kind`` is "eval" or "bench"; ``model``: the model it measured."""
 
     kind: str
     path: Path
     data: dict[str, Any]
+    model: str
 
 
 def load_runs(sources: Iterable[Path]) -> list[Run]:
@@ -56,7 +57,7 @@ def load_runs(sources: Iterable[Path]) -> list[Run]:
         kind = {"a2ats.eval": "eval", "a2ats.bench": "bench", "a2ats.vllm-bench": "vllm"}.get(data.get("schema", ""))
         if kind is None:
             kind = "bench" if "points" in data else "eval"
-        runs.append(Run(kind, f, data))
+        runs.append(Run(kind, f, data, _measured_model(data)))
     return runs
 
 
@@ -89,10 +90,15 @@ def caption(run: Run) -> str:
 
 
 def model_name(run: Run) -> str:
-    """The model a run measured: recorded in the JSON, else read from its checkpoint, else the checkpoint's name."""
-    if run.data.get("model"):
-        return run.data["model"]
-    ck = Path(run.data.get("checkpoint", "?"))
+    """The model a run measured (read once, by :func:`load_runs`)."""
+    return run.model
+
+
+def _measured_model(data: dict[str, Any]) -> str:
+    """Recorded in the JSON, else read from its checkpoint, else the checkpoint's name."""
+    if data.get("model"):
+        return data["model"]
+    ck = Path(data.get("checkpoint", "?"))
     from a2ats_tools.artifacts.checkpoint import read_config
     from a2ats_tools.errors import A2atsError
 

@@ -732,7 +732,7 @@ def test_sparse_decode_numerics_in_bf16_are_the_same_with_and_without_rerank_log
     q = (torch.randn(b, hkv * grp, d, generator=g) * 3).to(torch.bfloat16)
     idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(b * hkv)]).view(b, hkv, k)
     keep = torch.ones(b, hkv, k, dtype=torch.bool)
-    state = type("State", (), {"keys": keys})()
+    state = type("State", (), {"keys": keys, "store_read_bytes": 0})()
     logits = candidate_logits(state, q, idx, hkv)
     with_logits = sparse_decode_torch(q, keys, values, idx, keep, d**-0.5, logits)
     from_keys = sparse_decode_torch(q, keys, values, idx, keep, d**-0.5)

@@ -383,15 +383,14 @@ void rerank_candidates(const Problem& p, int64_t row, RowWork& w) {
   if (w.fetch > 0 && nc - forced > w.top) {
     const float* logits = w.logits.data();
     std::vector<float> agg(nc, 0.0f);
-    if (p.aggregation == 2) {
+    if (p.aggregation == 2) {  // each head's softmax over the candidates (vector exp: one per candidate and head)
       std::vector<float> e(nc);
       for (int64_t g = 0; g < g_count; ++g) {
         const float* lg = logits + g * nc;
         float mx = -INFINITY;
-        for (int64_t c = 0; c < nc; ++c) mx = std::max(mx, lg[c] * p.scale);
-        float total = 0.0f;
-        for (int64_t c = 0; c < nc; ++c) total += (e[c] = std::exp(lg[c] * p.scale - mx));
-        for (int64_t c = 0; c < nc; ++c) agg[c] += e[c] / total;
+        for (int64_t c = 0; c < nc; ++c) mx = std::max(mx, e[c] = lg[c] * p.scale);
+        const float inv = 1.0f / exp_shifted(e.data(), nc, mx);
+        for (int64_t c = 0; c < nc; ++c) agg[c] += e[c] * inv;
       }
     } else {
       for (int64_t c = 0; c < nc; ++c) {

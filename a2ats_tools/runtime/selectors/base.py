@@ -109,7 +109,8 @@ class TokenSelector:
 def candidate_logits(state, q_post: torch.Tensor, indices: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """Exact float32 logits ``[B, Hkv, G, K]`` of ``q_post [B, Hq, d]`` on the rows ``indices [B, Hkv, K]``."""
     b, hq, d = q_post.shape
-    keys = gather_rows(state.keys, indices, q_post.device).float()  # [B, Hkv, K, d]
-    state.store_read_bytes += indices.numel() * d * state.keys.element_size()
+    rows = gather_rows(state.keys, indices, q_post.device)  # [B, Hkv, K, d]
+    state.store_read_bytes += rows.numel() * rows.element_size()
+    keys = rows.float()
     q = q_post.float().reshape(b, num_kv_heads, hq // num_kv_heads, d)
     return q @ keys.transpose(-1, -2)
